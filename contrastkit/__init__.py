@@ -1,0 +1,7 @@
+"""contrastkit: contrastive losses for semi-supervised medical image segmentation."""
+
+from .core import info_nce
+
+__version__ = "0.1.0"
+
+__all__ = ["info_nce"]

@@ -1,0 +1,99 @@
+"""The dense masked InfoNCE: the specification every other backend must match.
+
+It materialises the full N x M similarity matrix and lets autograd differentiate it, so it is
+simple and exact in float64, and its memory grows with N * M.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs accumulate in float32; float32 and float64 keep their own."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def prepare(x: torch.Tensor, temperature: float | None, normalize: bool) -> torch.Tensor:
+    """Rows in the compute dtype, L2-normalised if asked, optionally pre-scaled by 1/temperature."""
+    x = x.to(compute_dtype(x.dtype))
+    if normalize:
+        x = F.normalize(x, dim=1)
+    if temperature is not None:
+        x = x / temperature
+    return x
+
+
+def pair_masks(
+    labels: torch.Tensor,
+    key_labels: torch.Tensor,
+    groups: torch.Tensor | None,
+    key_groups: torch.Tensor | None,
+    ignore_index: int,
+    row_start: int = 0,
+    self_offset: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and negative masks for the query rows ``row_start .. row_start + len(labels)``.
+
+    A key is a candidate of a query when it is not ignored, shares the query's group (if
+    groups are given) and is not the query itself; candidates with the query's label are
+    positives, the rest negatives. Ignored queries get no positives and no negatives.
+    """
+    candidate = (key_labels != ignore_index)[None, :] & (labels != ignore_index)[:, None]
+    if groups is not None:
+        candidate = candidate & (groups[:, None] == key_groups[None, :])
+    if self_offset is not None:
+        rows = torch.arange(labels.shape[0], device=labels.device) + row_start + self_offset
+        cols = torch.arange(key_labels.shape[0], device=labels.device)
+        candidate = candidate & (rows[:, None] != cols[None, :])
+    same = labels[:, None] == key_labels[None, :]
+    return candidate & same, candidate & ~same
+
+
+def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-sum-exp over the masked entries; -inf for a row with none, with a finite gradient."""
+    has_any = mask.any(dim=1)
+    safe = torch.where(mask & has_any[:, None], s, torch.where(has_any[:, None], float("-inf"), 0.0))
+    return torch.where(has_any, torch.logsumexp(safe, dim=1), float("-inf"))
+
+
+def contributing_rows(
+    labels: torch.Tensor, n_pos: torch.Tensor, n_neg: torch.Tensor, denominator: str, ignore_index: int
+) -> torch.Tensor:
+    valid = (labels != ignore_index) & (n_pos > 0)
+    if denominator == "negatives":
+        valid = valid & (n_neg > 0)
+    return valid
+
+
+def dense_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    key_labels: torch.Tensor,
+    groups: torch.Tensor | None,
+    key_groups: torch.Tensor | None,
+    self_offset: int | None,
+    temperature: float,
+    normalize: bool,
+    denominator: str,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query loss (0 where the query does not contribute) and the contributing mask."""
+    q = prepare(query, temperature, normalize)
+    k = prepare(key, None, normalize)
+    s = q @ k.T
+    pos, neg = pair_masks(labels, key_labels, groups, key_groups, ignore_index, 0, self_offset)
+    n_pos = pos.sum(dim=1)
+    valid = contributing_rows(labels, n_pos, neg.sum(dim=1), denominator, ignore_index)
+
+    if denominator == "all":
+        log_denominator = masked_logsumexp(s, pos | neg)[:, None].expand_as(s)
+    elif denominator == "negatives":
+        log_denominator = masked_logsumexp(s, neg)[:, None].expand_as(s)
+    else:  # each_positive: log(exp(s_ip) + sum over negatives)
+        log_denominator = torch.logaddexp(s, masked_logsumexp(s, neg)[:, None])
+    per_pair = torch.where(pos, log_denominator - s, 0.0)
+    loss = per_pair.sum(dim=1) / n_pos.clamp_min(1)
+    return torch.where(valid, loss, 0.0), valid
