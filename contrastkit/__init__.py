@@ -1,7 +1,8 @@
 """contrastkit: contrastive losses for semi-supervised medical image segmentation."""
 
 from .core import info_nce
+from .patches import patchify, pool_patches, unpatchify
 
 __version__ = "0.1.0"
 
-__all__ = ["info_nce"]
+__all__ = ["info_nce", "patchify", "pool_patches", "unpatchify"]
