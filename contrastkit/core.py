@@ -66,7 +66,7 @@ def info_nce(
             excluded from its own positives and candidates. Self-contrast sets it to 0; use it
             when the keys are the queries followed or preceded by other keys (a memory queue,
             or keys gathered from several processes).
-        chunk_size: query rows per block for the torch backend (default: about 4M logits a block).
+        chunk_size: query rows per block for the torch backend (default: about 1M logits a block).
 
     A query contributes when its label is not ``ignore_index``, it has at least one positive,
     and, for ``denominator="negatives"``, at least one negative.
