@@ -1,7 +1,15 @@
 """contrastkit: contrastive losses for semi-supervised medical image segmentation."""
 
 from .core import info_nce
+from .labels import downsample_labels, pseudo_labels
+from .pseudo_label import PseudoLabelContrast, pseudo_label_contrast
 
 __version__ = "0.1.0"
 
-__all__ = ["info_nce"]
+__all__ = [
+    "info_nce",
+    "PseudoLabelContrast",
+    "pseudo_label_contrast",
+    "pseudo_labels",
+    "downsample_labels",
+]
