@@ -105,8 +105,8 @@ def _check_values(embeddings, labels, confidence, pair_index, ignore_index, num_
     if num_classes is not None:
         bad |= (labels >= num_classes) & (labels != ignore_index)
     if bad.any():
-        expected = f"in [0, {num_classes})" if num_classes is not None else "non-negative"
-        raise ValueError(f"labels must be class ids {expected} or ignore_index={ignore_index}; "
+        expected = f"class ids in [0, {num_classes})" if num_classes is not None else "non-negative class ids"
+        raise ValueError(f"labels must be {expected} or ignore_index={ignore_index}; "
                          f"found {int(labels[bad][0])}")
     if confidence is not None and not ((confidence >= 0) & (confidence <= 1)).all():
         raise ValueError("confidence must lie in [0, 1] (and not be NaN)")

@@ -119,7 +119,8 @@ def test_prototype_asymmetric_pairing_and_confidence_weighting():
 def test_prototype_sampled_anchors_match_formula_on_the_drawn_pixels():
     emb, labels, _ = _batch(3, batch=4, size=6, num_classes=3)
     pair_index = torch.tensor([1, 0, 3, 2])
-    got = ck.pseudo_label_contrast(emb, labels, pair_index=pair_index, anchors_per_class=4, generator=_gen(11))
+    got = ck.pseudo_label_contrast(emb, labels, pair_index=pair_index, anchors_per_class=4,
+                                   generator=_gen(11))
     drawn = sample_anchors(labels, labels != 0, 4, _gen(11))
     want = prototype_formula(emb, labels, pair_index, anchor_mask=drawn)
     torch.testing.assert_close(got, want)
@@ -328,7 +329,7 @@ def test_bad_input_errors():
     f = ck.pseudo_label_contrast
     with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 3\)"):
         f(emb, labels + 1, num_classes=3)
-    with pytest.raises(ValueError, match="labels must be class ids non-negative"):
+    with pytest.raises(ValueError, match="labels must be non-negative class ids"):
         f(emb, labels - 2)
     with pytest.raises(TypeError, match="labels must have an integer dtype"):
         f(emb, labels.double())
