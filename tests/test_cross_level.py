@@ -30,7 +30,8 @@ def original_patchnce(global_map, local_map, tau, negatives):
         if negatives == "image":
             others = [k[img, j] for j in range(gh * gw) if j != cell]
         else:
-            others = [k[i, j] for i, j in itertools.product(range(b), range(gh * gw)) if (i, j) != (img, cell)]
+            cells = itertools.product(range(b), range(gh * gw))
+            others = [k[i, j] for i, j in cells if (i, j) != (img, cell)]
         logits = torch.stack([query @ k[img, cell]] + [query @ key for key in others]) / tau
         losses.append(torch.logsumexp(logits, 0) - logits[0])
     return torch.stack(losses).mean()
@@ -207,7 +208,8 @@ def test_consistency_matches_original_times_cells(grid, b):
     patch, full = logits(b, 1, *grid, 3, 2)
     mean = CrossLevelConsistency()(patch, full)
     gh, gw = grid
-    torch.testing.assert_close(mean * gh * gw, original_consistency_sum(patch, full, gh, gw), rtol=1e-12, atol=0)
+    original = original_consistency_sum(patch, full, gh, gw)
+    torch.testing.assert_close(mean * gh * gw, original, rtol=1e-12, atol=0)
     torch.testing.assert_close(mean, consistency_by_loops(patch, full, gh, gw), rtol=1e-12, atol=0)
 
 
