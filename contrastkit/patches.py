@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce
 
 
+def _is_int(g) -> bool:
+    # numbers.Integral also admits numpy integers (e.g. a grid read from a config array).
+    return isinstance(g, numbers.Integral) and not isinstance(g, (bool, np.bool_))
+
+
 def as_grid(grid) -> tuple[int, int]:
     """An int or a pair of positive ints -> (rows, cols)."""
-    if isinstance(grid, bool):
+    if isinstance(grid, (bool, np.bool_)):
         raise TypeError("grid must be an int or a pair of ints; got bool")
-    if isinstance(grid, int):
+    if _is_int(grid):
         grid = (grid, grid)
-    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(
-        isinstance(g, int) and not isinstance(g, bool) for g in grid
-    ):
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or not all(_is_int(g) for g in grid):
         raise TypeError(f"grid must be an int or a pair of ints; got {grid!r}")
     if grid[0] < 1 or grid[1] < 1:
         raise ValueError(f"grid must be positive; got {tuple(grid)}")
@@ -28,6 +34,9 @@ def _check_map(name: str, x, grid: tuple[int, int]) -> None:
     if x.dim() != 4:
         raise ValueError(f"{name} must be (B, C, H, W); got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
+    if h == 0 or w == 0:
+        # 0 is divisible by any grid, so without this an empty map would pass silently.
+        raise ValueError(f"{name} has an empty spatial size (H, W) = ({h}, {w})")
     if h % grid[0] or w % grid[1]:
         raise ValueError(
             f"grid {grid} must divide the size of {name} (H, W) = ({h}, {w}); "
@@ -51,7 +60,8 @@ def unpatchify(patches: torch.Tensor, grid) -> torch.Tensor:
         raise ValueError(f"patches must be (B*gh*gw, C, ph, pw); got shape {tuple(patches.shape)}")
     if patches.shape[0] % (gh * gw):
         raise ValueError(
-            f"patches holds {patches.shape[0]} patches, not a multiple of the grid's {gh}x{gw}={gh * gw} cells"
+            f"patches holds {patches.shape[0]} patches, "
+            f"not a multiple of the grid's {gh}x{gw}={gh * gw} cells"
         )
     return rearrange(patches, "(b gh gw) c ph pw -> b c (gh ph) (gw pw)", gh=gh, gw=gw)
 

@@ -1,0 +1,328 @@
+r"""Cross-level contrast and consistency (Zhao et al., ISBI 2022) as drop-in losses.
+
+An image is cut into a ``gh × gw`` grid of patches; the network runs on the full image and,
+separately, on every patch as an image of its own.
+
+* **Contrast.** The full-image projection pooled onto the grid gives one *global* embedding
+  :math:`q_{b,i}` per cell; each patch's projection pooled over the patch gives one *local*
+  embedding :math:`k_{b,i}`. With rows L2-normalised and :math:`\tau = 0.07`,
+
+  .. math::
+      \ell_{b,i} = -\log \frac{e^{q_{b,i} \cdot k_{b,i} / \tau}}
+                              {\sum_{j \in \mathcal{N}} e^{q_{b,i} \cdot k_{j} / \tau}}
+
+  averaged over all cells, where :math:`\mathcal{N}` is the cells of image *b*
+  (``negatives="image"``, the original) or of the whole batch (``negatives="batch"``). This is
+  :func:`contrastkit.info_nce` with paired views (label = cell id), groups = image id and
+  ``denominator="all"``.
+
+* **Consistency.** The prediction for each patch run alone must match the full-image
+  prediction over the same region:
+  :math:`\operatorname{mean}\,(\sigma(z^{patch}) - \operatorname{sg}[\sigma(z^{full})])^2`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from . import _validation as v
+from ._reference import compute_dtype
+from .core import info_nce
+from .patches import as_grid, patchify, pool_patches
+
+NEGATIVES = ("image", "batch")
+ACTIVATIONS = ("sigmoid", "softmax")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_float_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
+
+
+def _check_same_device_dtype(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; use one device")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; use one dtype")
+
+
+def _cell_rows(global_map: torch.Tensor, local_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs as (B·gh·gw, C) rows in :func:`patchify` order (image, then row-major cell)."""
+    _check_float_tensor("global_map", global_map)
+    _check_float_tensor("local_map", local_map)
+    if global_map.dim() != 4:
+        raise ValueError(f"global_map must be (B, C, gh, gw); got shape {tuple(global_map.shape)}")
+    b, c, gh, gw = global_map.shape
+    if b == 0 or c == 0 or gh == 0 or gw == 0:
+        raise ValueError(f"global_map must not be empty; got shape {tuple(global_map.shape)}")
+    _check_same_device_dtype("local_map", local_map, "global_map", global_map)
+    cells = b * gh * gw
+    expected = f"(B, C, gh, gw) = {tuple(global_map.shape)} or (B·gh·gw, C) = ({cells}, {c})"
+    if local_map.dim() == 4 and local_map.shape == global_map.shape:
+        local_rows = rearrange(local_map, "b c gh gw -> (b gh gw) c")
+    elif local_map.dim() == 4 and local_map.shape == (cells, c, 1, 1):
+        # The per-patch projections pooled to 1x1, as pool_patches(proj, 1) returns them.
+        local_rows = local_map.reshape(cells, c)
+    elif local_map.dim() == 2 and local_map.shape == (cells, c):
+        local_rows = local_map
+    else:
+        raise ValueError(
+            f"local_map must match global_map's batch, channels and grid: expected {expected}; "
+            f"got shape {tuple(local_map.shape)}"
+        )
+    return rearrange(global_map, "b c gh gw -> (b gh gw) c"), local_rows
+
+
+def cross_level_contrast(
+    global_map: torch.Tensor,
+    local_map: torch.Tensor,
+    *,
+    temperature: float = 0.07,
+    negatives: str = "image",
+    detach_local: bool = True,
+    symmetric: bool = False,
+    normalize: bool = True,
+) -> torch.Tensor:
+    r"""Cross-level (global cell vs. local patch) PatchNCE loss; see :class:`CrossLevelContrast`."""
+    v.check_choice("negatives", negatives, NEGATIVES)
+    for name, flag in (("detach_local", detach_local), ("symmetric", symmetric), ("normalize", normalize)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+    global_rows, local_rows = _cell_rows(global_map, local_map)
+    if detach_local:
+        local_rows = local_rows.detach()
+    cells_per_image = global_map.shape[2] * global_map.shape[3]
+    image_ids = None
+    if negatives == "image":
+        image_ids = torch.arange(global_map.shape[0], device=global_map.device)
+        image_ids = image_ids.repeat_interleave(cells_per_image)
+    # labels=None: paired views, so key i (the own patch) is the only positive of query i.
+    options = dict(groups=image_ids, temperature=temperature, normalize=normalize, denominator="all")
+    loss = info_nce(global_rows, local_rows, **options)
+    if symmetric:
+        # Local cells as queries against the global cells as keys. detach_local keeps its
+        # meaning — no gradient reaches local_map — so here the gradient flows through the keys.
+        loss = 0.5 * (loss + info_nce(local_rows, global_rows, **options))
+    return loss
+
+
+class CrossLevelContrast(nn.Module):
+    r"""Contrast between the global (full-image) and local (per-patch) embeddings of each cell.
+
+    Args:
+        temperature: τ; the original uses 0.07.
+        negatives: ``"image"`` — the other cells of the same image (the original);
+            ``"batch"`` — the other cells of every image in the batch.
+        detach_local: no gradient reaches ``local_map`` (the original detaches the keys).
+        symmetric: also contrast local queries against global keys and average both
+            directions. With ``detach_local`` the local side still receives no gradient; the
+            second direction then trains the global side through its keys.
+        normalize: L2-normalise rows first, so that the dot product is a cosine. The original
+            code normalised with the **L1** norm; this is a deliberate deviation.
+
+    ``forward(global_map, local_map)``:
+
+    * ``global_map`` — (B, C, gh, gw): the full-image projection pooled onto the grid,
+      e.g. ``pool_patches(proj_full, grid)``.
+    * ``local_map`` — (B, C, gh, gw), or (B·gh·gw, C) / (B·gh·gw, C, 1, 1) in
+      :func:`~contrastkit.patchify` order: each patch's projection pooled over the patch,
+      e.g. ``pool_patches(proj_patches, 1)``.
+
+    Returns the mean over all B·gh·gw cells of
+
+    .. math::
+        \ell_{b,i} = -\log \frac{e^{q_{b,i} \cdot k_{b,i} / \tau}}
+                                {\sum_{j \in \mathcal{N}_{b}} e^{q_{b,i} \cdot k_{j} / \tau}}
+
+    which is the cross-entropy with target 0 over :math:`[q_i k_i, q_i k_j \;(j \ne i)] / \tau`
+    (PatchNCE). A 1×1 grid with ``negatives="image"`` has no negatives: every cell's only
+    candidate is its positive and the loss is exactly 0 (still attached to the graph).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        negatives: str = "image",
+        detach_local: bool = True,
+        symmetric: bool = False,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        v.check_temperature(temperature)
+        v.check_choice("negatives", negatives, NEGATIVES)
+        self.temperature = temperature
+        self.negatives = negatives
+        self.detach_local = detach_local
+        self.symmetric = symmetric
+        self.normalize = normalize
+
+    def forward(self, global_map: torch.Tensor, local_map: torch.Tensor) -> torch.Tensor:
+        return cross_level_contrast(
+            global_map,
+            local_map,
+            temperature=self.temperature,
+            negatives=self.negatives,
+            detach_local=self.detach_local,
+            symmetric=self.symmetric,
+            normalize=self.normalize,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, negatives={self.negatives!r}, "
+                f"detach_local={self.detach_local}, symmetric={self.symmetric}, normalize={self.normalize}")
+
+
+def _consistency_grid(patch_logits: torch.Tensor, full_logits: torch.Tensor, grid) -> tuple[int, int]:
+    _check_float_tensor("patch_logits", patch_logits)
+    _check_float_tensor("full_logits", full_logits)
+    _check_same_device_dtype("patch_logits", patch_logits, "full_logits", full_logits)
+    for name, x, shape in (("patch_logits", patch_logits, "(B·gh·gw, K, ph, pw)"),
+                           ("full_logits", full_logits, "(B, K, H, W)")):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be {shape}; got shape {tuple(x.shape)}")
+        if 0 in x.shape:
+            raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
+    n, k, ph, pw = patch_logits.shape
+    b, k_full, h, w = full_logits.shape
+    if k != k_full:
+        raise ValueError(f"patch_logits has {k} classes but full_logits has {k_full}; they must match")
+    if h % ph or w % pw:
+        raise ValueError(
+            f"the patch size (ph, pw) = ({ph}, {pw}) of patch_logits must divide the size "
+            f"(H, W) = ({h}, {w}) of full_logits"
+        )
+    inferred = (h // ph, w // pw)
+    if grid is not None and as_grid(grid) != inferred:
+        raise ValueError(
+            f"grid {as_grid(grid)} does not match the sizes: full_logits (H, W) = ({h}, {w}) and "
+            f"patches ({ph}, {pw}) make a {inferred[0]}x{inferred[1]} grid"
+        )
+    if n != b * inferred[0] * inferred[1]:
+        raise ValueError(
+            f"patch_logits holds {n} patches but full_logits's batch of {b} on a "
+            f"{inferred[0]}x{inferred[1]} grid needs B·gh·gw = {b * inferred[0] * inferred[1]}"
+        )
+    return inferred
+
+
+def cross_level_consistency(
+    patch_logits: torch.Tensor,
+    full_logits: torch.Tensor,
+    *,
+    activation: str = "sigmoid",
+    detach_full: bool = True,
+    reduction: str = "mean",
+    grid=None,
+) -> torch.Tensor:
+    r"""Patch-vs-full prediction consistency; see :class:`CrossLevelConsistency`."""
+    v.check_choice("activation", activation, ACTIVATIONS)
+    v.check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(detach_full, bool):
+        raise TypeError(f"detach_full must be a bool; got {type(detach_full).__name__}")
+    grid = _consistency_grid(patch_logits, full_logits, grid)
+    for name, x in (("patch_logits", patch_logits), ("full_logits", full_logits)):
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+    dtype = compute_dtype(patch_logits.dtype)
+    full_region = patchify(full_logits, grid).to(dtype)
+    if detach_full:
+        full_region = full_region.detach()
+    patch_logits = patch_logits.to(dtype)
+    if activation == "sigmoid":
+        diff = torch.sigmoid(patch_logits) - torch.sigmoid(full_region)
+    else:
+        diff = torch.softmax(patch_logits, dim=1) - torch.softmax(full_region, dim=1)
+    squared = diff.square()
+    if reduction == "none":
+        return squared
+    return squared.sum() if reduction == "sum" else squared.mean()
+
+
+class CrossLevelConsistency(nn.Module):
+    r"""Each patch's own prediction must match the full-image prediction over its region.
+
+    Args:
+        activation: ``"sigmoid"`` (binary or multi-label logits, the original) or
+            ``"softmax"`` (multi-class, over dim 1).
+        detach_full: no gradient reaches ``full_logits`` (the original detaches it).
+        reduction: ``"mean"`` over every element, ``"sum"``, or ``"none"`` — the
+            (B·gh·gw, K, ph, pw) squared differences.
+
+    ``forward(patch_logits, full_logits, grid=None)``: ``patch_logits`` is
+    (B·gh·gw, K, ph, pw) in :func:`~contrastkit.patchify` order, ``full_logits`` is
+    (B, K, H, W). The grid ``(H/ph, W/pw)`` follows from the sizes; pass ``grid`` to have it
+    checked as well.
+
+    .. math::
+        L = \frac{1}{B \, g_h g_w K p_h p_w} \sum
+            \big(\sigma(z^{patch}) - \operatorname{sg}[\sigma(\mathrm{patchify}(z^{full}))]\big)^2
+
+    The original code averages over (B, K, ph, pw) for each cell and **sums** over the
+    cells, so its value is this mean times ``gh·gw``; scale the loss weight accordingly.
+    """
+
+    def __init__(
+        self, activation: str = "sigmoid", detach_full: bool = True, reduction: str = "mean"
+    ) -> None:
+        super().__init__()
+        v.check_choice("activation", activation, ACTIVATIONS)
+        v.check_choice("reduction", reduction, REDUCTIONS)
+        self.activation = activation
+        self.detach_full = detach_full
+        self.reduction = reduction
+
+    def forward(self, patch_logits: torch.Tensor, full_logits: torch.Tensor, grid=None) -> torch.Tensor:
+        return cross_level_consistency(
+            patch_logits, full_logits, activation=self.activation, detach_full=self.detach_full,
+            reduction=self.reduction, grid=grid,
+        )
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, detach_full={self.detach_full}, reduction={self.reduction!r}"
+
+
+class CrossLevelViews(NamedTuple):
+    """What one cross-level step needs, from one pass on the images and one on their patches."""
+
+    full_logits: torch.Tensor  # (B, K, H, W)
+    patch_logits: torch.Tensor  # (B·gh·gw, K, H/gh, W/gw)
+    global_map: torch.Tensor  # (B, C, gh, gw): full-image projection pooled onto the grid
+    local_map: torch.Tensor  # (B·gh·gw, C): each patch's projection pooled over the patch
+
+
+def _logits_and_projection(out, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(out, dict):
+        if "logits" in out and "projection" in out:
+            return out["logits"], out["projection"]
+    elif hasattr(out, "logits") and hasattr(out, "projection"):
+        return out.logits, out.projection
+    raise TypeError(
+        f"model(x, return_features=True) on the {what} must return an object with .logits and "
+        f".projection (or a dict with those keys), like contrastkit.models.UNet; got {type(out).__name__}"
+    )
+
+
+def cross_level_views(model: nn.Module, images: torch.Tensor, grid) -> CrossLevelViews:
+    """Run ``model`` on the full images and, as a separate batch, on their patches.
+
+    ``model(x, return_features=True)`` must return logits and a dense projection map
+    (as :class:`contrastkit.models.UNet` does). Both the full images and the patches must
+    be sizes the model accepts (for a U-Net of depth d: multiples of 2^d).
+    """
+    grid = as_grid(grid)
+    patches = patchify(images, grid)
+    full_logits, full_proj = _logits_and_projection(model(images, return_features=True), "full images")
+    patch_logits, patch_proj = _logits_and_projection(model(patches, return_features=True), "patches")
+    return CrossLevelViews(
+        full_logits=full_logits,
+        patch_logits=patch_logits,
+        global_map=pool_patches(full_proj, grid),
+        local_map=pool_patches(patch_proj, 1).flatten(1),
+    )

@@ -1,0 +1,105 @@
+"""contrastkit.models.UNet and the cross_level_views training-step helper."""
+
+import pytest
+import torch
+
+import contrastkit
+from contrastkit import CrossLevelConsistency, CrossLevelContrast, cross_level_views, patchify
+from contrastkit.models import UNet, UNetOutput
+
+
+def small_unet(**kw):
+    torch.manual_seed(0)
+    return UNet(**{"in_channels": 3, "num_classes": 2, "base_width": 4, "depth": 2, "proj_dim": 6, **kw})
+
+
+def test_importable_as_subpackage():
+    assert contrastkit.models.UNet is UNet
+
+
+@pytest.mark.parametrize(
+    "depth,size", [(0, (5, 7)), (1, (6, 10)), (2, (16, 16)), (2, (8, 24)), (3, (16, 32))]
+)
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_shapes(depth, size, norm):
+    model = small_unet(depth=depth, norm=norm)
+    x = torch.randn(2, 3, *size)
+    assert model(x).shape == (2, 2, *size)
+    out = model(x, return_features=True)
+    assert isinstance(out, UNetOutput)
+    assert out.logits.shape == (2, 2, *size)
+    assert out.features.shape == (2, 4, *size)
+    assert out.projection.shape == (2, 6, *size)
+
+
+def test_logits_are_the_same_with_and_without_features():
+    model = small_unet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(model(x), model(x, return_features=True).logits, rtol=0, atol=0)
+
+
+def test_runs_on_patches():
+    model = small_unet().eval()
+    patches = patchify(torch.randn(2, 3, 20, 20), 5)  # 4x4 patches, divisible by 2^2
+    out = model(patches, return_features=True)
+    assert out.logits.shape == (50, 2, 4, 4) and out.projection.shape == (50, 6, 4, 4)
+
+
+def test_bad_input():
+    model = small_unet(depth=3)
+    with pytest.raises(ValueError, match=r"\(H, W\) = \(20, 16\) must be positive multiples of 2\^depth = 8"):
+        model(torch.randn(1, 3, 20, 16))
+    with pytest.raises(ValueError, match="x has 1 channels but the UNet expects in_channels=3"):
+        model(torch.randn(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"x must be a \(B, C, H, W\) tensor"):
+        model(torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match="depth must be a non-negative int"):
+        UNet(depth=-1)
+    with pytest.raises(ValueError, match="base_width must be a positive int"):
+        UNet(base_width=0)
+    with pytest.raises(ValueError, match="norm must be 'batch' or 'group'"):
+        UNet(norm="layer")
+
+
+def test_views_are_the_pooled_model_outputs():
+    model = small_unet().eval()
+    images = torch.randn(2, 3, 24, 32)
+    views = cross_level_views(model, images, (3, 2))
+    full, patches = model(images, return_features=True), model(patchify(images, (3, 2)), return_features=True)
+    torch.testing.assert_close(views.full_logits, full.logits)
+    torch.testing.assert_close(views.patch_logits, patches.logits)
+    # Global cell (r, s) of image b is the mean of the full projection over that cell's region.
+    region = full.projection[1, :, 8:16, 16:32]
+    torch.testing.assert_close(views.global_map[1, :, 1, 1], region.mean(dim=(1, 2)))
+    torch.testing.assert_close(views.local_map, patches.projection.mean(dim=(2, 3)))
+
+
+def test_views_reject_models_without_features():
+    with pytest.raises(TypeError, match=r"must return an object with .logits and .projection"):
+        cross_level_views(lambda x, return_features: x, torch.randn(1, 3, 8, 8), 2)
+
+
+def test_views_accept_dict_outputs():
+    model = small_unet().eval()
+    as_dict = lambda x, return_features: model(x, return_features=True)._asdict()  # noqa: E731
+    views = cross_level_views(as_dict, torch.randn(1, 3, 16, 16), 2)
+    assert views.local_map.shape == (4, 6) and views.global_map.shape == (1, 6, 2, 2)
+
+
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_one_training_step(warm_up):
+    model = small_unet(num_classes=1)
+    images, masks, labeled = torch.randn(4, 3, 16, 16), torch.rand(2, 1, 16, 16).round(), 2
+    views = cross_level_views(model, images, 2)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(views.full_logits[:labeled], masks)
+    if warm_up:
+        loss = loss + 0.1 * CrossLevelContrast()(views.global_map, views.local_map)
+    else:
+        loss = loss + 0.1 * CrossLevelConsistency()(views.patch_logits, views.full_logits)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters()]
+    head_grad = model.projector[-1].weight.grad
+    # The contrast trains the projection head; the consistency (on logits) leaves it untouched.
+    assert (head_grad is not None and head_grad.abs().sum() > 0) == warm_up
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
