@@ -1,16 +1,42 @@
 """Triton kernels of contrastkit, installed as ``contrastkit.kernels``.
 
-The fused masked InfoNCE and patch pooling kernels are added here; until then
-``available()`` reports why the Triton backend cannot run.
+- :func:`info_nce_rows`: the fused masked InfoNCE (forward and backward), used by
+  ``contrastkit.info_nce(..., backend="triton")`` and by ``backend="auto"`` on CUDA.
+- :func:`pool_patches`: the fused grid-cell mean (optionally L2-normalised) of a feature map.
+
+The kernels run on CUDA devices, or on the CPU through Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before triton is imported (slow; for tests). Triton itself is
+imported only when a kernel is first used.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
+import torch
+
+from ._layout import interpreting
+
 
 def unavailable_reason() -> str | None:
     """None when the Triton backend can run, else a sentence saying why not."""
-    return "the fused Triton kernels are not part of this build yet; use backend='torch'"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton, Linux x86-64 with an NVIDIA GPU)"
+    if not (torch.cuda.is_available() or interpreting()):
+        return "no CUDA device is available (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+    return None
 
 
 def available() -> bool:
     return unavailable_reason() is None
+
+
+def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
+                  denominator, ignore_index):
+    from .info_nce import info_nce_rows as rows
+
+    return rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
+                denominator, ignore_index)
+
+
+info_nce_rows.__doc__ = "Fused per-row masked InfoNCE; see :func:`contrastkit.kernels.info_nce.info_nce_rows`."
