@@ -40,3 +40,12 @@ def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offse
 
 
 info_nce_rows.__doc__ = "Fused per-row masked InfoNCE; see :func:`contrastkit.kernels.info_nce.info_nce_rows`."
+
+
+def pool_patches(features, grid_h: int, grid_w: int, normalize: bool):
+    from .pool import pool_patches as pool
+
+    return pool(features, grid_h, grid_w, normalize)
+
+
+pool_patches.__doc__ = "Fused grid-cell mean of a feature map; see :func:`contrastkit.kernels.pool.pool_patches`."
