@@ -71,6 +71,20 @@ def _load_ids(label_ptr, group_ptr, idx, count, ignore_index, HAS_GROUPS: tl.con
 
 
 @triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation.
+
+    UPCAST is set only under Triton's interpreter for bfloat16, whose tl.dot multiplies the raw
+    uint16 storage of bfloat16 values; bf16 -> fp32 is exact, so the result is the same as the
+    GPU's bf16 tensor-core product with fp32 accumulation.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _pair_masks(rows, cols, q_label, k_label, q_group, k_group, self_offset, ignore_index,
                 HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr):
     candidate = (q_label != ignore_index)[:, None] & (k_label != ignore_index)[None, :]
@@ -117,7 +131,7 @@ def info_nce_fwd_kernel(
     q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
@@ -135,7 +149,7 @@ def info_nce_fwd_kernel(
         k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
         k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
         k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale[:, None] * k_scale[None, :]
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
         positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
                                          self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
         if DENOM == 0:
@@ -164,7 +178,7 @@ def info_nce_fwd_kernel(
             k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
             k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
             k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale[:, None] * k_scale[None, :]
+            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
             positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
                                              self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
             x = lse[:, None] - s
@@ -195,7 +209,7 @@ def info_nce_bwd_query_kernel(
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
     dq_sB, dq_sD, dq_sH, dq_sW,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """dq for one query tile: sum over key tiles of dL/ds (recomputed) times the keys."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -212,12 +226,12 @@ def info_nce_bwd_query_kernel(
         k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
         k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
         k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale[:, None] * k_scale[None, :]
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
         positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
                                          self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
         grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
         grad_s = grad_s * k_scale[None, :]
-        acc = tl.dot(grad_s.to(k.dtype), k, acc, input_precision=DOT_PRECISION)
+        acc += _dot(grad_s.to(k.dtype), k, DOT_PRECISION, UPCAST)
     acc = acc * inv_tau
     if NORMALIZE:
         q_norm = tl.load(q_norm_ptr + rows, mask=rows < n, other=1.0)
@@ -234,7 +248,7 @@ def info_nce_bwd_key_kernel(
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
     dk_sB, dk_sD, dk_sH, dk_sW,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """dk for one key tile: sum over query tiles of dL/ds (recomputed) times the queries."""
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -251,13 +265,13 @@ def info_nce_bwd_key_kernel(
         lse = tl.load(lse_ptr + rows, mask=rows < n, other=float("inf"))
         exp_weight = tl.load(exp_weight_ptr + rows, mask=rows < n, other=0.0)
         pos_weight = tl.load(pos_weight_ptr + rows, mask=rows < n, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * q_scale[:, None] * k_scale[None, :]
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
         positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
                                          self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
         grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
         # q_scale already holds 1 / (|q_i| * tau): the gradient w.r.t. the unit-norm key.
         grad_s = grad_s * q_scale[:, None]
-        acc = tl.dot(tl.trans(grad_s.to(q.dtype)), q, acc, input_precision=DOT_PRECISION)
+        acc += _dot(tl.trans(grad_s.to(q.dtype)), q, DOT_PRECISION, UPCAST)
     if NORMALIZE:
         k_norm = tl.load(k_norm_ptr + cols, mask=cols < m, other=1.0)
         acc = _normalize_grad(acc, k, k_norm, NORMALIZE)

@@ -69,7 +69,8 @@ def _common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_gro
 
 def _flags(query, groups, self_offset, normalize, denominator):
     return dict(DENOM=K.DENOMINATOR_CODES[denominator], NORMALIZE=normalize, HAS_GROUPS=groups is not None,
-                HAS_SELF=self_offset is not None, DOT_PRECISION=_dot_precision(query.dtype))
+                HAS_SELF=self_offset is not None, DOT_PRECISION=_dot_precision(query.dtype),
+                UPCAST=interpreting() and query.dtype == torch.bfloat16)
 
 
 @torch.library.custom_op("contrastkit::info_nce_rows_triton", mutates_args=())
