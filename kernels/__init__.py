@@ -15,7 +15,7 @@ import importlib.util
 
 import torch
 
-from ._layout import interpreting
+from ._layout import KERNEL_DTYPES, MAX_EMBEDDING_SIZE, interpreting
 
 
 def unavailable_reason() -> str | None:
@@ -29,6 +29,11 @@ def unavailable_reason() -> str | None:
 
 def available() -> bool:
     return unavailable_reason() is None
+
+
+def supports(dtype: torch.dtype, embedding_size: int) -> bool:
+    """Whether the kernels take embeddings of this dtype and size (float64 and D > 1024 do not)."""
+    return dtype in KERNEL_DTYPES and embedding_size <= MAX_EMBEDDING_SIZE
 
 
 def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
