@@ -44,7 +44,7 @@ def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offse
                 denominator, ignore_index)
 
 
-info_nce_rows.__doc__ = "Fused per-row masked InfoNCE; see :func:`contrastkit.kernels.info_nce.info_nce_rows`."
+info_nce_rows.__doc__ = "Fused per-row masked InfoNCE; see ``contrastkit.kernels.info_nce.info_nce_rows``."
 
 
 def pool_patches(features, grid_h: int, grid_w: int, normalize: bool):
@@ -53,4 +53,4 @@ def pool_patches(features, grid_h: int, grid_w: int, normalize: bool):
     return pool(features, grid_h, grid_w, normalize)
 
 
-pool_patches.__doc__ = "Fused grid-cell mean of a feature map; see :func:`contrastkit.kernels.pool.pool_patches`."
+pool_patches.__doc__ = "Fused grid-cell mean of a feature map; see ``contrastkit.kernels.pool.pool_patches``."

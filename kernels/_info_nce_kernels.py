@@ -131,7 +131,8 @@ def info_nce_fwd_kernel(
     q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
@@ -209,7 +210,8 @@ def info_nce_bwd_query_kernel(
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
     dq_sB, dq_sD, dq_sH, dq_sW,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """dq for one query tile: sum over key tiles of dL/ds (recomputed) times the keys."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -248,7 +250,8 @@ def info_nce_bwd_key_kernel(
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
     dk_sB, dk_sD, dk_sH, dk_sW,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """dk for one key tile: sum over query tiles of dL/ds (recomputed) times the queries."""
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -112,12 +112,15 @@ def pool_patches_triton(features: torch.Tensor, grid_h: int, grid_w: int,
 @pool_patches_triton.register_fake
 def _(features, grid_h, grid_w, normalize):
     b, c = features.shape[:2]
-    return features.new_empty(b, c, grid_h, grid_w), features.new_empty(b * grid_h * grid_w, dtype=torch.float32)
+    norm = features.new_empty(b * grid_h * grid_w, dtype=torch.float32)
+    return features.new_empty(b, c, grid_h, grid_w), norm
 
 
 @torch.library.custom_op("contrastkit::pool_patches_triton_backward", mutates_args=())
-def pool_patches_triton_backward(grad_out: torch.Tensor, features: torch.Tensor, out: torch.Tensor,
-                                 norm: torch.Tensor, grid_h: int, grid_w: int, normalize: bool) -> torch.Tensor:
+def pool_patches_triton_backward(
+    grad_out: torch.Tensor, features: torch.Tensor, out: torch.Tensor, norm: torch.Tensor,
+    grid_h: int, grid_w: int, normalize: bool,
+) -> torch.Tensor:
     b, c, h, w = features.shape
     grad_features = torch.empty_like(features)
     c_pad, block_p = _tile(c)
@@ -154,7 +157,8 @@ def pool_patches(features: torch.Tensor, grid_h: int, grid_w: int, normalize: bo
     ``F.normalize(pooled, dim=1)``. Differentiable; the output has the input's dtype.
     """
     if not isinstance(features, torch.Tensor) or features.dim() != 4:
-        raise ValueError(f"features must be a (B, C, H, W) tensor; got {getattr(features, 'shape', features)!r}")
+        got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"features must be a (B, C, H, W) tensor; got {got}")
     if features.dtype not in KERNEL_DTYPES:
         raise TypeError(f"the Triton pool_patches takes float32, bfloat16 or float16 features; got "
                         f"{features.dtype}. Pool float64 maps with torch (F.avg_pool2d).")

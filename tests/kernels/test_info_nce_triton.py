@@ -122,8 +122,7 @@ def run_and_compare(q, k, case, dtype, denominator, tau=0.1, normalize=True):
     up = torch.rand(as_rows(q).shape[0], generator=torch.Generator().manual_seed(1)) + 0.5
     leaves = [q.detach().requires_grad_(True)] + ([] if k is None else [k.detach().requires_grad_(True)])
     dev = [x.to(DEVICE).detach().requires_grad_(True) for x in leaves]
-    ids = {name: (None if t is None or isinstance(t, int) else t.to(DEVICE)) if name != "self_key_offset" else t
-           for name, t in case.items()}
+    ids = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in case.items()}
     rows = info_nce(dev[0], None if k is None else dev[1], **ids, temperature=tau, normalize=normalize,
                     denominator=denominator, reduction="none", backend="triton")
     assert rows.dtype == torch.float32
@@ -180,8 +179,8 @@ def test_feature_maps_read_through_strides():
     # A (B, C, H, W) map in NCHW, and a channels_last map as keys: neither is permuted or copied.
     q = torch.randn(2, 24, 3, 7, generator=g).to(torch.bfloat16)
     k = torch.randn(1, 24, 7, 9, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    case = dict(labels=torch.randint(-1, 3, (42,), generator=g), key_labels=torch.randint(0, 3, (63,), generator=g),
-                groups=None, key_groups=None, self_key_offset=None)
+    case = dict(labels=torch.randint(-1, 3, (42,), generator=g), groups=None, key_groups=None,
+                key_labels=torch.randint(0, 3, (63,), generator=g), self_key_offset=None)
     run_and_compare(q, k, case, torch.bfloat16, "all")
 
 
@@ -203,8 +202,8 @@ def test_degenerate_rows_are_zero_and_finite(denominator):
     # All queries ignored, or every label unique (no positives): nothing contributes.
     for labels in (torch.full((37,), IGNORE), torch.arange(37)):
         q = torch.randn(37, 24, device=DEVICE, requires_grad=True)
-        mean = info_nce(q, labels=labels.to(DEVICE), denominator=denominator, backend="triton")
-        rows = info_nce(q, labels=labels.to(DEVICE), denominator=denominator, backend="triton", reduction="none")
+        kwargs = dict(labels=labels.to(DEVICE), denominator=denominator, backend="triton")
+        mean, rows = info_nce(q, **kwargs), info_nce(q, **kwargs, reduction="none")
         (grad,) = torch.autograd.grad(mean + rows.sum(), q)
         assert mean.item() == 0.0 and torch.count_nonzero(rows) == 0
         assert torch.isfinite(grad).all() and torch.count_nonzero(grad) == 0
@@ -217,8 +216,9 @@ def test_weights_and_reductions_match_reference(reduction):
     out = {}
     for backend in ("triton", "reference"):
         qq = q.to(DEVICE).requires_grad_(True)
-        val = info_nce(qq, k.to(DEVICE), labels=case["labels"].to(DEVICE), key_labels=case["key_labels"].to(DEVICE),
-                       weights=w.to(DEVICE), reduction=reduction, denominator="each_positive", backend=backend)
+        val = info_nce(qq, k.to(DEVICE), labels=case["labels"].to(DEVICE), weights=w.to(DEVICE),
+                       key_labels=case["key_labels"].to(DEVICE), reduction=reduction,
+                       denominator="each_positive", backend=backend)
         (grad,) = torch.autograd.grad(val.sum(), qq)
         out[backend] = (val.detach(), grad)
     assert_close(out["triton"][0], out["reference"][0], 2e-5, "loss")
@@ -292,3 +292,14 @@ def test_large_on_gpu(dtype, denominator):
     assert_close(rows, want.detach(), 1e-4 if dtype == torch.float32 else loss_tol, "rows")
     for got, exp in zip(grads, ref, strict=True):
         assert_close(got, exp, grad_tol, "grad")
+
+
+def test_availability_and_support(monkeypatch):
+    import contrastkit.kernels as kernels
+
+    assert kernels.unavailable_reason() is None and kernels.available()
+    assert kernels.supports(torch.bfloat16, 1024) and not kernels.supports(torch.float64, 8)
+    assert not kernels.supports(torch.float32, 1025)
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(kernels, "interpreting", lambda: False)
+        assert "CUDA" in kernels.unavailable_reason() and not kernels.available()
