@@ -131,7 +131,7 @@ def info_nce(
             v.check_weight_values(weights)
 
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
+        backend = "triton" if device.type == "cuda" and _triton_available(query_rows) else "torch"
     options = (self_key_offset, temperature, normalize, denominator, ignore_index)
     if backend == "reference":
         loss, valid = dense_rows(query_rows, key_rows, labels, key_labels, groups, key_groups, *options)
@@ -155,10 +155,11 @@ def info_nce(
     return reduce_rows(loss, valid, weights, reduction)
 
 
-def _triton_available() -> bool:
+def _triton_available(rows: torch.Tensor) -> bool:
     from . import kernels
 
-    return kernels.available()
+    # float64 and very long rows stay on the torch path instead of failing in the kernels.
+    return kernels.available() and kernels.supports(rows.dtype, rows.shape[1])
 
 
 def reduce_rows(loss: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor | None, reduction: str):

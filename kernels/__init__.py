@@ -1,16 +1,56 @@
 """Triton kernels of contrastkit, installed as ``contrastkit.kernels``.
 
-The fused masked InfoNCE and patch pooling kernels are added here; until then
-``available()`` reports why the Triton backend cannot run.
+- :func:`info_nce_rows`: the fused masked InfoNCE (forward and backward), used by
+  ``contrastkit.info_nce(..., backend="triton")`` and by ``backend="auto"`` on CUDA.
+- :func:`pool_patches`: the fused grid-cell mean (optionally L2-normalised) of a feature map.
+
+The kernels run on CUDA devices, or on the CPU through Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before triton is imported (slow; for tests). Triton itself is
+imported only when a kernel is first used.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
+import torch
+
+from ._layout import KERNEL_DTYPES, MAX_EMBEDDING_SIZE, interpreting
+
 
 def unavailable_reason() -> str | None:
     """None when the Triton backend can run, else a sentence saying why not."""
-    return "the fused Triton kernels are not part of this build yet; use backend='torch'"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton, Linux x86-64 with an NVIDIA GPU)"
+    if not (torch.cuda.is_available() or interpreting()):
+        return "no CUDA device is available (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+    return None
 
 
 def available() -> bool:
     return unavailable_reason() is None
+
+
+def supports(dtype: torch.dtype, embedding_size: int) -> bool:
+    """Whether the kernels take embeddings of this dtype and size (float64 and D > 1024 do not)."""
+    return dtype in KERNEL_DTYPES and embedding_size <= MAX_EMBEDDING_SIZE
+
+
+def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
+                  denominator, ignore_index):
+    from .info_nce import info_nce_rows as rows
+
+    return rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
+                denominator, ignore_index)
+
+
+info_nce_rows.__doc__ = "Fused per-row masked InfoNCE; see ``contrastkit.kernels.info_nce.info_nce_rows``."
+
+
+def pool_patches(features, grid_h: int, grid_w: int, normalize: bool):
+    from .pool import pool_patches as pool
+
+    return pool(features, grid_h, grid_w, normalize)
+
+
+pool_patches.__doc__ = "Fused grid-cell mean of a feature map; see ``contrastkit.kernels.pool.pool_patches``."

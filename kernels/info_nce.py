@@ -1,0 +1,213 @@
+"""Launchers and autograd of the fused masked InfoNCE (see ``_info_nce_kernels.py``).
+
+The forward saves O(N + M) statistics: per query row the log-sum-exp of its denominator set,
+the positive count and (``each_positive``) the sum over positives of sigmoid(lse - s_ip); per
+row of either side its L2 norm. The backward turns them into two per-row weights,
+
+    dL/ds_ij = exp(s_ij - lse_i) * a_i * [j in denominator set]  -  b_i * w_ij * [j positive]
+
+with, for g_i the incoming gradient (0 where the row does not contribute) and |P_i| its
+positive count: b_i = g_i / |P_i|; a_i = g_i for "all" and "negatives", and
+a_i = b_i * sum_p sigmoid(lse_i - s_ip) for "each_positive"; w_ij = 1, or
+sigmoid(lse_i - s_ij) for "each_positive" — the formulas of ``contrastkit._chunked``.
+dq and dk come from two kernels, one owning query tiles and one owning key tiles, so each
+output element is written once by one program: no atomics, deterministic results.
+
+Both directions are ``torch.library`` custom ops with fake implementations, so
+``torch.compile`` traces a loss built on them without a graph break.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import _info_nce_kernels as K
+from ._layout import check_kernel_input, embedding_size, interpreting, layout, num_rows, padded_size
+
+_INTERPRETER_BLOCKS = (32, 32, 4, 1)
+
+
+def _blocks(d_pad: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, num_warps, num_stages); tiles shrink as rows get longer."""
+    if interpreting():
+        # Bigger numpy tiles are faster under the interpreter; 32 still leaves ragged edges.
+        return _INTERPRETER_BLOCKS
+    if d_pad <= 64:
+        return (64, 64, 4, 2) if backward else (128, 64, 4, 3)
+    if d_pad <= 128:
+        return (64, 64, 4, 2) if backward else (128, 64, 8, 2)
+    if d_pad <= 256:
+        return (32, 32, 4, 1) if backward else (64, 32, 4, 2)
+    if d_pad <= 512:
+        return (16, 16, 4, 1) if backward else (32, 32, 4, 1)
+    return 16, 16, 4, 1
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 follows torch's own matmul setting (TF32 off by default), so results match torch.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of every embedding row of x, in float32, read in place."""
+    n, d = num_rows(x), embedding_size(x)
+    d_pad = padded_size(d)
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    block = max(1, 4096 // d_pad)
+    K.row_norm_kernel[(triton.cdiv(n, block),)](x, out, n, d, *layout(x), BLOCK=block, D_PAD=d_pad)
+    return out
+
+
+def _common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups):
+    dummy = labels  # never read when the matching constexpr flag is off
+    return (query, key, q_norm, k_norm, labels, key_labels,
+            dummy if groups is None else groups, dummy if key_groups is None else key_groups)
+
+
+def _flags(query, groups, self_offset, normalize, denominator):
+    return dict(DENOM=K.DENOMINATOR_CODES[denominator], NORMALIZE=normalize, HAS_GROUPS=groups is not None,
+                HAS_SELF=self_offset is not None, DOT_PRECISION=_dot_precision(query.dtype),
+                UPCAST=interpreting() and query.dtype == torch.bfloat16)
+
+
+@torch.library.custom_op("contrastkit::info_nce_rows_triton", mutates_args=())
+def info_nce_rows_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    key_labels: torch.Tensor,
+    groups: torch.Tensor | None,
+    key_groups: torch.Tensor | None,
+    self_offset: int | None,
+    temperature: float,
+    normalize: bool,
+    denominator: str,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, valid, lse, positive count, sum_p sigmoid(lse - s_ip), query norms, key norms)."""
+    n, m, d = num_rows(query), num_rows(key), embedding_size(query)
+    device = query.device
+    f32 = dict(dtype=torch.float32, device=device)
+    q_norm = row_norms(query) if normalize else torch.ones(n, **f32)
+    k_norm = row_norms(key) if normalize else torch.ones(m, **f32)
+    loss, lse, pos_sigmoid = torch.empty(n, **f32), torch.empty(n, **f32), torch.zeros(n, **f32)
+    valid = torch.empty(n, dtype=torch.bool, device=device)
+    n_pos = torch.empty(n, dtype=torch.int32, device=device)
+    d_pad = padded_size(d)
+    block_n, block_m, warps, stages = _blocks(d_pad, backward=False)
+    K.info_nce_fwd_kernel[(triton.cdiv(n, block_n),)](
+        *_common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups),
+        loss, valid.view(torch.int8), lse, n_pos, pos_sigmoid,
+        n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key),
+        **_flags(query, groups, self_offset, normalize, denominator),
+        BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, num_warps=warps, num_stages=stages,
+    )
+    return loss, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm
+
+
+@info_nce_rows_triton.register_fake
+def _(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
+      denominator, ignore_index):
+    n, m = num_rows(query), num_rows(key)
+    rows = [query.new_empty(n, dtype=torch.float32) for _ in range(3)]
+    return (rows[0], query.new_empty(n, dtype=torch.bool), rows[1], query.new_empty(n, dtype=torch.int32),
+            rows[2], query.new_empty(n, dtype=torch.float32), query.new_empty(m, dtype=torch.float32))
+
+
+@torch.library.custom_op("contrastkit::info_nce_rows_triton_backward", mutates_args=())
+def info_nce_rows_triton_backward(
+    grad_loss: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    labels: torch.Tensor,
+    key_labels: torch.Tensor,
+    groups: torch.Tensor | None,
+    key_groups: torch.Tensor | None,
+    valid: torch.Tensor,
+    lse: torch.Tensor,
+    n_pos: torch.Tensor,
+    pos_sigmoid: torch.Tensor,
+    q_norm: torch.Tensor,
+    k_norm: torch.Tensor,
+    self_offset: int | None,
+    temperature: float,
+    normalize: bool,
+    denominator: str,
+    ignore_index: int,
+    need_query_grad: bool,
+    need_key_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, m, d = num_rows(query), num_rows(key), embedding_size(query)
+    grad_row = torch.where(valid, grad_loss.to(torch.float32), 0.0)
+    pos_weight = grad_row / n_pos.clamp_min(1)
+    exp_weight = pos_weight * pos_sigmoid if denominator == "each_positive" else grad_row
+    # +inf makes exp(s - lse) vanish on rows that do not contribute, whatever their logits.
+    lse = torch.where(valid, lse, float("inf"))
+    shared = (*_common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups),
+              lse, exp_weight, pos_weight)
+    sizes = (n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key))
+    flags = _flags(query, groups, self_offset, normalize, denominator)
+    d_pad = padded_size(d)
+    block_n, block_m, warps, stages = _blocks(d_pad, backward=True)
+    tiles = dict(BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, num_warps=warps, num_stages=stages)
+    grad_query = torch.empty_like(query) if need_query_grad else torch.zeros_like(query)
+    grad_key = torch.empty_like(key) if need_key_grad else torch.zeros_like(key)
+    if need_query_grad:
+        K.info_nce_bwd_query_kernel[(triton.cdiv(n, block_n),)](
+            *shared, grad_query, *sizes, *layout(grad_query)[2:], **flags, **tiles)
+    if need_key_grad:
+        K.info_nce_bwd_key_kernel[(triton.cdiv(m, block_m),)](
+            *shared, grad_key, *sizes, *layout(grad_key)[2:], **flags, **tiles)
+    return grad_query, grad_key
+
+
+@info_nce_rows_triton_backward.register_fake
+def _(grad_loss, query, key, *args):
+    return torch.empty_like(query), torch.empty_like(key)
+
+
+def _setup_context(ctx, inputs, output):
+    (query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
+     denominator, ignore_index) = inputs
+    _, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm = output
+    ctx.save_for_backward(query, key, labels, key_labels, groups, key_groups, valid, lse, n_pos,
+                          pos_sigmoid, q_norm, k_norm)
+    ctx.options = (self_offset, temperature, normalize, denominator, ignore_index)
+
+
+def _backward(ctx, grad_loss, *_unused_grads):
+    need_query, need_key = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_query, grad_key = info_nce_rows_triton_backward(
+        grad_loss, *ctx.saved_tensors, *ctx.options, need_query, need_key)
+    return (grad_query if need_query else None, grad_key if need_key else None) + (None,) * 9
+
+
+info_nce_rows_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got a {x.device.type} tensor); set TRITON_INTERPRET=1 "
+            "before importing triton to run the kernels on the CPU, or use backend='torch'"
+        )
+
+
+def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
+                  denominator, ignore_index):
+    """Per-row masked InfoNCE (float32, 0 where a row does not contribute) and the contributing mask.
+
+    query and key are (N, D) / (M, D) rows or (B, C, H, W) maps, read in place through their
+    strides; in self-contrast key is query. Differentiable w.r.t. query and key.
+    """
+    for name, x in (("query", query), ("key", key)):
+        check_kernel_input(name, x)
+        _check_device(x)
+    # O(N) id vectors are made contiguous; the embeddings are never copied.
+    ids = [None if t is None else t.contiguous() for t in (labels, key_labels, groups, key_groups)]
+    loss, valid, *_ = info_nce_rows_triton(query, key, *ids, self_offset, float(temperature), normalize,
+                                           denominator, int(ignore_index))
+    return loss, valid

@@ -1,0 +1,305 @@
+"""The fused Triton InfoNCE against an independent float64 implementation.
+
+Sizes cover tile edges (N = 1, 37, 130; M = 1, 53, 257; D = 3, 24, 130 against tiles of 32
+under the interpreter); a covering set of cases exercises every option once or more, each
+dtype, feature-map input and degenerate rows, instead of a full cartesian product.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contrastkit import info_nce
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+IGNORE = -1
+
+
+def float64_rows(q, k, labels, key_labels, groups, key_groups, self_offset, tau, normalize, denominator):
+    """Per-row loss and contributing mask, written directly from the definition, in float64."""
+    q, k = q.double(), k.double()
+    if normalize:
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        k = k / k.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    s = q @ k.T / tau
+    n, m = s.shape
+    cand = (labels[:, None] != IGNORE) & (key_labels[None, :] != IGNORE)
+    if groups is not None:
+        cand &= groups[:, None] == key_groups[None, :]
+    if self_offset is not None:
+        cand &= torch.arange(n)[:, None] + self_offset != torch.arange(m)[None, :]
+    pos = cand & (labels[:, None] == key_labels[None, :])
+    neg = cand & ~pos
+    losses, valid = [], []
+    for i in range(n):
+        p, ng = pos[i].nonzero().flatten(), neg[i].nonzero().flatten()
+        ok = labels[i] != IGNORE and len(p) > 0 and (denominator != "negatives" or len(ng) > 0)
+        valid.append(bool(ok))
+        if not ok:
+            losses.append(s[i].sum() * 0)  # zero, still on the graph for autograd.grad
+            continue
+        row = s[i]
+        terms = []
+        for j in p:
+            if denominator == "all":
+                log_den = torch.logsumexp(row[cand[i]], 0)
+            elif denominator == "negatives":
+                log_den = torch.logsumexp(row[ng], 0)
+            else:
+                log_den = torch.logsumexp(torch.cat([row[j:j + 1], row[ng]]), 0)
+            terms.append(log_den - row[j])
+        losses.append(torch.stack(terms).mean())
+    return torch.stack(losses), torch.tensor(valid)
+
+
+def as_rows(x):
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+
+
+TOL = {torch.float32: (2e-5, 2e-4), torch.bfloat16: (2e-4, 3e-2), torch.float16: (2e-4, 8e-3)}
+
+
+def assert_close(actual, expected, tol, what):
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    err = (actual - expected).abs().max().item()
+    bound = tol * (1.0 + expected.abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def make_case(mode, n, m, d, dtype, classes=4, ignore_frac=0.0, with_groups=False, offset=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(count, hi):
+        x = torch.randint(0, hi, (count,), generator=g)
+        if ignore_frac:
+            x[torch.rand(count, generator=g) < ignore_frac] = IGNORE
+        return x
+
+    q = torch.randn(n, d, generator=g).to(dtype)
+    case = dict(labels=None, key_labels=None, groups=None, key_groups=None, self_key_offset=None)
+    if mode == "self":
+        k = None
+        case["labels"] = ids(n, classes)
+        if with_groups:
+            case["groups"] = ids(n, 2).clamp_min(0)
+    elif mode == "paired":
+        k = torch.randn(n, d, generator=g).to(dtype)
+        if with_groups:
+            case["groups"] = torch.randint(0, 2, (n,), generator=g)
+    else:
+        k = torch.randn(m, d, generator=g).to(dtype)
+        case["labels"], case["key_labels"] = ids(n, classes), ids(m, classes)
+        if with_groups:
+            case["groups"], case["key_groups"] = ids(n, 2).clamp_min(0), ids(m, 2).clamp_min(0)
+        if offset is not None:
+            k[offset:offset + n] = q
+            case["key_labels"][offset:offset + n] = case["labels"]
+            if with_groups:
+                case["key_groups"][offset:offset + n] = case["groups"]
+            case["self_key_offset"] = offset
+    return q, k, case
+
+
+def expected_rows(q, k, case, tau, normalize, denominator):
+    qr = as_rows(q)
+    kr = qr if k is None else as_rows(k)
+    labels, key_labels = case["labels"], case["key_labels"]
+    groups, key_groups = case["groups"], case["key_groups"]
+    offset = case["self_key_offset"]
+    if k is None:
+        key_labels, key_groups, offset = labels, groups, 0
+    elif labels is None:
+        labels = key_labels = torch.arange(qr.shape[0])
+        key_groups = groups
+    return float64_rows(qr, kr, labels, key_labels, groups, key_groups, offset, tau, normalize, denominator)
+
+
+def run_and_compare(q, k, case, dtype, denominator, tau=0.1, normalize=True):
+    """Per-row losses and the gradients of query and key (with a random upstream) vs float64."""
+    up = torch.rand(as_rows(q).shape[0], generator=torch.Generator().manual_seed(1)) + 0.5
+    leaves = [q.detach().requires_grad_(True)] + ([] if k is None else [k.detach().requires_grad_(True)])
+    dev = [x.to(DEVICE).detach().requires_grad_(True) for x in leaves]
+    ids = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in case.items()}
+    rows = info_nce(dev[0], None if k is None else dev[1], **ids, temperature=tau, normalize=normalize,
+                    denominator=denominator, reduction="none", backend="triton")
+    assert rows.dtype == torch.float32
+    grads = torch.autograd.grad((rows * up.to(DEVICE)).sum(), dev, allow_unused=True)
+
+    ref_leaves = [x.detach().double().requires_grad_(True) for x in leaves]
+    want, valid = expected_rows(ref_leaves[0], None if k is None else ref_leaves[1], case, tau, normalize,
+                                denominator)
+    ref_grads = torch.autograd.grad((want * up.double()).sum(), ref_leaves, allow_unused=True)
+
+    loss_tol, grad_tol = TOL[dtype]
+    assert_close(rows, want.detach(), loss_tol, "per-row loss")
+    assert torch.equal(rows.detach().cpu() != 0, valid & (want.detach() != 0))
+    for name, leaf, got, ref in zip(("query", "key"), leaves, grads, ref_grads, strict=False):
+        assert got.shape == leaf.shape and got.dtype == dtype
+        assert_close(got, ref, grad_tol, f"grad of {name}")
+    return rows, valid
+
+
+CASES = [
+    # mode, N, M, D, dtype, denominator, extra
+    ("self", 37, None, 24, torch.float32, "all", {}),
+    ("self", 130, None, 130, torch.float32, "each_positive", dict(with_groups=True)),
+    ("self", 1, None, 3, torch.float32, "all", {}),
+    ("self", 130, None, 3, torch.bfloat16, "negatives", dict(ignore_frac=0.3)),
+    ("qk", 37, 53, 3, torch.float32, "negatives", dict(ignore_frac=0.2)),
+    ("qk", 130, 257, 24, torch.bfloat16, "all", dict(with_groups=True, ignore_frac=0.1)),
+    ("qk", 1, 257, 130, torch.float16, "each_positive", {}),
+    ("qk", 130, 1, 24, torch.float32, "negatives", dict(classes=2)),
+    ("qk", 37, 1, 130, torch.float16, "all", dict(classes=1)),
+    ("qk", 37, 257, 24, torch.float32, "each_positive", dict(offset=100, with_groups=True)),
+    ("qk", 130, 257, 3, torch.float16, "all", dict(offset=0, ignore_frac=0.2)),
+    ("paired", 37, None, 130, torch.bfloat16, "all", {}),
+    ("paired", 130, None, 3, torch.float16, "negatives", dict(with_groups=True)),
+    ("paired", 1, None, 24, torch.float32, "each_positive", {}),
+]
+
+
+@pytest.mark.parametrize("mode,n,m,d,dtype,denominator,extra", CASES)
+def test_matches_float64(mode, n, m, d, dtype, denominator, extra):
+    q, k, case = make_case(mode, n, m, d, dtype, **extra)
+    run_and_compare(q, k, case, dtype, denominator)
+
+
+@pytest.mark.parametrize("denominator", ["all", "each_positive", "negatives"])
+def test_unnormalized_large_logits_stay_finite(denominator):
+    # Without normalisation logits reach thousands: the online log-sum-exp must not overflow.
+    q, k, case = make_case("qk", 37, 53, 24, torch.float32, classes=3)
+    run_and_compare(q * 4, k * 4, case, torch.float32, denominator, tau=0.5, normalize=False)
+
+
+def test_feature_maps_read_through_strides():
+    g = torch.Generator().manual_seed(3)
+    # A (B, C, H, W) map in NCHW, and a channels_last map as keys: neither is permuted or copied.
+    q = torch.randn(2, 24, 3, 7, generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 24, 7, 9, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    case = dict(labels=torch.randint(-1, 3, (42,), generator=g), groups=None, key_groups=None,
+                key_labels=torch.randint(0, 3, (63,), generator=g), self_key_offset=None)
+    run_and_compare(q, k, case, torch.bfloat16, "all")
+
+
+def test_self_contrast_feature_map_with_groups():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 130, 4, 5, generator=g)
+    case = dict(labels=torch.randint(-1, 3, (40,), generator=g), key_labels=None,
+                groups=torch.arange(2).repeat_interleave(20), key_groups=None, self_key_offset=None)
+    run_and_compare(q, None, case, torch.float32, "each_positive")
+
+
+def test_non_contiguous_rows():
+    q, k, case = make_case("qk", 37, 53, 24, torch.float32)
+    run_and_compare(q.T.contiguous().T, k[:, :].T.contiguous().T, case, torch.float32, "all")
+
+
+@pytest.mark.parametrize("denominator", ["all", "each_positive", "negatives"])
+def test_degenerate_rows_are_zero_and_finite(denominator):
+    # All queries ignored, or every label unique (no positives): nothing contributes.
+    for labels in (torch.full((37,), IGNORE), torch.arange(37)):
+        q = torch.randn(37, 24, device=DEVICE, requires_grad=True)
+        kwargs = dict(labels=labels.to(DEVICE), denominator=denominator, backend="triton")
+        mean, rows = info_nce(q, **kwargs), info_nce(q, **kwargs, reduction="none")
+        (grad,) = torch.autograd.grad(mean + rows.sum(), q)
+        assert mean.item() == 0.0 and torch.count_nonzero(rows) == 0
+        assert torch.isfinite(grad).all() and torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weights_and_reductions_match_reference(reduction):
+    q, k, case = make_case("qk", 37, 53, 24, torch.float32, ignore_frac=0.2, seed=5)
+    w = torch.rand(37, generator=torch.Generator().manual_seed(6))
+    out = {}
+    for backend in ("triton", "reference"):
+        qq = q.to(DEVICE).requires_grad_(True)
+        val = info_nce(qq, k.to(DEVICE), labels=case["labels"].to(DEVICE), weights=w.to(DEVICE),
+                       key_labels=case["key_labels"].to(DEVICE), reduction=reduction,
+                       denominator="each_positive", backend=backend)
+        (grad,) = torch.autograd.grad(val.sum(), qq)
+        out[backend] = (val.detach(), grad)
+    assert_close(out["triton"][0], out["reference"][0], 2e-5, "loss")
+    assert_close(out["triton"][1], out["reference"][1], 2e-4, "grad")
+
+
+def test_backward_is_deterministic():
+    q, k, case = make_case("qk", 130, 257, 24, torch.float32, seed=7)
+    grads = []
+    for _ in range(2):
+        qq, kk = q.to(DEVICE).requires_grad_(True), k.to(DEVICE).requires_grad_(True)
+        loss = info_nce(qq, kk, labels=case["labels"].to(DEVICE), key_labels=case["key_labels"].to(DEVICE),
+                        backend="triton")
+        grads.append(torch.autograd.grad(loss, (qq, kk)))
+    assert all(torch.equal(a, b) for a, b in zip(grads[0], grads[1], strict=True))
+
+
+def test_autocast_bf16_model_outputs():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(37, 16, generator=g, device="cpu").to(DEVICE)
+    layer = torch.nn.Linear(16, 24).to(DEVICE)
+    labels = torch.randint(0, 3, (37,), generator=g).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        emb = layer(x)
+        loss = info_nce(emb, labels=labels, backend="triton")
+    assert emb.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    want = info_nce(emb.detach().double(), labels=labels, backend="reference")
+    assert abs(loss.item() - want.item()) < 1e-3
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
+def test_float64_is_rejected_with_a_pointer_to_torch():
+    q = torch.randn(5, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        info_nce(q, labels=torch.zeros(5, dtype=torch.long, device=DEVICE), backend="triton")
+
+
+def test_too_large_embedding_is_rejected():
+    q = torch.randn(2, 1025, device=DEVICE)
+    with pytest.raises(ValueError, match="D <= 1024"):
+        info_nce(q, labels=torch.zeros(2, dtype=torch.long, device=DEVICE), backend="triton")
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    import contrastkit.kernels.info_nce as module
+
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    with pytest.raises(ValueError, match="CUDA"):
+        info_nce(torch.randn(4, 8), labels=torch.zeros(4, dtype=torch.long), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("denominator", ["all", "each_positive", "negatives"])
+def test_large_on_gpu(dtype, denominator):
+    g = torch.Generator().manual_seed(9)
+    n, d = 4099, 128
+    q = torch.randn(n, d, generator=g).to(dtype).cuda().requires_grad_(True)
+    k = torch.randn(n + 5, d, generator=g).to(dtype).cuda().requires_grad_(True)
+    labels = torch.randint(-1, 20, (n,), generator=g).cuda()
+    key_labels = torch.randint(0, 20, (n + 5,), generator=g).cuda()
+    kwargs = dict(labels=labels, key_labels=key_labels, denominator=denominator, reduction="none")
+    rows = info_nce(q, k, backend="triton", **kwargs)
+    qd, kd = q.detach().double().requires_grad_(True), k.detach().double().requires_grad_(True)
+    want = info_nce(qd, kd, backend="reference", **kwargs)
+    grads = torch.autograd.grad(rows.sum(), (q, k))
+    ref = torch.autograd.grad(want.sum(), (qd, kd))
+    loss_tol, grad_tol = TOL[dtype]
+    assert_close(rows, want.detach(), 1e-4 if dtype == torch.float32 else loss_tol, "rows")
+    for got, exp in zip(grads, ref, strict=True):
+        assert_close(got, exp, grad_tol, "grad")
+
+
+def test_availability_and_support(monkeypatch):
+    import contrastkit.kernels as kernels
+
+    assert kernels.unavailable_reason() is None and kernels.available()
+    assert kernels.supports(torch.bfloat16, 1024) and not kernels.supports(torch.float64, 8)
+    assert not kernels.supports(torch.float32, 1025)
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(kernels, "interpreting", lambda: False)
+        assert "CUDA" in kernels.unavailable_reason() and not kernels.available()
