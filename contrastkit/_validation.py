@@ -31,33 +31,37 @@ def check_temperature(temperature) -> float:
     return temperature
 
 
-def check_embeddings(name: str, x) -> torch.Tensor:
-    """Accepts (N, D) rows or a (B, C, H, W) feature map; returns (N, D) rows."""
+def check_embeddings(name: str, x) -> tuple[int, int]:
+    """Accepts (N, D) rows or a (B, C, H, W) feature map (B*H*W rows of size C); returns (N, D)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float32, float64, bfloat16, float16); got {x.dtype}")
     if x.dim() == 4:
-        # (B, C, H, W) -> (B*H*W, C): row b*H*W + h*W + w is pixel (b, h, w).
-        x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    elif x.dim() != 2:
+        n, d = x.shape[0] * x.shape[2] * x.shape[3], x.shape[1]
+    elif x.dim() == 2:
+        n, d = x.shape
+    else:
         raise ValueError(f"{name} must be (N, D) embeddings or a (B, C, H, W) feature map; got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
+    if n == 0:
         raise ValueError(f"{name} must hold at least one embedding; got shape {tuple(x.shape)}")
-    if x.shape[1] == 0:
+    if d == 0:
         raise ValueError(f"{name} must have an embedding size D >= 1; got shape {tuple(x.shape)}")
-    return x
+    return n, d
 
 
-def check_pair(query: torch.Tensor, key: torch.Tensor) -> None:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, C), row b*H*W + h*W + w being pixel (b, h, w); rows pass through."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+
+
+def check_pair(query: torch.Tensor, key: torch.Tensor, query_dim: int, key_dim: int) -> None:
     if key.device != query.device:
         raise ValueError(f"key is on {key.device} but query is on {query.device}; put both on one device")
     if key.dtype != query.dtype:
         raise TypeError(f"key has dtype {key.dtype} but query has {query.dtype}; use one dtype for both")
-    if key.shape[1] != query.shape[1]:
-        raise ValueError(
-            f"key has embedding size {key.shape[1]} but query has {query.shape[1]}; they must match"
-        )
+    if key_dim != query_dim:
+        raise ValueError(f"key has embedding size {key_dim} but query has {query_dim}; they must match")
 
 
 def check_index_vector(name: str, x, length: int, device: torch.device, what: str) -> torch.Tensor | None:

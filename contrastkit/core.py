@@ -75,12 +75,14 @@ def info_nce(
     float32) and float64 for float64 inputs. Value checks (NaN/Inf, negative labels) are
     skipped while ``torch.compile`` traces the call.
     """
-    query_rows = v.check_embeddings("query", query)
+    n, dim = v.check_embeddings("query", query)
     self_contrast = key is None
-    key_rows = query_rows if self_contrast else v.check_embeddings("key", key)
-    v.check_pair(query_rows, key_rows)
-    n, m = query_rows.shape[0], key_rows.shape[0]
-    device = query_rows.device
+    if self_contrast:
+        key, m = query, n
+    else:
+        m, key_dim = v.check_embeddings("key", key)
+        v.check_pair(query, key, dim, key_dim)
+    device = query.device
     temperature = v.check_temperature(temperature)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool; got {type(normalize).__name__}")
@@ -126,22 +128,22 @@ def info_nce(
             raise ValueError(f"self_key_offset must lie in [0, M - N] = [0, {m - n}]; got {self_key_offset}")
 
     if not torch.compiler.is_compiling():
-        v.check_values(query_rows, key_rows, labels, key_labels, ignore_index)
+        v.check_values(query, key, labels, key_labels, ignore_index)
         if weights is not None:
             v.check_weight_values(weights)
 
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" and _triton_available(query_rows) else "torch"
+        backend = "triton" if device.type == "cuda" and _triton_available(query.dtype, dim) else "torch"
     options = (self_key_offset, temperature, normalize, denominator, ignore_index)
     if backend == "reference":
-        loss, valid = dense_rows(query_rows, key_rows, labels, key_labels, groups, key_groups, *options)
+        loss, valid = dense_rows(v.as_rows(query), v.as_rows(key), labels, key_labels, groups, key_groups, *options)
     elif backend == "torch":
         if chunk_size is None:
             chunk_size = default_chunk_size(n, m)
         elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
         loss, valid, _ = info_nce_rows_chunked(
-            query_rows, key_rows, labels, key_labels, groups, key_groups, *options, chunk_size
+            v.as_rows(query), v.as_rows(key), labels, key_labels, groups, key_groups, *options, chunk_size
         )
     else:
         from . import kernels
@@ -149,17 +151,18 @@ def info_nce(
         reason = kernels.unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"backend='triton' cannot run: {reason}")
+        # The kernels read (B, C, H, W) maps through their strides: no permuted copy.
         loss, valid = kernels.info_nce_rows(
-            query, query if self_contrast else key, labels, key_labels, groups, key_groups, *options
+            query, key, labels, key_labels, groups, key_groups, *options
         )
     return reduce_rows(loss, valid, weights, reduction)
 
 
-def _triton_available(rows: torch.Tensor) -> bool:
+def _triton_available(dtype: torch.dtype, dim: int) -> bool:
     from . import kernels
 
     # float64 and very long rows stay on the torch path instead of failing in the kernels.
-    return kernels.available() and kernels.supports(rows.dtype, rows.shape[1])
+    return kernels.available() and kernels.supports(dtype, dim)
 
 
 def reduce_rows(loss: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor | None, reduction: str):
