@@ -194,7 +194,8 @@ def _interpolate(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     lead = x.shape[:-2]
     flat = x.reshape(-1, 1, *x.shape[-2:])
     if x.is_floating_point():
-        out = F.interpolate(flat.float(), size=out_hw, mode="bilinear", align_corners=False).to(x.dtype)
+        work = flat if x.dtype == torch.float64 else flat.float()  # half precision interpolates in fp32
+        out = F.interpolate(work, size=out_hw, mode="bilinear", align_corners=False).to(x.dtype)
     else:
         out = F.interpolate(flat.float(), size=out_hw, mode="nearest-exact").to(x.dtype)
     return out.reshape(*lead, *out_hw)
