@@ -96,7 +96,7 @@ def synthetic_cardiac_slice(
     lv_axes = p["lv_axes"] * shrink
     thickness = max(2.5, p["thickness"] * (0.7 + 0.3 * shrink))  # keeps the ring closed at small sizes
     outer_axes = lv_axes + thickness
-    rv_axes = p["rv_axes"] * outer_axes[0] * shrink * (1.0 - 0.3 * depth)
+    rv_axes = p["rv_axes"] * outer_axes[0] * (1.0 - 0.25 * depth)  # tapers faster than the ring
     direction = np.array([np.sin(p["rv_direction"]), np.cos(p["rv_direction"])])
     offset = p["rv_direction"] - p["angle"]  # the RV overlaps the ring's edge, so it hugs the ring
     ring_radius = 1.0 / np.hypot(np.cos(offset) / outer_axes[0], np.sin(offset) / outer_axes[1])
