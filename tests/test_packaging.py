@@ -27,6 +27,9 @@ def test_wheel_holds_kernels_inside_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "contrastkit/kernels/__init__.py" in names
     assert "contrastkit/core.py" in names
+    for package in sorted(p.parent for p in (ROOT / "contrastkit").rglob("__init__.py")):
+        relative = package.relative_to(ROOT).as_posix()
+        assert f"{relative}/__init__.py" in names, f"{relative} is missing from the wheel"
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels/ would shadow PyPI's 'kernels'"
     assert not [n for n in names if n.split("/")[0] in ("tests", "benchmarks", "examples")]
 
