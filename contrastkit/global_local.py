@@ -196,7 +196,7 @@ def local_contrast(
             raise ValueError(f"negatives_per_region must be None or an int in [1, {available}] "
                              f"(2R - 2 other regions + {extra} queue keys); got {negatives_per_region!r}")
     region = torch.arange(regions, device=f1.device).repeat(2)
-    partner = torch.cat([region + regions, region[:regions]])
+    partner = (torch.arange(2 * regions, device=f1.device) + regions) % (2 * regions)
     options = dict(temperature=temperature, normalize=normalize, reduction="sum", backend=backend)
     total = 0.0
     for image in range(b):
@@ -215,10 +215,11 @@ def _nearest_negatives_loss(queries, candidates, partner, k, normalize, options)
     """InfoNCE of each query against its positive and its k most similar negatives."""
     n = queries.shape[0]
     with torch.no_grad():
-        a, bb = queries.float(), candidates.float()
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        q, c = queries.to(dtype), candidates.to(dtype)
         if normalize:
-            a, bb = F.normalize(a, dim=1), F.normalize(bb, dim=1)
-        similarity = a @ bb.T
+            q, c = F.normalize(q, dim=1), F.normalize(c, dim=1)
+        similarity = q @ c.T
         own = torch.arange(n, device=queries.device)
         similarity[own, own] = float("-inf")
         similarity[own, partner] = float("-inf")
