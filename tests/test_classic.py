@@ -132,7 +132,8 @@ def test_supcon_single_view_matches_pml_and_skips_anchors_without_positives():
     labels = torch.tensor([0, 0, 1, 2, 2, 2, 3])  # samples 2 and 6 have no positive
     ours = supcon_loss(features, labels)
     assert ours.item() == pytest.approx(supcon_formula(features, labels, 0.1), rel=1e-10)
-    assert ours.item() == pytest.approx(pml_losses.SupConLoss(temperature=0.1)(features, labels).item(), rel=1e-9)
+    pml = pml_losses.SupConLoss(temperature=0.1)(features, labels)
+    assert ours.item() == pytest.approx(pml.item(), rel=1e-9)
     per_sample = supcon_loss(features, labels, reduction="none")
     assert per_sample[2] == 0 and per_sample[6] == 0 and (per_sample[[0, 1, 3, 4, 5]] > 0).all()
 
@@ -217,7 +218,8 @@ def patch_nce_formula(feat_q, feat_k, where, tau, extra_keys=None):
 
 def test_patch_nce_all_locations_matches_formula():
     torch.manual_seed(10)
-    feat_q, feat_k = torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    feat_q = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    feat_k = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     every = torch.arange(9).expand(2, 9)
     expected = patch_nce_formula(feat_q, feat_k, every, 0.07)
     assert PatchNCELoss(num_patches=None)(feat_q, feat_k).item() == pytest.approx(expected, rel=1e-10)
@@ -226,12 +228,14 @@ def test_patch_nce_all_locations_matches_formula():
 
 def test_patch_nce_sampled_locations_match_formula_and_queue():
     torch.manual_seed(11)
-    feat_q, feat_k = torch.randn(3, 5, 4, 4, dtype=torch.float64), torch.randn(3, 5, 4, 4, dtype=torch.float64)
+    feat_q = torch.randn(3, 5, 4, 4, dtype=torch.float64)
+    feat_k = torch.randn(3, 5, 4, 4, dtype=torch.float64)
     where = sample_locations(3, 16, 6, feat_q.device, torch.Generator().manual_seed(0))
     assert where.shape == (3, 6)
     assert all(len(set(row.tolist())) == 6 for row in where) and where.max() < 16
     assert not torch.equal(where[0], where[1])  # drawn per image
-    loss = patch_nce_loss(feat_q, feat_k, num_patches=6, generator=torch.Generator().manual_seed(0), temperature=0.2)
+    loss = patch_nce_loss(feat_q, feat_k, num_patches=6, generator=torch.Generator().manual_seed(0),
+                          temperature=0.2)
     assert loss.item() == pytest.approx(patch_nce_formula(feat_q, feat_k, where, 0.2), rel=1e-10)
 
     queue = MemoryQueue(10, 5, dtype=torch.float64)

@@ -99,4 +99,5 @@ def test_supcon_with_queue_equals_info_nce_over_concatenated_keys():
 def test_empty_queue_is_no_queue():
     torch.manual_seed(1)
     features, labels = torch.randn(5, 2, 3), torch.tensor([0, 1, 0, 2, 1])
-    torch.testing.assert_close(supcon_loss(features, labels, queue=MemoryQueue(4, 3)), supcon_loss(features, labels))
+    empty = MemoryQueue(4, 3)
+    torch.testing.assert_close(supcon_loss(features, labels, queue=empty), supcon_loss(features, labels))
