@@ -184,7 +184,7 @@ def local_contrast(
     check_flag("gather_distributed", gather_distributed)
     grid = as_grid(region_grid)
     regions = grid[0] * grid[1]
-    b, c = f1.shape[:2]
+    b = f1.shape[0]
     pooled = torch.cat([pool_patches(f1, grid).flatten(2), pool_patches(f2, grid).flatten(2)], dim=2)
     rows = pooled.transpose(1, 2)  # (B, 2R, C): view 1 regions, then view 2 regions
     queued, _ = queue_contents(queue, rows)

@@ -267,3 +267,13 @@ def test_patch_nce_bad_input():
         patch_nce_loss(feat[0], feat[0])
     with pytest.raises(TypeError, match="generator"):
         patch_nce_loss(feat, feat, num_patches=3, generator=0)
+
+
+def test_gather_distributed_without_process_group_is_the_local_loss():
+    torch.manual_seed(13)
+    z1, z2 = torch.randn(4, 3), torch.randn(4, 3)
+    torch.testing.assert_close(nt_xent_loss(z1, z2, gather_distributed=True), nt_xent_loss(z1, z2))
+    features, labels = torch.randn(4, 2, 3), torch.tensor([0, 1, 0, 2])
+    gathered = supcon_loss(features, labels, gather_distributed=True)
+    torch.testing.assert_close(gathered, supcon_loss(features, labels))
+    torch.testing.assert_close(supcon_loss(features, gather_distributed=True), supcon_loss(features))
