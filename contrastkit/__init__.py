@@ -1,6 +1,7 @@
 """contrastkit: contrastive losses for semi-supervised medical image segmentation."""
 
 from . import models
+from .classic import NTXentLoss, PatchNCELoss, SupConLoss, nt_xent_loss, patch_nce_loss, supcon_loss
 from .core import info_nce
 from .cross_level import (
     CrossLevelConsistency,
@@ -10,9 +11,19 @@ from .cross_level import (
     cross_level_contrast,
     cross_level_views,
 )
+from .distributed import gather_keys
+from .global_local import (
+    GlobalContrast,
+    LocalContrast,
+    global_contrast,
+    local_contrast,
+    partition_of,
+    sample_partition_slices,
+)
 from .labels import downsample_labels, pseudo_labels
 from .patches import patchify, pool_patches, unpatchify
 from .pseudo_label import PseudoLabelContrast, pseudo_label_contrast
+from .queue import MemoryQueue
 
 __version__ = "0.1.0"
 
@@ -35,4 +46,20 @@ __all__ = [
     "pseudo_label_contrast",
     "pseudo_labels",
     "downsample_labels",
+    # the classic family
+    "NTXentLoss",
+    "SupConLoss",
+    "PatchNCELoss",
+    "GlobalContrast",
+    "LocalContrast",
+    "nt_xent_loss",
+    "supcon_loss",
+    "patch_nce_loss",
+    "global_contrast",
+    "local_contrast",
+    "sample_partition_slices",
+    "partition_of",
+    # memory queue and multi-process gathering
+    "MemoryQueue",
+    "gather_keys",
 ]

@@ -1,0 +1,112 @@
+"""Gathering keys across processes for contrastive losses under DistributedDataParallel.
+
+Every loss in contrastkit that takes ``gather_distributed=True`` goes through :func:`gather_keys`:
+queries stay local, keys (with their labels and groups) become the global batch, and each
+rank computes the loss of its own anchors against all keys. ``self_offset`` is where this
+rank's rows start inside the gathered keys, which is what ``info_nce(self_key_offset=...)``
+needs to keep a query from contrasting with itself.
+
+Gradient convention: the gradient of the gathered keys is summed over ranks and routed
+back to the rank that produced them. So on rank r the gradient of its inputs is the
+gradient of ``sum over ranks of their losses``; DDP then averages parameter gradients over
+ranks, which gives the gradient of the mean of the per-rank losses. When every rank has
+the same number of contributing anchors, that is the gradient of the mean loss over the
+global batch.
+
+Ranks may hold different numbers of rows: sizes are exchanged first and rows are padded for
+the collective. Every rank must call these functions in the same order with tensors of the
+same trailing shape and dtype (they are collectives). Without an initialised process group
+everything falls back to a single process.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_sizes(n: int, device: torch.device) -> list[int]:
+    """The number of rows every rank holds, in rank order (``[n]`` in a single process)."""
+    if not is_distributed():
+        return [n]
+    size = torch.tensor([n], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+def rank_offset(n: int, device: torch.device) -> int:
+    """How many rows the ranks before this one hold (0 in a single process)."""
+    return sum(all_sizes(n, device)[: get_rank()])
+
+
+def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenation over ranks of their ``x`` along dim 0, padding to the largest rank."""
+    x = x.contiguous()
+    longest = max(sizes)
+    if x.shape[0] < longest:
+        x = torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes):
+        ctx.start = sum(sizes[: get_rank()])
+        ctx.stop = ctx.start + x.shape[0]
+        return _all_gather_rows(x, list(sizes))
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss may depend on our rows: sum their gradients, keep our slice.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.start : ctx.stop], None
+
+
+def gather_keys(keys: torch.Tensor, *index_tensors: torch.Tensor | None):
+    """All-gather ``keys`` and matching per-row tensors (labels, groups, ...) over ranks.
+
+    Args:
+        keys: (n, ...) rows of this rank; gradients flow back to the rank that produced them.
+        index_tensors: tensors (or ``None``, passed through) with one entry per row of
+            ``keys`` along dim 0, gathered without gradient.
+
+    Returns:
+        ``(all_keys, *all_index_tensors, self_offset)``: rows of rank 0 first, then rank 1,
+        ...; ``self_offset`` is the position of this rank's first row in ``all_keys``.
+        Without an initialised process group (or with one process) the inputs come back
+        unchanged with ``self_offset = 0``.
+    """
+    if not isinstance(keys, torch.Tensor) or keys.dim() < 1:
+        raise TypeError(f"keys must be a torch.Tensor with at least one dimension; got {keys!r:.80}")
+    n = keys.shape[0]
+    for position, x in enumerate(index_tensors):
+        if x is not None and (not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] != n):
+            raise ValueError(
+                f"index tensor {position} must be a tensor with one entry per key row ({n}) along dim 0"
+            )
+    if not is_distributed():
+        return (keys, *index_tensors, 0)
+    sizes = all_sizes(n, keys.device)
+    if keys.requires_grad:
+        all_keys = _GatherWithGradient.apply(keys, tuple(sizes))
+    else:
+        all_keys = _all_gather_rows(keys, sizes)
+    gathered = [None if x is None else _all_gather_rows(x.detach(), sizes) for x in index_tensors]
+    return (all_keys, *gathered, sum(sizes[: get_rank()]))

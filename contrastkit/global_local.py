@@ -1,0 +1,282 @@
+"""Global and local contrast of Chaitanya et al., "Contrastive learning of global and local
+features for medical image segmentation with limited annotations" (NeurIPS 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validation as v
+from .classic import check_flag, check_same_maps
+from .core import info_nce
+from .distributed import gather_keys, get_rank
+from .patches import as_grid, pool_patches
+from .queue import MemoryQueue, queue_contents
+
+STRATEGIES = ("GR", "GD-", "GD")
+
+
+def partition_of(slice_index: torch.Tensor, num_slices, num_partitions: int) -> torch.Tensor:
+    """The partition of each slice when a volume of ``num_slices`` is cut into equal partitions.
+
+    Slice i of a volume with S slices lies in partition ``floor(i * P / S)``.
+    """
+    return torch.div(slice_index * num_partitions, num_slices, rounding_mode="floor")
+
+
+def sample_partition_slices(
+    slices_per_volume: Sequence[int], num_partitions: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw one slice uniformly from each partition of each volume.
+
+    Args:
+        slices_per_volume: the number of slices of each volume of the batch.
+        num_partitions: P, the partitions each volume is cut into along the slice axis.
+
+    Returns:
+        ``(volume_index, partition_ids, slice_index)``, each of length ``len(slices_per_volume) * P``,
+        volume-major: ``volume_index`` is the position in ``slices_per_volume``.
+    """
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
+        raise ValueError(f"num_partitions must be a positive int; got {num_partitions!r}")
+    counts = list(slices_per_volume)
+    if not counts:
+        raise ValueError("slices_per_volume must name at least one volume")
+    for volume, count in enumerate(counts):
+        if isinstance(count, bool) or not isinstance(count, int) or count < num_partitions:
+            raise ValueError(
+                f"slices_per_volume[{volume}] must be an int >= num_partitions ({num_partitions}); "
+                f"got {count!r}"
+            )
+    sizes = torch.tensor(counts, dtype=torch.long)[:, None]
+    partitions = torch.arange(num_partitions)[None, :]
+    # Partition p holds slices ceil(p S / P) .. ceil((p + 1) S / P) - 1.
+    first = -torch.div(-partitions * sizes, num_partitions, rounding_mode="floor")
+    stop = -torch.div(-(partitions + 1) * sizes, num_partitions, rounding_mode="floor")
+    uniform = torch.rand(first.shape, generator=generator, dtype=torch.float64)
+    slice_index = first + (uniform * (stop - first)).long().clamp_max(stop - first - 1)
+    volume_index = torch.arange(len(counts))[:, None].expand_as(slice_index)
+    return volume_index.reshape(-1), partitions.expand_as(slice_index).reshape(-1), slice_index.reshape(-1)
+
+
+def _check_ids(z: torch.Tensor, **ids: torch.Tensor) -> list[torch.Tensor]:
+    checked = []
+    for name, x in ids.items():
+        if x is None:
+            raise ValueError(f"{name} is required")
+        x = v.check_index_vector(name, x, z.shape[0], z.device, "slice embedding")
+        if not torch.compiler.is_compiling() and (x < 0).any():
+            raise ValueError(f"{name} must be non-negative ids; found {int(x[x < 0][0])}")
+        checked.append(x)
+    return checked
+
+
+def global_contrast(
+    z: torch.Tensor,
+    volume_ids: torch.Tensor,
+    partition_ids: torch.Tensor,
+    view_ids: torch.Tensor,
+    *,
+    strategy: str = "GD",
+    temperature: float = 0.1,
+    normalize: bool = True,
+    gather_distributed: bool = False,
+    queue: MemoryQueue | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Global contrast over slice embeddings ``z`` (N, D), with the ``"each_positive"`` denominator.
+
+    A slice is identified by its (volume, partition) (and the rank that holds it); its views by
+    ``view_ids``. Strategies:
+
+    - ``"GR"``: positives are the other views of the same slice; every other slice is a negative.
+    - ``"GD-"``: as GR, but slices of the same partition of other volumes are not negatives.
+    - ``"GD"``: positives are all slices of the same partition (any volume, any view);
+      negatives are the slices of other partitions.
+
+    The loss is the mean over anchors with at least one positive, 0 when there is none.
+    A queue must hold partition ids as labels for GD and GD-: its keys of the anchor's
+    partition are positives (GD) or left out (GD-), the others negatives; for GR all queue keys
+    are negatives. Under ``gather_distributed`` volume ids should be dataset-wide (for GD, equal
+    partition ids across ranks are positives of each other).
+    """
+    v.check_choice("strategy", strategy, STRATEGIES)
+    check_flag("gather_distributed", gather_distributed)
+    if isinstance(z, torch.Tensor) and z.dim() != 2:
+        raise ValueError(f"z must be (N, D) slice embeddings; got shape {tuple(z.shape)}")
+    z = v.check_embeddings("z", z)
+    volume_ids, partition_ids, view_ids = _check_ids(
+        z, volume_ids=volume_ids, partition_ids=partition_ids, view_ids=view_ids
+    )
+    n = z.shape[0]
+    triples = torch.stack([volume_ids, partition_ids, view_ids], 1)
+    if strategy != "GD" and torch.unique(triples, dim=0).shape[0] < n:
+        raise ValueError("each (volume_ids, partition_ids, view_ids) triple must appear once: a slice is "
+                         "identified by its volume and partition, its views by view_ids")
+    ranks = torch.full((n,), get_rank() if gather_distributed else 0, device=z.device, dtype=torch.long)
+    if gather_distributed:
+        gathered = gather_keys(z, volume_ids, partition_ids, ranks)
+    else:
+        gathered = z, volume_ids, partition_ids, ranks, 0
+    keys, key_volumes, key_partitions, key_ranks, self_offset = gathered
+    queued, queued_partitions = queue_contents(
+        queue, z, need_labels=None if strategy == "GR" else f"GlobalContrast(strategy={strategy!r})"
+    )
+    options = dict(temperature=temperature, normalize=normalize, denominator="each_positive", backend=backend)
+
+    if strategy == "GD":
+        key_labels = key_partitions if queued is None else torch.cat([key_partitions, queued_partitions])
+        keys = keys if queued is None else torch.cat([keys, queued])
+        return info_nce(z, keys, labels=partition_ids, key_labels=key_labels, self_key_offset=self_offset,
+                        **options)
+
+    _, key_slices = torch.unique(torch.stack([key_ranks, key_volumes, key_partitions], 1), dim=0,
+                                 return_inverse=True)
+    slices = key_slices[self_offset : self_offset + n]
+    if strategy == "GR":
+        if queued is not None:
+            unused = torch.full((queued.shape[0],), int(key_slices.max()) + 1, device=z.device)
+            keys, key_slices = torch.cat([keys, queued]), torch.cat([key_slices, unused])
+        return info_nce(z, keys, labels=slices, key_labels=key_slices, self_key_offset=self_offset, **options)
+
+    # GD-: which keys are negatives depends on both the volume and the partition of the anchor,
+    # which no single label/group equality expresses, so each slice is contrasted on its own.
+    total, contributing = 0.0, 0
+    for s in torch.unique(slices).tolist():
+        rows = (slices == s).nonzero().squeeze(1)
+        partition = partition_ids[rows[0]]
+        negatives = [keys[key_partitions != partition]]
+        if queued is not None:
+            negatives.append(queued[queued_partitions != partition])
+        slice_keys = torch.cat([keys[self_offset + rows], *negatives])
+        key_labels = (torch.arange(slice_keys.shape[0], device=z.device) >= rows.shape[0]).long()
+        total = total + info_nce(z[rows], slice_keys, labels=torch.zeros_like(rows), key_labels=key_labels,
+                                 self_key_offset=0, reduction="sum", **options)
+        contributing += rows.shape[0] if rows.shape[0] > 1 else 0
+    return total / max(contributing, 1)
+
+
+def local_contrast(
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    *,
+    region_grid=4,
+    temperature: float = 0.1,
+    negatives_per_region: int | None = None,
+    normalize: bool = True,
+    gather_distributed: bool = False,
+    queue: MemoryQueue | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Local region contrast between feature maps ``f1``, ``f2`` (B, C, H, W) of two views.
+
+    Each map is mean-pooled onto a ``region_grid`` (:func:`contrastkit.pool_patches`), giving R
+    region embeddings per view. A region's positive is the same region in the other view; its
+    negatives are the other 2R - 2 regions of both views of the same image (and the queue's
+    keys), or only the ``negatives_per_region`` most similar of them (hardest negatives, chosen
+    without gradient). The loss is the mean over the 2·B·R regions. ``gather_distributed`` is
+    accepted for a uniform interface and changes nothing: negatives come from the same image.
+    """
+    check_same_maps("f1", f1, "f2", f2, 4, "a (B, C, H, W) feature map")
+    check_flag("gather_distributed", gather_distributed)
+    grid = as_grid(region_grid)
+    regions = grid[0] * grid[1]
+    b = f1.shape[0]
+    pooled = torch.cat([pool_patches(f1, grid).flatten(2), pool_patches(f2, grid).flatten(2)], dim=2)
+    rows = pooled.transpose(1, 2)  # (B, 2R, C): view 1 regions, then view 2 regions
+    queued, _ = queue_contents(queue, rows)
+    extra = 0 if queued is None else queued.shape[0]
+    if negatives_per_region is not None:
+        available = 2 * regions - 2 + extra
+        if (isinstance(negatives_per_region, bool) or not isinstance(negatives_per_region, int)
+                or not 1 <= negatives_per_region <= available):
+            raise ValueError(f"negatives_per_region must be None or an int in [1, {available}] "
+                             f"(2R - 2 other regions + {extra} queue keys); got {negatives_per_region!r}")
+    region = torch.arange(regions, device=f1.device).repeat(2)
+    partner = (torch.arange(2 * regions, device=f1.device) + regions) % (2 * regions)
+    options = dict(temperature=temperature, normalize=normalize, reduction="sum", backend=backend)
+    total = 0.0
+    for image in range(b):
+        candidates = rows[image] if queued is None else torch.cat([rows[image], queued])
+        if negatives_per_region is None:
+            key_labels = region if queued is None else torch.cat([region, region.new_full((extra,), regions)])
+            total = total + info_nce(rows[image], candidates, labels=region, key_labels=key_labels,
+                                     self_key_offset=0, **options)
+        else:
+            total = total + _nearest_negatives_loss(rows[image], candidates, partner, negatives_per_region,
+                                                    normalize, options)
+    return total / (b * 2 * regions)
+
+
+def _nearest_negatives_loss(queries, candidates, partner, k, normalize, options):
+    """InfoNCE of each query against its positive and its k most similar negatives."""
+    n = queries.shape[0]
+    with torch.no_grad():
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        q, c = queries.to(dtype), candidates.to(dtype)
+        if normalize:
+            q, c = F.normalize(q, dim=1), F.normalize(c, dim=1)
+        similarity = q @ c.T
+        own = torch.arange(n, device=queries.device)
+        similarity[own, own] = float("-inf")
+        similarity[own, partner] = float("-inf")
+        nearest = similarity.topk(k, dim=1).indices
+    chosen = torch.cat([partner[:, None], nearest], dim=1)  # (n, 1 + k): positive first
+    keys = candidates[chosen.reshape(-1)]
+    owner = torch.arange(n, device=queries.device)
+    # Each query sees only its own 1 + k keys: groups tie keys to their query.
+    key_labels = (torch.arange(k + 1, device=queries.device) > 0).long().repeat(n)
+    return info_nce(queries, keys, labels=torch.zeros_like(owner), key_labels=key_labels,
+                    groups=owner, key_groups=owner.repeat_interleave(k + 1), **options)
+
+
+class GlobalContrast(nn.Module):
+    """Module form of :func:`global_contrast`.
+
+    ``forward(z, volume_ids, partition_ids, view_ids, queue=None)``.
+    """
+
+    def __init__(self, strategy: str = "GD", temperature: float = 0.1, normalize: bool = True,
+                 gather_distributed: bool = False, backend: str = "auto"):
+        super().__init__()
+        v.check_choice("strategy", strategy, STRATEGIES)
+        self.strategy, self.temperature = strategy, v.check_temperature(temperature)
+        self.normalize, self.backend = normalize, backend
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+
+    def forward(self, z, volume_ids, partition_ids, view_ids, queue: MemoryQueue | None = None):
+        return global_contrast(z, volume_ids, partition_ids, view_ids, strategy=self.strategy,
+                               temperature=self.temperature, normalize=self.normalize,
+                               gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy!r}, temperature={self.temperature}"
+
+
+class LocalContrast(nn.Module):
+    """Module form of :func:`local_contrast`; ``forward(f1, f2, queue=None)``."""
+
+    def __init__(self, temperature: float = 0.1, region_grid=4, negatives_per_region: int | None = None,
+                 normalize: bool = True, gather_distributed: bool = False, backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.region_grid = v.check_temperature(temperature), as_grid(region_grid)
+        if negatives_per_region is not None and (isinstance(negatives_per_region, bool)
+                                                 or not isinstance(negatives_per_region, int)
+                                                 or negatives_per_region < 1):
+            raise ValueError(
+                f"negatives_per_region must be None or a positive int; got {negatives_per_region!r}"
+            )
+        self.negatives_per_region, self.normalize, self.backend = negatives_per_region, normalize, backend
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+
+    def forward(self, f1, f2, queue: MemoryQueue | None = None):
+        return local_contrast(f1, f2, region_grid=self.region_grid, temperature=self.temperature,
+                              negatives_per_region=self.negatives_per_region, normalize=self.normalize,
+                              gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, region_grid={self.region_grid}, "
+                f"negatives_per_region={self.negatives_per_region}")

@@ -1,0 +1,145 @@
+"""A FIFO memory of past keys (MoCo-style) with optional labels and groups."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _validation as v
+from .distributed import gather_keys
+
+
+class MemoryQueue(nn.Module):
+    """A first-in first-out buffer of ``size`` detached keys of dimension ``dim``.
+
+    Keys can carry labels (class ids, partition ids, ...) and groups. The buffers are module
+    buffers, so the queue follows ``.to(device)`` and is saved in ``state_dict``.
+
+    ``enqueue`` is DDP-aware: when torch.distributed is initialised it all-gathers the keys
+    (and labels, groups) of every rank, rank 0 first, and enqueues them all, so the queue is the
+    same on every rank. It is then a collective: every rank must call it.
+
+    When one enqueue holds more rows than the queue's size, only the newest ``size`` rows are
+    kept. Once a queue holds labels (or groups), every enqueue must give them, and vice versa,
+    until :meth:`reset`.
+
+    Losses take it as ``queue=``; to use it with :func:`contrastkit.info_nce` directly, append
+    ``queue.keys`` to the keys (and ``queue.labels`` to the key labels) and pass the position
+    of the queries among the keys as ``self_key_offset``.
+    """
+
+    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        for name, value in (("size", size), ("dim", dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype; got {dtype!r}")
+        self.size, self.dim = size, dim
+        self.register_buffer("key_buffer", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.register_buffer("label_buffer", torch.zeros(size, dtype=torch.long, device=device))
+        self.register_buffer("group_buffer", torch.zeros(size, dtype=torch.long, device=device))
+        # [next write position, filled rows, holds labels, holds groups]
+        self.register_buffer("state", torch.zeros(4, dtype=torch.long, device=device))
+
+    def __len__(self) -> int:
+        return int(self.state[1])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.state[2])
+
+    @property
+    def has_groups(self) -> bool:
+        return bool(self.state[3])
+
+    def reset(self) -> None:
+        self.state.zero_()
+
+    def _in_fifo_order(self, buffer: torch.Tensor) -> torch.Tensor:
+        write, filled = int(self.state[0]), len(self)
+        if filled < self.size:
+            return buffer[:filled]
+        return torch.cat([buffer[write:], buffer[:write]])
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(len, dim) keys, oldest first."""
+        return self._in_fifo_order(self.key_buffer)
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """(len,) labels, oldest first, or ``None`` when the queue holds no labels."""
+        return self._in_fifo_order(self.label_buffer) if self.has_labels else None
+
+    @property
+    def groups(self) -> torch.Tensor | None:
+        """(len,) groups, oldest first, or ``None`` when the queue holds no groups."""
+        return self._in_fifo_order(self.group_buffer) if self.has_groups else None
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None,
+                groups: torch.Tensor | None = None) -> None:
+        """Append ``keys`` (n, dim), detached and cast to the queue's dtype, dropping the oldest."""
+        keys = v.check_embeddings("keys", keys)
+        if keys.shape[1] != self.dim:
+            raise ValueError(f"keys must have dim {self.dim}; got shape {tuple(keys.shape)}")
+        if keys.device != self.key_buffer.device:
+            raise ValueError(f"keys are on {keys.device} but the queue is on {self.key_buffer.device}")
+        n = keys.shape[0]
+        labels = v.check_index_vector("labels", labels, n, keys.device, "key")
+        groups = v.check_index_vector("groups", groups, n, keys.device, "key")
+        if len(self):
+            held_now = (("labels", labels, self.has_labels), ("groups", groups, self.has_groups))
+            for name, given, held in held_now:
+                if (given is not None) != held:
+                    raise ValueError(
+                        f"this queue {'holds' if held else 'holds no'} {name}: enqueue with "
+                        f"{name}={'a tensor' if held else 'None'}, or reset() it first"
+                    )
+        if not torch.isfinite(keys).all():
+            raise ValueError("keys contains NaN or Inf")
+        keys, labels, groups, _ = gather_keys(keys.detach(), labels, groups)
+
+        n = keys.shape[0]
+        if n > self.size:  # only the newest rows survive
+            keys, n = keys[-self.size :], self.size
+            labels = None if labels is None else labels[-self.size :]
+            groups = None if groups is None else groups[-self.size :]
+        positions = (int(self.state[0]) + torch.arange(n, device=keys.device)) % self.size
+        self.key_buffer[positions] = keys.to(self.key_buffer.dtype)
+        if labels is not None:
+            self.label_buffer[positions] = labels
+        if groups is not None:
+            self.group_buffer[positions] = groups
+        self.state[0] = (int(self.state[0]) + n) % self.size
+        self.state[1] = min(len(self) + n, self.size)
+        self.state[2] = labels is not None
+        self.state[3] = groups is not None
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}, filled={len(self)}"
+
+
+def queue_contents(queue: MemoryQueue | None, like: torch.Tensor, need_labels: str | None = None):
+    """The queue's keys cast to ``like``'s dtype, and its labels, for appending to a loss's keys.
+
+    Returns ``(keys, labels)``; ``keys`` is None for no queue or an empty one. ``need_labels``
+    names the loss that needs labels from the queue, for the error message.
+    """
+    if queue is None:
+        return None, None
+    if not isinstance(queue, MemoryQueue):
+        raise TypeError(f"queue must be a MemoryQueue or None; got {type(queue).__name__}")
+    if len(queue) == 0:
+        return None, None
+    keys = queue.keys
+    if keys.device != like.device:
+        raise ValueError(f"the queue is on {keys.device} but the embeddings are on {like.device}")
+    if keys.shape[1] != like.shape[-1]:
+        raise ValueError(
+            f"the queue holds keys of dim {keys.shape[1]} but the embeddings have {like.shape[-1]}"
+        )
+    if need_labels is not None and not queue.has_labels:
+        raise ValueError(f"{need_labels} needs a queue that holds labels; enqueue keys with labels")
+    return keys.to(like.dtype), queue.labels

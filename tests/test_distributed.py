@@ -1,0 +1,201 @@
+"""gather_distributed=True on 2 gloo processes (CPU, loopback) against one process over the global batch.
+
+Documented convention checked here: each rank returns the mean over its own anchors, computed
+against the keys of all ranks; the gradient on a rank's inputs is the gradient of the sum of the
+per-rank losses (DDP's averaging then yields the gradient of their mean).
+"""
+
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from contrastkit import MemoryQueue, gather_keys, global_contrast, nt_xent_loss, supcon_loss
+from contrastkit.distributed import get_rank, get_world_size, is_distributed
+
+WORLD = 2
+SAMPLES = (3, 4)  # unequal on purpose: the gathering pads and strips
+DIM = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def global_data():
+    generator = torch.Generator().manual_seed(0)
+    n = sum(SAMPLES)
+    return {
+        "z1": torch.randn(n, DIM, dtype=torch.float64, generator=generator),
+        "z2": torch.randn(n, DIM, dtype=torch.float64, generator=generator),
+        "features": torch.randn(n, 2, DIM, dtype=torch.float64, generator=generator),
+        "labels": torch.tensor([0, 1, 2, 1, 0, 3, 2]),
+        "queue_keys": torch.randn(n, DIM, dtype=torch.float64, generator=generator),
+        "queue_labels": torch.tensor([3, 3, 0, 4, 1, 0, 2]),
+        "slices": torch.randn(2 * WORLD, 2 * 2, DIM, dtype=torch.float64, generator=generator),
+    }
+
+
+def local_rows(rank):
+    start = sum(SAMPLES[:rank])
+    return slice(start, start + SAMPLES[rank])
+
+
+def slice_batch(slices, ranks):
+    """Per rank: 2 volumes x 2 partitions x 2 views, volume ids dataset-wide, views concatenated."""
+    z, volume, partition, view = [], [], [], []
+    for rank in ranks:
+        block = slices[2 * rank:2 * rank + 2]  # (volumes, partitions * views, D)
+        for v in range(2):
+            for p in range(2):
+                for w in range(2):
+                    z.append(block[v, 2 * p + w])
+                    volume.append(2 * rank + v)
+                    partition.append(p)
+                    view.append(w)
+    return torch.stack(z), torch.tensor(volume), torch.tensor(partition), torch.tensor(view)
+
+
+def worker(rank, port, out_dir):
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=30))
+    try:
+        data, mine = global_data(), local_rows(rank)
+        result = {"rank": get_rank(), "world": get_world_size(), "distributed": is_distributed()}
+
+        keys = data["z1"][mine].clone().requires_grad_(True)
+        all_keys, all_labels, none, offset = gather_keys(keys, data["labels"][mine], None)
+        (all_keys * torch.arange(1, all_keys.shape[0] + 1, dtype=torch.float64)[:, None]).sum().backward()
+        result["gather"] = (all_keys.detach(), all_labels, none, offset, keys.grad)
+
+        z1 = data["z1"][mine].clone().requires_grad_(True)
+        z2 = data["z2"][mine].clone().requires_grad_(True)
+        loss = nt_xent_loss(z1, z2, gather_distributed=True)
+        loss.backward()
+        result["ntxent"] = (loss.detach(), z1.grad, z2.grad)
+
+        features = data["features"][mine].clone().requires_grad_(True)
+        loss = supcon_loss(features, data["labels"][mine], gather_distributed=True)
+        loss.backward()
+        result["supcon"] = (loss.detach(), features.grad)
+
+        queue = MemoryQueue(5, DIM, dtype=torch.float64)
+        queue.enqueue(data["queue_keys"][mine], labels=data["queue_labels"][mine])
+        result["queue"] = (queue.keys, queue.labels)
+        features = data["features"][mine].clone().requires_grad_(True)
+        loss = supcon_loss(features, data["labels"][mine], gather_distributed=True, queue=queue)
+        loss.backward()
+        result["supcon_queue"] = (loss.detach(), features.grad)
+
+        for strategy in ("GR", "GD-", "GD"):
+            z, volume, partition, view = slice_batch(data["slices"], [rank])
+            z.requires_grad_(True)
+            loss = global_contrast(z, volume, partition, view, strategy=strategy, gather_distributed=True)
+            loss.backward()
+            result[strategy] = (loss.detach(), z.grad)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("ddp"))
+    context = mp.start_processes(worker, args=(free_port(), out_dir), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 60
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail("the 2-process gloo run did not finish within 60 s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+def per_rank_means(per_row, owner):
+    """Mean of per-anchor losses over each rank's anchors; their sum is what each rank differentiates."""
+    means = [per_row[owner == r].mean() for r in range(WORLD)]
+    return means, sum(means)
+
+
+def test_single_process_fallback():
+    keys = torch.randn(3, 2)
+    out = gather_keys(keys, torch.arange(3))
+    assert out[0] is keys and out[2] == 0 and not is_distributed() and get_world_size() == 1
+
+
+def test_gather_keys_concatenates_and_routes_gradients(results):
+    data = global_data()
+    for rank, result in enumerate(results):
+        all_keys, all_labels, none, offset, grad = result["gather"]
+        assert result["distributed"] and result["rank"] == rank and result["world"] == WORLD
+        torch.testing.assert_close(all_keys, data["z1"])
+        assert torch.equal(all_labels, data["labels"]) and none is None
+        assert offset == sum(SAMPLES[:rank])
+        # Each rank weighted row j of the gathered keys by j + 1: the summed gradient is WORLD * (j + 1).
+        rows = torch.arange(offset, offset + SAMPLES[rank], dtype=torch.float64) + 1
+        torch.testing.assert_close(grad, WORLD * rows[:, None].expand(-1, DIM))
+
+
+def test_ntxent_matches_single_process(results):
+    data = global_data()
+    z1, z2 = data["z1"].clone().requires_grad_(True), data["z2"].clone().requires_grad_(True)
+    owner = torch.cat([torch.full((n,), r) for r, n in enumerate(SAMPLES)]).repeat(2)
+    means, objective = per_rank_means(nt_xent_loss(z1, z2, reduction="none"), owner)
+    objective.backward()
+    for rank, result in enumerate(results):
+        loss, g1, g2 = result["ntxent"]
+        torch.testing.assert_close(loss, means[rank].detach())
+        torch.testing.assert_close(g1, z1.grad[local_rows(rank)])
+        torch.testing.assert_close(g2, z2.grad[local_rows(rank)])
+
+
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_supcon_matches_single_process(results, with_queue):
+    data = global_data()
+    features = data["features"].clone().requires_grad_(True)
+    queue = None
+    if with_queue:
+        queue = MemoryQueue(5, DIM, dtype=torch.float64)
+        queue.enqueue(data["queue_keys"], labels=data["queue_labels"])
+        for result in results:  # every rank holds the same queue, the newest rows of rank 0 then rank 1
+            torch.testing.assert_close(result["queue"][0], queue.keys)
+            assert torch.equal(result["queue"][1], queue.labels)
+    per_row = supcon_loss(features, data["labels"], reduction="none", queue=queue)  # (N, V)
+    owner = torch.cat([torch.full((n,), r) for r, n in enumerate(SAMPLES)])[:, None].expand(-1, 2)
+    means, objective = per_rank_means(per_row, owner)  # with 2 views every anchor has a positive
+    objective.backward()
+    for rank, result in enumerate(results):
+        loss, grad = result["supcon_queue" if with_queue else "supcon"]
+        torch.testing.assert_close(loss, means[rank].detach())
+        torch.testing.assert_close(grad, features.grad[local_rows(rank)])
+
+
+@pytest.mark.parametrize("strategy", ["GR", "GD-", "GD"])
+def test_global_contrast_matches_single_process(results, strategy):
+    # Equal per-rank batches in which every anchor has a positive: the mean of the per-rank
+    # losses is the global loss, and each rank's gradient is WORLD times the global one.
+    data = global_data()
+    z, volume, partition, view = slice_batch(data["slices"], range(WORLD))
+    z.requires_grad_(True)
+    global_loss = global_contrast(z, volume, partition, view, strategy=strategy)
+    global_loss.backward()
+    losses = [result[strategy][0] for result in results]
+    torch.testing.assert_close(sum(losses) / WORLD, global_loss.detach())
+    rows = z.shape[0] // WORLD
+    for rank, result in enumerate(results):
+        torch.testing.assert_close(result[strategy][1], WORLD * z.grad[rank * rows:(rank + 1) * rows])

@@ -1,0 +1,103 @@
+"""MemoryQueue: FIFO order, wrap-around, labels/groups, and losses with queue keys."""
+
+import pytest
+import torch
+
+from contrastkit import MemoryQueue, info_nce, supcon_loss
+
+
+def rows(start, count, dim=3):
+    """Keys whose first entry is their running number, so the FIFO order is visible."""
+    keys = torch.zeros(count, dim)
+    keys[:, 0] = torch.arange(start, start + count, dtype=torch.float32)
+    return keys
+
+
+def numbers(queue):
+    return queue.keys[:, 0].long().tolist()
+
+
+def test_fifo_order_and_wrap_around():
+    queue = MemoryQueue(5, 3)
+    assert len(queue) == 0 and queue.keys.shape == (0, 3) and queue.labels is None
+    queue.enqueue(rows(0, 3), labels=torch.arange(3))
+    assert numbers(queue) == [0, 1, 2] and queue.labels.tolist() == [0, 1, 2]
+    queue.enqueue(rows(3, 4), labels=torch.arange(3, 7))  # wraps: 0 and 1 are dropped
+    assert numbers(queue) == [2, 3, 4, 5, 6] and queue.labels.tolist() == [2, 3, 4, 5, 6]
+    queue.enqueue(rows(7, 1), labels=torch.tensor([7]))
+    assert numbers(queue) == [3, 4, 5, 6, 7] and len(queue) == 5
+
+
+def test_enqueue_larger_than_queue_keeps_the_newest():
+    queue = MemoryQueue(4, 3)
+    queue.enqueue(rows(0, 2), groups=torch.tensor([10, 11]))
+    queue.enqueue(rows(2, 9), groups=torch.arange(12, 21))
+    assert numbers(queue) == [7, 8, 9, 10]
+    assert queue.groups.tolist() == [17, 18, 19, 20] and queue.labels is None
+    queue.enqueue(rows(11, 3), groups=torch.arange(21, 24))
+    assert numbers(queue) == [10, 11, 12, 13]
+
+
+def test_keys_are_detached_cast_and_state_survives_state_dict():
+    queue = MemoryQueue(6, 2, dtype=torch.float64)
+    keys = torch.randn(4, 2, requires_grad=True)
+    queue.enqueue(keys * 2)
+    assert not queue.keys.requires_grad and queue.keys.dtype == torch.float64
+    torch.testing.assert_close(queue.keys, (keys * 2).detach().double())
+    restored = MemoryQueue(6, 2, dtype=torch.float64)
+    restored.load_state_dict(queue.state_dict())
+    assert len(restored) == 4 and torch.equal(restored.keys, queue.keys)
+    queue.reset()
+    assert len(queue) == 0 and queue.keys.shape == (0, 2)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        MemoryQueue(0, 3)
+    with pytest.raises(ValueError, match="dim must be a positive int"):
+        MemoryQueue(4, True)
+    with pytest.raises(TypeError, match="dtype"):
+        MemoryQueue(4, 3, dtype=torch.long)
+    queue = MemoryQueue(4, 3)
+    with pytest.raises(ValueError, match="dim 3"):
+        queue.enqueue(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="labels must hold one entry per key"):
+        queue.enqueue(torch.randn(2, 3), labels=torch.arange(3))
+    with pytest.raises(ValueError, match="NaN"):
+        queue.enqueue(torch.full((2, 3), float("inf")))
+    queue.enqueue(torch.randn(2, 3), labels=torch.arange(2))
+    with pytest.raises(ValueError, match="holds labels"):
+        queue.enqueue(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="holds no groups"):
+        queue.enqueue(torch.randn(2, 3), labels=torch.arange(2), groups=torch.arange(2))
+    with pytest.raises(TypeError, match="queue must be a MemoryQueue"):
+        supcon_loss(torch.randn(4, 3), torch.arange(4), queue=torch.randn(3, 3))
+    wrong_dim = MemoryQueue(4, 5)
+    wrong_dim.enqueue(torch.randn(2, 5), labels=torch.arange(2))
+    with pytest.raises(ValueError, match="keys of dim 5"):
+        supcon_loss(torch.randn(4, 3), torch.arange(4), queue=wrong_dim)
+
+
+def test_supcon_with_queue_equals_info_nce_over_concatenated_keys():
+    torch.manual_seed(0)
+    features, labels = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 3])
+    queue = MemoryQueue(5, 4, dtype=torch.float64)
+    queue.enqueue(torch.randn(3, 4, dtype=torch.float64), labels=torch.tensor([2, 3, 4]))
+    queue.enqueue(torch.randn(4, 4, dtype=torch.float64), labels=torch.tensor([3, 0, 0, 5]))
+    with_queue = supcon_loss(features, labels, queue=queue)
+    concatenated = info_nce(
+        features, torch.cat([features, queue.keys]), labels=labels,
+        key_labels=torch.cat([labels, queue.labels]), self_key_offset=0, backend="reference",
+    )
+    torch.testing.assert_close(with_queue, concatenated)
+    # Sample 2 (label 2) has no positive in the batch, but one in the queue... until it leaves.
+    assert queue.labels.tolist() == [4, 3, 0, 0, 5]
+    assert supcon_loss(features, labels, queue=queue, reduction="none")[2] == 0
+    assert supcon_loss(features, labels, queue=queue, reduction="none")[5] > 0
+
+
+def test_empty_queue_is_no_queue():
+    torch.manual_seed(1)
+    features, labels = torch.randn(5, 2, 3), torch.tensor([0, 1, 0, 2, 1])
+    empty = MemoryQueue(4, 3)
+    torch.testing.assert_close(supcon_loss(features, labels, queue=empty), supcon_loss(features, labels))
