@@ -107,7 +107,8 @@ def global_contrast(
     check_flag("gather_distributed", gather_distributed)
     if isinstance(z, torch.Tensor) and z.dim() != 2:
         raise ValueError(f"z must be (N, D) slice embeddings; got shape {tuple(z.shape)}")
-    z = v.check_embeddings("z", z)
+    v.check_embeddings("z", z)
+    z = v.as_rows(z)
     volume_ids, partition_ids, view_ids = _check_ids(
         z, volume_ids=volume_ids, partition_ids=partition_ids, view_ids=view_ids
     )

@@ -81,7 +81,8 @@ class MemoryQueue(nn.Module):
     def enqueue(self, keys: torch.Tensor, labels: torch.Tensor | None = None,
                 groups: torch.Tensor | None = None) -> None:
         """Append ``keys`` (n, dim), detached and cast to the queue's dtype, dropping the oldest."""
-        keys = v.check_embeddings("keys", keys)
+        v.check_embeddings("keys", keys)
+        keys = v.as_rows(keys)
         if keys.shape[1] != self.dim:
             raise ValueError(f"keys must have dim {self.dim}; got shape {tuple(keys.shape)}")
         if keys.device != self.key_buffer.device:
