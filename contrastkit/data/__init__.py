@@ -8,6 +8,7 @@ ImportError naming the ``contrastkit[examples]`` extra when missing. See docs/da
 from .augment import PairedAugment
 from .download import REGISTRY, Archive, DatasetSource, download
 from .folder import IMAGE_EXTENSIONS, MASK_THRESHOLD, SegmentationFolder
+from .paths import shared_data_root
 from .sampler import TwoStreamBatchSampler
 from .splits import Split, make_split
 from .synthetic_polyps import SyntheticPolyps
@@ -25,4 +26,5 @@ __all__ = [
     "TwoStreamBatchSampler",
     "download",
     "make_split",
+    "shared_data_root",
 ]

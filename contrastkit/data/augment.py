@@ -21,12 +21,13 @@ class PairedAugment(nn.Module):
     ``image, mask = aug(image, mask)`` with image (B, C, H, W) float and mask (B, 1, H, W)
     (or (B, K, H, W)) float; ``mask=None`` transforms the image alone.
 
-    Geometric (image and mask): horizontal and vertical flips (each with ``p_flip``), with
+    Geometric (image and mask): horizontal and vertical flips (each with ``p_flip``); with
     probability ``p_rot90`` a rotation by 0, 90, 180 or 270 degrees (uniform; square inputs
-    only, as a quarter turn does not map a non-square canvas onto itself), and, when
-    ``degrees``, ``translate`` or ``scale`` is set, a small random affine transform (``p_affine``). Images are resampled bilinearly,
-    masks with nearest neighbour, so a binary mask stays binary; areas moved in from outside
-    the canvas are filled with 0 (background in the mask).
+    only, as a quarter turn does not map a non-square canvas onto itself); and, when
+    ``degrees``, ``translate`` or ``scale`` is set, a small random affine transform with
+    probability ``p_affine``. Images are resampled bilinearly, masks with nearest neighbour,
+    so a binary mask stays binary; areas moved in from outside the canvas are filled with 0
+    (background in the mask).
 
     Intensity (image only): ``kornia.augmentation.ColorJiggle`` with ``brightness``,
     ``contrast``, ``saturation``, ``hue`` (``p_jitter``; saturation and hue need 3 channels).

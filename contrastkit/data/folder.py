@@ -150,13 +150,13 @@ class SegmentationFolder(Dataset):
         if self.size is not None:
             wh = (self.size[1], self.size[0])
             image = image.resize(wh, image_module.Resampling.BILINEAR)
-            binary = np.asarray(image_module.fromarray(binary).resize(wh, image_module.Resampling.NEAREST))
-        return np.asarray(image), binary
+            binary = np.array(image_module.fromarray(binary).resize(wh, image_module.Resampling.NEAREST))
+        return np.array(image), binary  # np.array copies: torch wants writable memory
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
-        image_t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        mask_t = torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0).float()
+        image_t = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+        mask_t = torch.from_numpy(mask).unsqueeze(0).float()
         if self.transform is not None:
             image_t, mask_t = self.transform(image_t, mask_t)
         return image_t, mask_t
