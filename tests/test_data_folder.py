@@ -86,8 +86,15 @@ def test_resize_bilinear_image_nearest_mask(tmp_path):
 
 
 def test_mask_suffix_isic_style(tmp_path):
-    write_pair(tmp_path, "ISIC_0000001", pattern(4, 4, 0), np.full((4, 4), 255, np.uint8), ".jpg", ".png",
-               mask_suffix="_segmentation")
+    write_pair(
+        tmp_path,
+        "ISIC_0000001",
+        pattern(4, 4, 0),
+        np.full((4, 4), 255, np.uint8),
+        ".jpg",
+        ".png",
+        mask_suffix="_segmentation",
+    )
     with pytest.raises(FileNotFoundError, match="ISIC_0000001"):
         SegmentationFolder(tmp_path)
     ds = SegmentationFolder(tmp_path, mask_suffix="_segmentation")
@@ -134,7 +141,7 @@ def test_size_mismatch_and_bad_arguments(tmp_path):
 def _kvasir():
     root = shared_data_root()
     if root is None or not (root / "kvasir-seg" / "images").is_dir():
-        pytest.skip("real Kvasir-SEG not found: set CONTRASTKIT_DATA or place it at <repo>/../shared/data/kvasir-seg")
+        pytest.skip("real Kvasir-SEG not found: set CONTRASTKIT_DATA or put it in <repo root>/../shared/data")
     return root / "kvasir-seg"
 
 
@@ -151,7 +158,8 @@ def test_real_kvasir_seg():
         fractions.append(mask.mean().item())
     assert all(0 < f < 1 for f in fractions)  # every Kvasir-SEG image holds a polyp
     split = make_split(ds.ids, seed=0, val=0.1, test=0.1, labeled=0.1)
-    assert (len(split.test), len(split.val), len(split.train), len(split.train_labeled)) == (100, 100, 798, 80)
+    sizes = (len(split.test), len(split.val), len(split.train), len(split.train_labeled))
+    assert sizes == (100, 100, 798, 80)
     small = SegmentationFolder(_kvasir(), size=128, ids=split.val[:2])
     assert small[1][0].shape == (3, 128, 128)
 
