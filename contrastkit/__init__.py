@@ -1,6 +1,6 @@
 """contrastkit: contrastive losses for semi-supervised medical image segmentation."""
 
-from . import models
+from . import data, metrics, models
 from .classic import NTXentLoss, PatchNCELoss, SupConLoss, nt_xent_loss, patch_nce_loss, supcon_loss
 from .core import info_nce
 from .cross_level import (
@@ -29,6 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "info_nce",
+    "data",
+    "metrics",
     "models",
     # patch utilities
     "patchify",

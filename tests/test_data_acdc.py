@@ -135,8 +135,13 @@ def test_find_acdc_root_from_env(tiny_acdc, tmp_path, monkeypatch):
     assert find_acdc_root() == root
     monkeypatch.setenv("CONTRASTKIT_DATA", str(root))
     assert find_acdc_root() == root
-    monkeypatch.setenv("CONTRASTKIT_DATA", str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("CONTRASTKIT_DATA", str(tmp_path / "empty"))
     assert find_acdc_root() is None
+    # a variable that names no folder is a configuration error, not a silent skip
+    monkeypatch.setenv("CONTRASTKIT_DATA", str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="CONTRASTKIT_DATA"):
+        find_acdc_root()
 
 
 def test_missing_h5py_names_the_extra(tiny_acdc, monkeypatch):

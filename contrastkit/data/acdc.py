@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .paths import shared_data_root
+
 NUM_CLASSES = 4
 CLASS_NAMES = ("background", "RV", "myocardium", "LV")
 MODES = ("resize", "pad")
@@ -43,17 +45,12 @@ def _h5py():
 
 
 def find_acdc_root() -> Path | None:
-    """The ACDC folder from ``$CONTRASTKIT_DATA/acdc`` or ``<repo root>/../shared/data/acdc``; None if absent.
-
-    ``CONTRASTKIT_DATA`` names the folder that holds ``acdc/`` (it may also name the ``acdc`` folder itself).
-    """
-    env = os.environ.get("CONTRASTKIT_DATA")
-    if env:
-        candidates = [Path(env) / "acdc", Path(env)]
-    else:
-        repo_root = Path(__file__).resolve().parents[2]
-        candidates = [repo_root.parent / "shared" / "data" / "acdc"]
-    for path in candidates:
+    """The ACDC folder under :func:`~contrastkit.data.shared_data_root` (``$CONTRASTKIT_DATA`` or
+    ``<repo root>/../shared/data``), which may also be the ``acdc`` folder itself; None if absent."""
+    base = shared_data_root()
+    if base is None:
+        return None
+    for path in (base / "acdc", base):
         if (path / "train_slices.list").is_file() and (path / "data").is_dir():
             return path
     return None

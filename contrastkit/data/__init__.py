@@ -1,0 +1,56 @@
+"""Data utilities for the segmentation examples: folders, splits, sampling, augmentation, synthetic data.
+
+Importing this package needs only the core dependencies; Pillow (SegmentationFolder),
+kornia (PairedAugment) and tqdm (download) are imported when first used, and raise an
+ImportError naming the ``contrastkit[examples]`` extra when missing. See docs/data.md.
+"""
+
+from .acdc import (
+    ACDCSlices,
+    ACDCVolumes,
+    acdc_patient_split,
+    find_acdc_root,
+    fit_size,
+    patient_id,
+    predict_volume,
+    restore_size,
+    split_by_patient,
+    volume_id,
+)
+from .augment import PairedAugment
+from .download import REGISTRY, Archive, DatasetSource, download
+from .folder import IMAGE_EXTENSIONS, MASK_THRESHOLD, SegmentationFolder
+from .paths import shared_data_root
+from .sampler import TwoStreamBatchSampler
+from .splits import Split, make_split
+from .synthetic_cardiac import SyntheticCardiac, SyntheticCardiacVolumes, synthetic_cardiac_slice
+from .synthetic_polyps import SyntheticPolyps
+
+__all__ = [
+    "ACDCSlices",
+    "ACDCVolumes",
+    "SyntheticCardiac",
+    "SyntheticCardiacVolumes",
+    "acdc_patient_split",
+    "find_acdc_root",
+    "fit_size",
+    "patient_id",
+    "predict_volume",
+    "restore_size",
+    "split_by_patient",
+    "synthetic_cardiac_slice",
+    "volume_id",
+    "IMAGE_EXTENSIONS",
+    "MASK_THRESHOLD",
+    "REGISTRY",
+    "Archive",
+    "DatasetSource",
+    "PairedAugment",
+    "SegmentationFolder",
+    "Split",
+    "SyntheticPolyps",
+    "TwoStreamBatchSampler",
+    "download",
+    "make_split",
+    "shared_data_root",
+]
