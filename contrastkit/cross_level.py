@@ -32,6 +32,7 @@ from torch import nn
 from . import _validation as v
 from ._reference import compute_dtype
 from .core import info_nce
+from .distributed import gather_keys, rank_offset
 from .patches import as_grid, patchify, pool_patches
 
 NEGATIVES = ("image", "batch")
@@ -89,10 +90,12 @@ def cross_level_contrast(
     detach_local: bool = True,
     symmetric: bool = False,
     normalize: bool = True,
+    gather_distributed: bool = False,
 ) -> torch.Tensor:
     r"""Cross-level (global cell vs. local patch) PatchNCE loss; see :class:`CrossLevelContrast`."""
     v.check_choice("negatives", negatives, NEGATIVES)
-    for name, flag in (("detach_local", detach_local), ("symmetric", symmetric), ("normalize", normalize)):
+    for name, flag in (("detach_local", detach_local), ("symmetric", symmetric), ("normalize", normalize),
+                       ("gather_distributed", gather_distributed)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
     global_rows, local_rows = _cell_rows(global_map, local_map)
@@ -103,13 +106,27 @@ def cross_level_contrast(
     if negatives == "image":
         image_ids = torch.arange(global_map.shape[0], device=global_map.device)
         image_ids = image_ids.repeat_interleave(cells_per_image)
-    # labels=None: paired views, so key i (the own patch) is the only positive of query i.
-    options = dict(groups=image_ids, temperature=temperature, normalize=normalize, denominator="all")
-    loss = info_nce(global_rows, local_rows, **options)
+    options = dict(temperature=temperature, normalize=normalize, denominator="all")
+    if gather_distributed and negatives == "batch":
+        # The cells of every rank are negatives: cell ids must be unique across ranks.
+        n = global_rows.shape[0]
+        first_cell = rank_offset(n, global_rows.device)
+        cell_ids = torch.arange(first_cell, first_cell + n, device=global_rows.device)
+
+        def direction(queries, keys):
+            all_keys, all_cell_ids, _ = gather_keys(keys, cell_ids)
+            return info_nce(queries, all_keys, labels=cell_ids, key_labels=all_cell_ids, **options)
+    else:
+        # Paired views (labels=None): key i, the own patch, is the only positive of query i.
+        # With negatives="image" every negative is local, so gathering would change nothing.
+        def direction(queries, keys):
+            return info_nce(queries, keys, groups=image_ids, **options)
+
+    loss = direction(global_rows, local_rows)
     if symmetric:
         # Local cells as queries against the global cells as keys. detach_local keeps its
         # meaning — no gradient reaches local_map — so here the gradient flows through the keys.
-        loss = 0.5 * (loss + info_nce(local_rows, global_rows, **options))
+        loss = 0.5 * (loss + direction(local_rows, global_rows))
     return loss
 
 
@@ -126,6 +143,9 @@ class CrossLevelContrast(nn.Module):
             second direction then trains the global side through its keys.
         normalize: L2-normalise rows first, so that the dot product is a cosine. The original
             code normalised with the **L1** norm; this is a deliberate deviation.
+        gather_distributed: with ``negatives="batch"`` under DDP, the keys of every rank are
+            negatives (:func:`contrastkit.gather_keys`); each rank returns the mean over its own
+            cells. With ``negatives="image"`` all negatives are local and nothing is gathered.
 
     ``forward(global_map, local_map)``:
 
@@ -153,6 +173,7 @@ class CrossLevelContrast(nn.Module):
         detach_local: bool = True,
         symmetric: bool = False,
         normalize: bool = True,
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         v.check_temperature(temperature)
@@ -162,6 +183,7 @@ class CrossLevelContrast(nn.Module):
         self.detach_local = detach_local
         self.symmetric = symmetric
         self.normalize = normalize
+        self.gather_distributed = gather_distributed
 
     def forward(self, global_map: torch.Tensor, local_map: torch.Tensor) -> torch.Tensor:
         return cross_level_contrast(
@@ -172,6 +194,7 @@ class CrossLevelContrast(nn.Module):
             detach_local=self.detach_local,
             symmetric=self.symmetric,
             normalize=self.normalize,
+            gather_distributed=self.gather_distributed,
         )
 
     def extra_repr(self) -> str:

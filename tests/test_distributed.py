@@ -16,7 +16,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from contrastkit import MemoryQueue, gather_keys, global_contrast, nt_xent_loss, supcon_loss
+from contrastkit import (
+    MemoryQueue,
+    cross_level_contrast,
+    gather_keys,
+    global_contrast,
+    info_nce,
+    nt_xent_loss,
+    supcon_loss,
+)
 from contrastkit.distributed import get_rank, get_world_size, is_distributed
 
 WORLD = 2
@@ -41,6 +49,9 @@ def global_data():
         "queue_keys": torch.randn(n, DIM, dtype=torch.float64, generator=generator),
         "queue_labels": torch.tensor([3, 3, 0, 4, 1, 0, 2]),
         "slices": torch.randn(2 * WORLD, 2 * 2, DIM, dtype=torch.float64, generator=generator),
+        # (images, C, gh, gw) global and local cell embeddings, one image per sample
+        "global_cells": torch.randn(n, DIM, 2, 3, dtype=torch.float64, generator=generator),
+        "local_cells": torch.randn(n, DIM, 2, 3, dtype=torch.float64, generator=generator),
     }
 
 
@@ -104,6 +115,13 @@ def worker(rank, port, out_dir):
             loss = global_contrast(z, volume, partition, view, strategy=strategy, gather_distributed=True)
             loss.backward()
             result[strategy] = (loss.detach(), z.grad)
+        for symmetric in (False, True):
+            global_cells = data["global_cells"][mine].clone().requires_grad_(True)
+            local_cells = data["local_cells"][mine].clone().requires_grad_(True)
+            loss = cross_level_contrast(global_cells, local_cells, negatives="batch", detach_local=False,
+                                        symmetric=symmetric, gather_distributed=True)
+            loss.backward()
+            result[f"cross_level_{symmetric}"] = (loss.detach(), global_cells.grad, local_cells.grad)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -199,3 +217,27 @@ def test_global_contrast_matches_single_process(results, strategy):
     rows = z.shape[0] // WORLD
     for rank, result in enumerate(results):
         torch.testing.assert_close(result[strategy][1], WORLD * z.grad[rank * rows:(rank + 1) * rows])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_cross_level_batch_negatives_match_single_process(results, symmetric):
+    data = global_data()
+    global_cells = data["global_cells"].clone().requires_grad_(True)
+    local_cells = data["local_cells"].clone().requires_grad_(True)
+    cells = 2 * 3
+    owner = torch.cat([torch.full((n * cells,), r) for r, n in enumerate(SAMPLES)])
+    q = global_cells.permute(0, 2, 3, 1).reshape(-1, DIM)
+    k = local_cells.permute(0, 2, 3, 1).reshape(-1, DIM)
+    # Each direction: the mean over the rank's own cells against every cell of the global batch.
+    means, objective = per_rank_means(info_nce(q, k, reduction="none", temperature=0.07), owner)
+    if symmetric:
+        back, back_objective = per_rank_means(info_nce(k, q, reduction="none", temperature=0.07), owner)
+        means = [0.5 * (a + b) for a, b in zip(means, back, strict=True)]
+        objective = 0.5 * (objective + back_objective)
+    objective.backward()
+    for rank, result in enumerate(results):
+        loss, global_grad, local_grad = result[f"cross_level_{symmetric}"]
+        mine = local_rows(rank)
+        torch.testing.assert_close(loss, means[rank].detach())
+        torch.testing.assert_close(global_grad, global_cells.grad[mine])
+        torch.testing.assert_close(local_grad, local_cells.grad[mine])
