@@ -105,6 +105,12 @@ def _normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor, normaliz
     return grad.to(out_dtype)
 
 
+def _exp_where(mask: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+    """exp(shifted) where mask, exactly 0 elsewhere, in place: entries outside the mask may be
+    far above the log-sum-exp (the query itself, ignored keys), and exp() of them would overflow."""
+    return shifted.masked_fill_(~mask, float("-inf")).exp_()
+
+
 @torch.library.custom_op("contrastkit::info_nce_rows_chunked_backward", mutates_args=())
 def info_nce_rows_chunked_backward(
     grad_loss: torch.Tensor,
@@ -129,9 +135,12 @@ def info_nce_rows_chunked_backward(
     k = prepare(key, None, normalize)
     grad_q = torch.zeros(query.shape, dtype=dtype, device=query.device)
     grad_k = torch.zeros(k.shape, dtype=dtype, device=query.device)
-    # Rows that do not contribute have zero gradient; a finite log-sum-exp keeps exp() finite.
-    g_all = torch.where(valid, grad_loss.to(dtype), 0.0)
-    lse_safe = torch.where(valid, lse, 0.0)
+    # Only rows with a contribution and a non-empty denominator set have a gradient (an
+    # "each_positive" row without negatives is constant). Giving the others an infinite
+    # log-sum-exp turns their exp(s - lse) into exact zeros, however large s is.
+    live = valid & torch.isfinite(lse)
+    g_all = torch.where(live, grad_loss.to(dtype), 0.0)
+    lse_safe = torch.where(live, lse, float("inf"))
     for start, stop in _chunk_bounds(query.shape[0], chunk_size):
         g = g_all[start:stop]
         if not bool(g.ne(0).any()):
@@ -140,16 +149,19 @@ def info_nce_rows_chunked_backward(
                                 temperature, normalize, ignore_index, start, stop)
         coef = g / pos.sum(dim=1).clamp_min(1)
         row_lse = lse_safe[start:stop, None]
+        # The block's logits are not needed after this: reuse their storage (CPU allocations of
+        # a block cost as much as a pass over it).
+        shifted = s.sub_(row_lse)
         if denominator == "each_positive":
             # d/ds_p = -sigmoid(lse_neg - s_p) / |P|;  d/ds_n = softmax_neg(s)_n * sum_p sigmoid(.) / |P|
-            pos_weight = torch.where(pos, torch.sigmoid(row_lse - s), 0.0)
+            pos_weight = torch.sigmoid(-shifted).mul_(pos)
             neg_scale = coef * pos_weight.sum(dim=1)
-            grad_s = torch.where(neg, torch.exp(s - row_lse), 0.0) * neg_scale[:, None]
-            grad_s -= pos_weight * coef[:, None]
+            grad_s = _exp_where(neg, shifted).mul_(neg_scale[:, None])
+            grad_s.sub_(pos_weight.mul_(coef[:, None]))
         else:
-            denominator_set = (pos | neg) if denominator == "all" else neg
-            grad_s = torch.where(denominator_set, torch.exp(s - row_lse), 0.0) * g[:, None]
-            grad_s -= pos * coef[:, None]
+            denominator_set = neg if denominator == "negatives" else pos | neg
+            grad_s = _exp_where(denominator_set, shifted).mul_(g[:, None])
+            grad_s.sub_(pos * coef[:, None])
         if need_query_grad:
             grad_q[start:stop] = grad_s @ k
         if need_key_grad:

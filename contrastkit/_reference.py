@@ -38,24 +38,34 @@ def pair_masks(
 
     A key is a candidate of a query when it is not ignored, shares the query's group (if
     groups are given) and is not the query itself; candidates with the query's label are
-    positives, the rest negatives. Ignored queries get no positives and no negatives.
+    positives, the rest negatives. Whether a query itself is ignored is decided per row by
+    :func:`contributing_rows`, not here.
     """
-    candidate = (key_labels != ignore_index)[None, :] & (labels != ignore_index)[:, None]
+    rows, cols = labels.shape[0], key_labels.shape[0]
+    candidate = (key_labels != ignore_index)[None, :]
     if groups is not None:
         candidate = candidate & (groups[:, None] == key_groups[None, :])
+    else:
+        candidate = candidate.expand(rows, cols).clone()
     if self_offset is not None:
-        rows = torch.arange(labels.shape[0], device=labels.device) + row_start + self_offset
-        cols = torch.arange(key_labels.shape[0], device=labels.device)
-        candidate = candidate & (rows[:, None] != cols[None, :])
-    same = labels[:, None] == key_labels[None, :]
-    return candidate & same, candidate & ~same
+        # Query row r is key r + row_start + self_offset: clear that one entry per row.
+        own = torch.arange(rows, device=labels.device)
+        own_key = own + (row_start + self_offset)
+        inside = own_key < cols
+        candidate[own[inside], own_key[inside]] = False
+    positive = candidate & (labels[:, None] == key_labels[None, :])
+    return positive, candidate ^ positive
 
 
 def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row-wise log-sum-exp over the masked entries; -inf for a row with none, with a finite gradient."""
-    has_any = mask.any(dim=1)
-    safe = torch.where(mask & has_any[:, None], s, torch.where(has_any[:, None], float("-inf"), 0.0))
-    return torch.where(has_any, torch.logsumexp(safe, dim=1), float("-inf"))
+    """Row-wise log-sum-exp over the masked entries: -inf for a row with none, with a finite gradient."""
+    masked = torch.where(mask, s, float("-inf"))
+    peak = masked.amax(dim=1, keepdim=True).detach()
+    has_any = torch.isfinite(peak)
+    total = (masked - torch.where(has_any, peak, 0.0)).exp().sum(dim=1, keepdim=True)
+    # Rows with no entry: log(1) keeps the gradient finite; the result is replaced by -inf.
+    lse = torch.where(has_any, total, 1.0).log() + torch.where(has_any, peak, 0.0)
+    return torch.where(has_any, lse, float("-inf")).squeeze(1)
 
 
 def contributing_rows(

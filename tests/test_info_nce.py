@@ -293,6 +293,23 @@ def test_one_class_batch(backend):
     torch.testing.assert_close(loss, want)
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+def test_huge_logits_and_dead_rows_keep_gradients_finite(backend, denominator):
+    # Unnormalised embeddings give logits far beyond float32's exp range; ignored queries and
+    # rows without negatives must still get exactly zero, finite gradients.
+    g = torch.Generator().manual_seed(4)
+    q = (torch.randn(12, 8, generator=g) * 40).requires_grad_(True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, -1, -1, 3, 3, 3, 4])
+    loss = info_nce(q, labels=labels, normalize=False, temperature=0.05, denominator=denominator,
+                    backend=backend, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), q)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    want = info_nce(q.detach().double(), labels=labels, normalize=False, temperature=0.05,
+                    denominator=denominator, backend="reference", reduction="none")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-4, atol=1e-3)
+
+
 def test_mean_with_zero_weights_is_zero():
     q = torch.randn(4, 3, requires_grad=True)
     loss = info_nce(q, labels=torch.tensor([0, 0, 1, 1]), weights=torch.zeros(4))
