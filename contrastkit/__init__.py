@@ -1,6 +1,6 @@
 """contrastkit: contrastive losses for semi-supervised medical image segmentation."""
 
-from . import data, metrics, models
+from . import data, metrics, models, segmentation, training
 from .classic import NTXentLoss, PatchNCELoss, SupConLoss, nt_xent_loss, patch_nce_loss, supcon_loss
 from .core import info_nce
 from .cross_level import (
@@ -32,6 +32,8 @@ __all__ = [
     "data",
     "metrics",
     "models",
+    "segmentation",
+    "training",
     # patch utilities
     "patchify",
     "pool_patches",
