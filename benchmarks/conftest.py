@@ -1,30 +1,88 @@
-"""``pytest benchmarks``: options, the collected rows, and the closing comparison table."""
+"""``pytest benchmarks``: options, the session's rows, the comparison tables, and the results files."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
+import torch
 
-from benchmarks.harness import Row, markdown_table
-
-ROWS: list[Row] = []
+from benchmarks.harness import Row, cpu_peaks
 
 
 def pytest_addoption(parser):
-    parser.addoption("--ck-scale", choices=("quick", "full"), default="quick",
-                     help="quick: CPU-sized cases (minutes on 2 cores); full: GPU sweep")
+    group = parser.getgroup("contrastkit benchmarks")
+    group.addoption("--ck-scale", choices=("quick", "full"), default="quick",
+                    help="quick: CPU-sized sweep (minutes on 2 cores); full: the GPU sweep "
+                         "(N = M up to 65,536, D in {64, 128, 256}, fp32 and bf16)")
+    group.addoption("--ck-device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where to run (auto: cuda when available)")
+    group.addoption("--ck-save", action="store_true",
+                    help="write benchmarks/results/<device>-<date>.json, .md and .png at the end")
+
+
+@dataclass
+class Session:
+    scale: str
+    device: str
+    rows: list[Row] = field(default_factory=list)
+    rates: object = None  # roofline.DeviceRates on a GPU, measured once
+    _peaks: dict = field(default_factory=dict)
+
+    last_s: dict = field(default_factory=dict)  # (case, provider, n, d, dtype) -> seconds of a warm call
+
+    def cpu_peak(self, case, provider: str, n: int, d: int, dtype: str) -> dict:
+        """Peaks of one provider and size; the first request measures the whole case's sweep."""
+        key = (case.name, d, dtype)
+        if key not in self._peaks:
+            from benchmarks.cases import provider_names, unavailable_reason
+
+            jobs = [(p, size) for p in provider_names(case) for size in case.sizes[self.scale]
+                    if not unavailable_reason(case, p, size, self.scale, "cpu")]
+            self._peaks[key] = cpu_peaks(case.name, jobs, d, dtype)
+        return self._peaks[key][(provider, n)]
+
+    def roofline_rates(self):
+        if self.rates is None and self.device == "cuda":
+            from benchmarks.roofline import measure_rates
+
+            self.rates = measure_rates()
+        return self.rates
+
+
+def _device(config) -> str:
+    choice = config.getoption("--ck-device")
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--ck-device=cuda but torch sees no CUDA device")
+    return choice
+
+
+def pytest_configure(config):
+    if config.getoption("--ck-scale", default=None) is not None:
+        config.ck = Session(config.getoption("--ck-scale"), _device(config))
 
 
 @pytest.fixture(scope="session")
-def scale(request) -> str:
-    return request.config.getoption("--ck-scale")
+def ck(request) -> Session:
+    return request.config.ck
 
 
-@pytest.fixture(scope="session")
-def rows() -> list[Row]:
-    return ROWS
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "ck", None)
+    if session is None or not session.rows:
+        return
+    from benchmarks.report import evaluate_targets, markdown_tables
 
+    terminalreporter.write_sep("=", "contrastkit comparison (time · extra peak memory)")
+    terminalreporter.write_line(markdown_tables(session.rows))
+    terminalreporter.write_sep("-", "targets")
+    for target in evaluate_targets(session.rows):
+        terminalreporter.write_line(f"[{target['status']}] {target['target']}: {target['measured']}")
+    if config.getoption("--ck-save"):
+        from benchmarks.report import run_facts, write_results
 
-def pytest_terminal_summary(terminalreporter):
-    if ROWS:
-        terminalreporter.write_sep("=", "contrastkit comparison")
-        terminalreporter.write_line(markdown_table(ROWS))
+        rates = session.rates.to_json() if session.rates is not None else None
+        stem = write_results(run_facts(session.device, session.scale), session.rows, rates)
+        terminalreporter.write_line(f"results written to {stem}.json, .md and .png")

@@ -1,68 +1,110 @@
-"""Shared pieces of the benchmark suite: cases, providers, peak-memory probes and the results table.
+"""Measuring one provider: median time, extra peak memory, and out-of-memory as a result.
 
-A *case* builds inputs from a size; a *provider* computes the same loss value from them in its
-own way. Time is measured by pytest-benchmark in the test process; peak memory is measured in a
-fresh subprocess (max RSS on CPU, ``torch.cuda.max_memory_allocated`` on GPU) above the inputs,
-so that one provider's caches never count against another.
+Time is measured by pytest-benchmark in the test process (on a GPU also with
+``triton.testing.do_bench``, whose median is the one reported). Peak memory is measured above
+the inputs: on a GPU in-process with ``torch.cuda.max_memory_allocated``; on a CPU as the
+resident high-water mark of a fresh subprocess per provider, so that one provider's allocations
+never count against another and a provider killed for memory is recorded, not fatal.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from contrastkit import info_nce
+from benchmarks.cases import CASES, get_provider, run_provider
+
+DIRECTIONS = {"fwd": False, "fwd+bwd": True}
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclass(frozen=True)
-class Case:
-    """A named input recipe: ``build(n, d, dtype, device)`` returns the keyword inputs of the loss."""
+@dataclass
+class Row:
+    case: str
+    provider: str
+    n: int
+    d: int
+    dtype: str
+    device: str
+    direction: str  # "fwd" (a training forward: inputs require grad) or "fwd+bwd"
+    status: str = "ok"  # "ok", "oom" or "n/a"
+    median_s: float | None = None
+    peak_bytes: int | None = None
+    reason: str = ""
+    rounds: int = 0
+    roofline_pct: float | None = None
+    extra: dict = field(default_factory=dict)
 
-    name: str
-    build: Callable[..., dict]
-
-
-def supcon_inputs(n, d, dtype, device, classes=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "query": torch.randn(n, d, generator=g).to(device=device, dtype=dtype),
-        "labels": torch.randint(0, classes, (n,), generator=g).to(device),
-    }
-
-
-CASES = {
-    "supcon4": Case("supcon4", supcon_inputs),
-    "supcon8": Case("supcon8", lambda n, d, dtype, device: supcon_inputs(n, d, dtype, device, classes=8)),
-}
-
-
-def _info_nce_provider(backend):
-    def run(inputs, requires_grad=True):
-        query = inputs["query"].detach().requires_grad_(requires_grad)
-        loss = info_nce(query, labels=inputs["labels"], temperature=0.1, backend=backend)
-        if requires_grad:
-            loss.backward()
-        return loss
-
-    return run
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
-PROVIDERS = {
-    "reference": _info_nce_provider("reference"),
-    "torch": _info_nce_provider("torch"),
-    "triton": _info_nce_provider("triton"),
-}
+def is_oom(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return "out of memory" in text.lower() or "can't allocate memory" in text
 
 
-def run_once(case: str, provider: str, n: int, d: int, dtype: str, device: str, backward: bool):
-    inputs = CASES[case].build(n, d, getattr(torch, dtype), torch.device(device))
-    return PROVIDERS[provider](inputs, requires_grad=backward)
+# --- time ------------------------------------------------------------------------------------
+
+def time_cpu(benchmark, fn, budget_s: float, estimate_s: float | None = None) -> tuple[float, int]:
+    """Median seconds over 3..15 rounds, as many as fit in about ``budget_s``.
+
+    Without an estimate of one call (from a warm provider), one warm-up call gives it.
+    """
+    if estimate_s is None:
+        start = time.perf_counter()
+        fn()  # warm-up: lazy initialisation, and compilation for "compiled"
+        estimate_s = time.perf_counter() - start
+    estimate = estimate_s
+    rounds = int(min(15, max(3, budget_s / max(estimate, 1e-6))))
+    benchmark.pedantic(fn, rounds=rounds, warmup_rounds=0, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: time it ourselves
+        samples = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return sorted(samples)[rounds // 2], rounds
+    return benchmark.stats.stats.median, rounds
+
+
+def time_cuda(benchmark, fn) -> tuple[float, int]:
+    """``do_bench``'s median (CUDA events, L2 flushed); pytest-benchmark records synchronised rounds."""
+    from triton.testing import do_bench
+
+    def synchronised():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synchronised, rounds=3, warmup_rounds=1, iterations=1)
+    return do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3, 3
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+def cuda_peak(fn) -> int:
+    """Bytes allocated at the peak of one call, above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def release_cuda() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def _status_bytes(field_name: str) -> int:
@@ -84,69 +126,61 @@ def _reset_cpu_peak() -> int:
     return _status_bytes("VmRSS")
 
 
-def _probe_main(spec: dict) -> dict:
-    """Runs in the subprocess: warm up on a tiny size, then one measured call above the inputs."""
-    device = spec["device"]
-    run_once(spec["case"], spec["provider"], 64, spec["d"], spec["dtype"], device, spec["backward"])
-    inputs = CASES[spec["case"]].build(spec["n"], spec["d"], getattr(torch, spec["dtype"]), torch.device(device))
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _reset_cpu_peak()
-    try:
-        PROVIDERS[spec["provider"]](inputs, requires_grad=spec["backward"])
-    except torch.OutOfMemoryError:
-        return {"peak_bytes": None, "oom": True}
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _status_bytes("VmHWM") - base
-    return {"peak_bytes": int(peak), "oom": False}
+def _probe_main(spec: dict) -> None:
+    """Subprocess: for each (provider, n) of the spec, one JSON line with the extra peak bytes of
+    each pass, or ``oom``, or ``na`` with the reason."""
+    case = CASES[spec["case"]]
+    dtype, cpu = getattr(torch, spec["dtype"]), torch.device("cpu")
+    warm = set()
+    for name, n in spec["jobs"]:
+        provider = get_provider(case, name, "cpu")
+        inputs = case.build(n, spec["d"], dtype, cpu)
+        result = {"provider": name, "n": n}
+        try:
+            if name not in warm or name == "compiled":  # keeps lazy set-up and compilation out of the peak
+                run_provider(case, provider, inputs, backward=True)
+                warm.add(name)
+            for direction, backward in DIRECTIONS.items():
+                base = _reset_cpu_peak()
+                run_provider(case, provider, inputs, backward)
+                result[direction] = _status_bytes("VmHWM") - base
+        except Exception as error:  # noqa: BLE001 - recorded, not raised: a row says why
+            if is_oom(error):
+                result["oom"] = True
+            elif name == "compiled":
+                result["na"] = f"torch.compile failed: {type(error).__name__}: {error}"[:300]
+            else:
+                raise
+        print(json.dumps(result), flush=True)
+        del inputs
 
 
-def peak_memory(case, provider, n, d, dtype="float32", device="cpu", backward=True, timeout=600) -> dict:
-    """Extra peak memory of one call, measured in a fresh process; ``oom`` when it ran out of memory."""
-    spec = dict(case=case, provider=provider, n=n, d=d, dtype=dtype, device=device, backward=backward)
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.harness", json.dumps(spec)],
-        capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1],
-    )
-    if proc.returncode != 0:
-        if "OutOfMemoryError" in proc.stderr or proc.returncode in (-9, 137):
-            return {"peak_bytes": None, "oom": True}
-        raise RuntimeError(f"memory probe failed for {spec}:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def cpu_peaks(case: str, jobs: list[tuple[str, int]], d: int, dtype: str, timeout: float = 1800) -> dict:
+    """{(provider, n): peaks} of one case, measured in a subprocess (restarted after a kill).
 
-
-@dataclass
-class Row:
-    case: str
-    provider: str
-    n: int
-    d: int
-    dtype: str
-    device: str
-    direction: str
-    median_s: float | None
-    peak_bytes: int | None
-    oom: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-def markdown_table(rows: list[Row]) -> str:
-    lines = [
-        "| case | provider | N | D | dtype | pass | median time (ms) | extra peak memory (MiB) |",
-        "|---|---|---:|---:|---|---|---:|---:|",
-    ]
-    for r in rows:
-        time_ms = "OOM" if r.oom else ("–" if r.median_s is None else f"{r.median_s * 1e3:.1f}")
-        mem = "OOM" if r.oom else ("–" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}")
-        lines.append(f"| {r.case} | {r.provider} | {r.n} | {r.d} | {r.dtype} | {r.direction} | {time_ms} | {mem} |")
-    return "\n".join(lines)
+    Providers run one after another in the subprocess; big blocks are mmap'ed and returned to
+    the system when freed, so each measurement starts from a clean slate and is not hidden by
+    memory the allocator kept from the one before.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    results: dict[tuple[str, int], dict] = {}
+    remaining = list(jobs)
+    while remaining:
+        spec = dict(case=case, jobs=remaining, d=d, dtype=dtype)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                results[(entry["provider"], entry["n"])] = entry
+        remaining = [job for job in remaining if tuple(job) not in results]
+        if proc.returncode == 0 and not remaining:
+            break
+        if not remaining or proc.returncode not in (-9, 137):
+            raise RuntimeError(f"memory probe failed for {spec}:\n{proc.stderr[-3000:]}")
+        results[tuple(remaining.pop(0))] = {"oom": True}  # killed by the kernel's out-of-memory killer
+    return results
 
 
 if __name__ == "__main__":
-    print(json.dumps(_probe_main(json.loads(sys.argv[1]))))
+    _probe_main(json.loads(sys.argv[1]))

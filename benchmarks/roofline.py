@@ -1,0 +1,91 @@
+"""The GPU roofline of the fused masked InfoNCE, measured on the device in the same run.
+
+A fused forward + backward over N queries and M keys of size D does 8·N·M·D flops (the
+forward's Q·Kᵀ, and in the backward the recomputed Q·Kᵀ plus dQ and dK: four N·M·D products
+of 2 flops per multiply-add) and about 2·N·M exponentials (forward and recompute). Its time
+can be no lower than the larger of flops / matmul rate and exponentials / exp rate; a triton
+row is reported as that bound over its measured time, in percent.
+
+Matrix-product rates are measured with cuBLAS (bf16, and fp32 with TF32 tensor cores: Triton's
+``tl.dot`` uses TF32 for fp32 inputs by default); the exp rate with a Triton kernel that chains
+``exp2`` in registers, so that memory traffic does not hide the special-function units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MATMUL_SIZE = 8192
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    bf16_flops_per_s: float
+    tf32_flops_per_s: float
+    exp_per_s: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def fused_work(n: int, m: int, d: int) -> tuple[float, float]:
+    """(flops, exponentials) of one fused forward + backward."""
+    return 8.0 * n * m * d, 2.0 * n * m
+
+
+def bound_seconds(rates: DeviceRates, n: int, m: int, d: int, dtype: str) -> float:
+    flops, exps = fused_work(n, m, d)
+    matmul_rate = rates.bf16_flops_per_s if dtype in ("bfloat16", "float16") else rates.tf32_flops_per_s
+    return max(flops / matmul_rate, exps / rates.exp_per_s)
+
+
+def percent_of_bound(rates: DeviceRates, n: int, m: int, d: int, dtype: str, seconds: float) -> float:
+    return 100.0 * bound_seconds(rates, n, m, d, dtype) / seconds
+
+
+def _median_seconds(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+
+
+def matmul_rate(dtype: torch.dtype, size: int = MATMUL_SIZE) -> float:
+    """Flops per second of a size³ matrix product (fp32 runs on TF32 tensor cores)."""
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        seconds = _median_seconds(lambda: a @ b)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+    return 2.0 * size**3 / seconds
+
+
+@triton.jit
+def exp_chain(x_ptr, out_ptr, ITERATIONS: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets)
+    for _ in range(ITERATIONS):
+        x = tl.exp2(-x)  # stays in (0, 1]: no overflow, and no step can be folded away
+    tl.store(out_ptr + offsets, x)
+
+
+def run_exp_chain(x: torch.Tensor, iterations: int, block: int = 1024) -> torch.Tensor:
+    out = torch.empty_like(x)
+    exp_chain[(x.numel() // block,)](x, out, ITERATIONS=iterations, BLOCK=block)
+    return out
+
+
+def exp_rate(elements: int = 1 << 24, iterations: int = 256) -> float:
+    """exp2 evaluations per second of the device's special-function units."""
+    x = torch.rand(elements, device="cuda")
+    return elements * iterations / _median_seconds(lambda: run_exp_chain(x, iterations))
+
+
+def measure_rates() -> DeviceRates:
+    return DeviceRates(matmul_rate(torch.bfloat16), matmul_rate(torch.float32), exp_rate())
