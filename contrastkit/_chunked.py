@@ -32,15 +32,24 @@ def _chunk_bounds(n: int, chunk_size: int):
 
 def _block(query, key_rows, labels, key_labels, groups, key_groups, self_offset, temperature,
            normalize, ignore_index, start, stop):
-    """Logits (already divided by the temperature) and masks of query rows start..stop."""
+    """Logits (already divided by the temperature) and masks of query rows start..stop.
+
+    With groups, only the keys of the groups present in the chunk can be candidates, so the
+    block is computed against those columns alone (``columns``; None means all keys): per-image
+    negatives then cost one image's keys per chunk instead of the whole batch's.
+    """
     q = prepare(query[start:stop], temperature, normalize)
+    chunk_groups = None if groups is None else groups[start:stop]
+    columns = None
+    if chunk_groups is not None:
+        in_chunk_groups = torch.isin(key_groups, chunk_groups)
+        if not bool(in_chunk_groups.all()):
+            columns = in_chunk_groups.nonzero().squeeze(1)
+            key_rows, key_labels, key_groups = key_rows[columns], key_labels[columns], key_groups[columns]
     s = q @ key_rows.T
-    pos, neg = pair_masks(
-        labels[start:stop], key_labels,
-        None if groups is None else groups[start:stop], key_groups,
-        ignore_index, start, self_offset,
-    )
-    return q, s, pos, neg
+    pos, neg = pair_masks(labels[start:stop], key_labels, chunk_groups, key_groups, ignore_index, start,
+                          self_offset, columns)
+    return q, key_rows, s, pos, neg, columns
 
 
 @torch.library.custom_op("contrastkit::info_nce_rows_chunked", mutates_args=())
@@ -66,8 +75,11 @@ def info_nce_rows_chunked(
     lse = torch.zeros(n, dtype=dtype, device=query.device)
     k = prepare(key, None, normalize)
     for start, stop in _chunk_bounds(n, chunk_size):
-        _, s, pos, neg = _block(query, k, labels, key_labels, groups, key_groups, self_offset,
-                                temperature, normalize, ignore_index, start, stop)
+        _, _, s, pos, neg, _ = _block(query, k, labels, key_labels, groups, key_groups, self_offset,
+                                      temperature, normalize, ignore_index, start, stop)
+        if s.shape[1] == 0:  # no key shares a group with these queries: nothing contributes
+            lse[start:stop] = float("-inf")
+            continue
         n_pos = pos.sum(dim=1)
         row_valid = contributing_rows(labels[start:stop], n_pos, neg.sum(dim=1), denominator, ignore_index)
         row_lse = masked_logsumexp(s, (pos | neg) if denominator == "all" else neg)
@@ -145,8 +157,9 @@ def info_nce_rows_chunked_backward(
         g = g_all[start:stop]
         if not bool(g.ne(0).any()):
             continue
-        q, s, pos, neg = _block(query, k, labels, key_labels, groups, key_groups, self_offset,
-                                temperature, normalize, ignore_index, start, stop)
+        q, block_keys, s, pos, neg, columns = _block(query, k, labels, key_labels, groups, key_groups,
+                                                     self_offset, temperature, normalize, ignore_index,
+                                                     start, stop)
         coef = g / pos.sum(dim=1).clamp_min(1)
         row_lse = lse_safe[start:stop, None]
         # The block's logits are not needed after this: reuse their storage (CPU allocations of
@@ -163,9 +176,12 @@ def info_nce_rows_chunked_backward(
             grad_s = _exp_where(denominator_set, shifted).mul_(g[:, None])
             grad_s.sub_(pos * coef[:, None])
         if need_query_grad:
-            grad_q[start:stop] = grad_s @ k
+            grad_q[start:stop] = grad_s @ block_keys
         if need_key_grad:
-            grad_k.addmm_(grad_s.T, q)
+            if columns is None:
+                grad_k.addmm_(grad_s.T, q)
+            else:
+                grad_k.index_add_(0, columns, grad_s.T @ q)
     # s = (q_hat / temperature) . k_hat
     grad_q = _normalize_backward(query, grad_q / temperature, normalize) if need_query_grad else grad_q.to(query.dtype)
     grad_k = _normalize_backward(key, grad_k, normalize) if need_key_grad else grad_k.to(key.dtype)

@@ -33,8 +33,11 @@ def pair_masks(
     ignore_index: int,
     row_start: int = 0,
     self_offset: int | None = None,
+    key_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive and negative masks for the query rows ``row_start .. row_start + len(labels)``.
+
+    ``key_index`` gives the key positions of the columns when they are a subset of the keys.
 
     A key is a candidate of a query when it is not ignored, shares the query's group (if
     groups are given) and is not the query itself; candidates with the query's label are
@@ -51,8 +54,11 @@ def pair_masks(
         # Query row r is key r + row_start + self_offset: clear that one entry per row.
         own = torch.arange(rows, device=labels.device)
         own_key = own + (row_start + self_offset)
-        inside = own_key < cols
-        candidate[own[inside], own_key[inside]] = False
+        if key_index is None:
+            inside = own_key < cols
+            candidate[own[inside], own_key[inside]] = False
+        else:
+            candidate &= own_key[:, None] != key_index[None, :]
     positive = candidate & (labels[:, None] == key_labels[None, :])
     return positive, candidate ^ positive
 

@@ -198,6 +198,33 @@ def test_torch_path_gradcheck(denominator, self_contrast):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+def test_torch_path_with_many_groups_computes_only_each_chunks_groups(denominator):
+    # Per-image groups: each chunk sees a subset of the keys. Group 9 has queries but no keys,
+    # and the keys include the queries (self_key_offset) so self-exclusion must follow the subset.
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(13, 6, generator=g, dtype=torch.float64)
+    extra = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    keys = torch.cat([extra[:3], q, extra[3:]])
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 3, 9, 9])
+    key_groups = torch.cat([torch.tensor([1, 2, 3]), groups, torch.tensor([0, 3, 4, 4])])
+    labels = torch.randint(0, 3, (13,), generator=g)
+    key_labels = torch.cat([torch.randint(0, 3, (3,), generator=g), labels, torch.randint(0, 3, (4,), generator=g)])
+    key_groups[3 + 11:3 + 13] = 5  # the queries of group 9 are keys of another group
+    options = dict(labels=labels, key_labels=key_labels, groups=groups, key_groups=key_groups,
+                   self_key_offset=3, denominator=denominator, reduction="none")
+    for chunk in (1, 2, 5):
+        out = {}
+        for backend in ("reference", "torch"):
+            qq, kk = q.clone().requires_grad_(True), keys.clone().requires_grad_(True)
+            extra_args = {"chunk_size": chunk} if backend == "torch" else {}
+            loss = info_nce(qq, kk, backend=backend, **options, **extra_args)
+            out[backend] = (loss, *torch.autograd.grad(loss.sum(), (qq, kk)))
+        for got, want in zip(out["torch"], out["reference"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        assert (out["torch"][0][11:] == 0).all()
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_torch_path_gradcheck_without_normalisation_and_zero_rows(normalize):
     g = torch.Generator().manual_seed(2)
