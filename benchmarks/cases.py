@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 
 from benchmarks import seeds
-from contrastkit import PseudoLabelContrast, info_nce
+from contrastkit import CrossLevelContrast, PseudoLabelContrast, info_nce
 from contrastkit._reference import dense_rows
 from contrastkit.core import reduce_rows
 
@@ -141,14 +141,8 @@ def _image_ids(global_map):
 
 
 def _cross_level_backend(backend):
-    # CrossLevelContrast() has no backend argument; this is its info_nce call with one
-    # (test_agreement checks it against the module).
-    def run(x):
-        rows = rearrange(x["global_map"], "b c gh gw -> (b gh gw) c")
-        return info_nce(rows, x["local_rows"].detach(), groups=_image_ids(x["global_map"]),
-                        temperature=CROSS_LEVEL_TAU, denominator="all", backend=backend)
-
-    return run
+    loss = CrossLevelContrast(temperature=CROSS_LEVEL_TAU, backend=backend)
+    return lambda x: loss(x["global_map"], x["local_rows"])
 
 
 def cross_level_dense(global_map, local_rows):

@@ -91,6 +91,7 @@ def cross_level_contrast(
     symmetric: bool = False,
     normalize: bool = True,
     gather_distributed: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     r"""Cross-level (global cell vs. local patch) PatchNCE loss; see :class:`CrossLevelContrast`."""
     v.check_choice("negatives", negatives, NEGATIVES)
@@ -106,7 +107,7 @@ def cross_level_contrast(
     if negatives == "image":
         image_ids = torch.arange(global_map.shape[0], device=global_map.device)
         image_ids = image_ids.repeat_interleave(cells_per_image)
-    options = dict(temperature=temperature, normalize=normalize, denominator="all")
+    options = dict(temperature=temperature, normalize=normalize, denominator="all", backend=backend)
     if gather_distributed and negatives == "batch":
         # The cells of every rank are negatives: cell ids must be unique across ranks.
         n = global_rows.shape[0]
@@ -146,6 +147,7 @@ class CrossLevelContrast(nn.Module):
         gather_distributed: with ``negatives="batch"`` under DDP, the keys of every rank are
             negatives (:func:`contrastkit.gather_keys`); each rank returns the mean over its own
             cells. With ``negatives="image"`` all negatives are local and nothing is gathered.
+        backend: the :func:`~contrastkit.info_nce` backend.
 
     ``forward(global_map, local_map)``:
 
@@ -174,6 +176,7 @@ class CrossLevelContrast(nn.Module):
         symmetric: bool = False,
         normalize: bool = True,
         gather_distributed: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         v.check_temperature(temperature)
@@ -184,6 +187,8 @@ class CrossLevelContrast(nn.Module):
         self.symmetric = symmetric
         self.normalize = normalize
         self.gather_distributed = gather_distributed
+        v.check_choice("backend", backend, v.BACKENDS)
+        self.backend = backend
 
     def forward(self, global_map: torch.Tensor, local_map: torch.Tensor) -> torch.Tensor:
         return cross_level_contrast(
@@ -195,6 +200,7 @@ class CrossLevelContrast(nn.Module):
             symmetric=self.symmetric,
             normalize=self.normalize,
             gather_distributed=self.gather_distributed,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
