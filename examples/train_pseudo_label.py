@@ -108,6 +108,14 @@ def refresh_pseudo_labels(model, images, threshold=None, batch=32, device="cpu")
     return pseudo_labels(logits, threshold=threshold, ignore_index=IGNORE)
 
 
+def training_batch(images, masks, sampler, step, augment, device):
+    """Batch ``step``: images, labels (ground truth, pseudo-label or IGNORE) and confidences."""
+    sampler.set_epoch(step)  # one batch per sampler epoch: the step alone fixes the batch (resume)
+    index = next(iter(sampler))
+    x, m = augment(images[index].to(device), masks[index].to(device))
+    return x, m[:, 0].round().long(), m[:, 1]
+
+
 def segment(model, volumes, args):
     model.eval()
     with torch.no_grad():
@@ -183,22 +191,19 @@ def main(argv=None):
         in_stage2 = contrastive and step >= stage1
         round_start = stage1 + (step - stage1) // refresh_every * refresh_every
         if in_stage2 and refreshed != round_start:
+            teacher_path = out / f"teacher_{round_start}.pt"
             if step == round_start:  # a new round: the teacher is the best model so far
                 load_checkpoint(out / "best.pt", teacher)
-                save_checkpoint(out / "teacher.pt", teacher)
+                save_checkpoint(teacher_path, teacher)
             else:  # resumed mid-round: the same teacher as before the interruption
-                load_checkpoint(out / "teacher.pt", teacher)
+                load_checkpoint(teacher_path, teacher)
             labels, confidence = refresh_pseudo_labels(teacher, unl_images, args.confidence_threshold,
                                                        device=args.device)
             masks[n_lab:, 0], masks[n_lab:, 1] = labels.float(), confidence
             refreshed = round_start
             kept = (labels != IGNORE).float().mean().item()
             bar.write(f"step {step}: pseudo-labels from the model of step {best_step} ({kept:.1%} of pixels kept)")
-        sampler = samplers[in_stage2]
-        sampler.set_epoch(step)  # one batch per sampler epoch: the step alone fixes the batch (resume)
-        index = next(iter(sampler))
-        x, m = augment(images[index].to(args.device), masks[index].to(args.device))
-        y, conf = m[:, 0].round().long(), m[:, 1]
+        x, y, conf = training_batch(images, masks, samplers[in_stage2], step, augment, args.device)
         output = model(x, return_features=True)
         losses = {"seg": dice_ce_loss(output.logits[:args.labeled_batch], y[:args.labeled_batch])}
         if in_stage2:
