@@ -240,8 +240,8 @@ def main(argv=None):
               "threads": torch.get_num_threads()}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     history.save(out / "history.json")
-    # Middle slice of the first test volumes, at the training size for a regular grid.
-    shown = test[:8]
+    # Middle slice of up to 8 test volumes spread over the list, at the training size for a regular grid.
+    shown = [test[int(i)] for i in np.unique(np.linspace(0, len(test) - 1, min(8, len(test))).round())]
     mids = [len(v[1]) // 2 for v in shown]
     preds = segment(model, [(n, im[k:k + 1], lb[k:k + 1]) for (n, im, lb), k in zip(shown, mids, strict=True)], args)
     fit = lambda arrays: np.concatenate([fit_size(a, args.image_size) for a in arrays])  # noqa: E731
