@@ -239,10 +239,8 @@ def pseudo_label_contrast(
     options = dict(temperature=temperature, normalize=True, denominator="all",
                    ignore_index=ignore_index, backend=backend)
     if mode == "pixel":
-        if anchors_per_class is None:
-            # Unusable pixels keep their place in the map but are ignored by the core op.
-            pixel_labels = torch.where(usable, labels, ignore_index).reshape(-1)
-            return info_nce(embeddings, labels=pixel_labels, weights=weights, **options)
+        # Gather the anchors (all usable pixels unless sampled) first: the core op's cost is
+        # quadratic in its rows, and background alone is often > 90% of a slice.
         keep = anchors.reshape(-1)
         rows = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])[keep]
         return info_nce(rows, labels=labels.reshape(-1)[keep],

@@ -396,3 +396,21 @@ def test_pixel_mode_all_anchors_runs_in_bounded_memory():
     assert result.returncode == 0, result.stderr
     peak = int(result.stdout.split()[-1])
     assert peak < bound, f"peak RSS {peak / 2**30:.2f} GiB"
+
+
+def test_pixel_mode_gives_only_usable_pixels_to_the_core_op(monkeypatch):
+    # Cost is quadratic in the core op's rows: background and ignored pixels must not reach it.
+    emb, labels, confidence = _batch(0, batch=2, size=6)
+    labels[0, :2] = -1
+    seen = []
+    core = ck.pseudo_label.info_nce
+
+    def spy(query, *args, **kwargs):
+        seen.append(query.shape)
+        return core(query, *args, **kwargs)
+
+    monkeypatch.setattr(ck.pseudo_label, "info_nce", spy)
+    got = ck.pseudo_label_contrast(emb, labels, confidence, mode="pixel", confidence_threshold=0.2)
+    usable = (labels > 0) & (confidence >= 0.2)
+    assert seen == [torch.Size([int(usable.sum()), 4])] and int(usable.sum()) < labels.numel() // 2
+    torch.testing.assert_close(got, pixel_formula(emb, labels, confidence, 0.2).to(got.dtype))

@@ -1,0 +1,257 @@
+"""Semi-supervised cardiac segmentation with pseudo-label contrast (Chaitanya et al., MedIA 2023).
+
+    python examples/train_pseudo_label.py                      # synthetic hearts, a few minutes on a CPU
+    python examples/train_pseudo_label.py --data ../shared/data/acdc --image-size 128 --labeled-patients 3
+
+Stage 1 trains a U-Net on the labeled patients with Dice + cross-entropy. Stage 2 adds
+λ · PseudoLabelContrast on the projection head, with ground truth on the labeled slices and
+pseudo-labels on the unlabeled ones; the pseudo-labels come from the best model so far (by
+validation Dice) and are refreshed every ``--refresh-every`` iterations, ``--rounds`` times.
+``--method supervised`` is the baseline: stage 1 only, for the iterations of both stages.
+Test metrics are 3D Dice and HD95 per class at each volume's own size; HD95 is in voxels
+(the ACDC HDF5 files carry no spacing).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from contrastkit import PseudoLabelContrast, pseudo_labels
+from contrastkit.data import (
+    ACDCSlices,
+    ACDCVolumes,
+    PairedAugment,
+    SyntheticCardiac,
+    SyntheticCardiacVolumes,
+    TwoStreamBatchSampler,
+    acdc_patient_split,
+    fit_size,
+    predict_volume,
+    split_by_patient,
+)
+from contrastkit.metrics import aggregate, dice, format_summary, per_class_metrics
+from contrastkit.models import UNet
+from contrastkit.segmentation import dice_ce_loss
+from contrastkit.training import History, load_checkpoint, save_checkpoint, seed_everything
+from contrastkit.viz import training_figure
+
+CLASSES = ("RV", "Myo", "LV")  # label ids 1, 2, 3; 0 is background
+IGNORE = -1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="'synthetic' or the ACDC folder (e.g. ../shared/data/acdc)")
+    p.add_argument("--method", choices=("supervised", "pseudo_label"), default="pseudo_label")
+    p.add_argument("--mode", choices=("prototype", "pixel"), default="prototype")
+    p.add_argument("--labeled-patients", type=int, default=3, help="labeled patients (synthetic: volumes)")
+    p.add_argument("--image-size", type=int, default=64, help="training slices are resized to this")
+    p.add_argument("--width", type=int, default=16, help="U-Net base width")
+    p.add_argument("--depth", type=int, default=3, help="U-Net poolings")
+    p.add_argument("--iterations", type=int, default=300, help="iterations per stage")
+    p.add_argument("--rounds", type=int, default=3, help="stage 2: pseudo-label rounds")
+    p.add_argument("--refresh-every", type=int, default=None, help="stage 2: iterations per round "
+                   "(default iterations // rounds); stage 2 lasts rounds * refresh-every iterations")
+    p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K iterations")
+    p.add_argument("--batch", type=int, default=8, help="slices per stage-2 batch")
+    p.add_argument("--labeled-batch", type=int, default=4, help="labeled slices per batch (all of a stage-1 batch)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lam", type=float, default=0.1, help="weight λ of the contrastive term")
+    p.add_argument("--tau", type=float, default=0.1, help="contrastive temperature")
+    p.add_argument("--confidence-threshold", type=float, default=0.9,
+                   help="pseudo-labels below this softmax confidence are ignored")
+    p.add_argument("--anchors-per-class", type=int, default=None, help="sample anchors (default: all pixels)")
+    p.add_argument("--synthetic-volumes", type=int, default=20, help="synthetic training volumes")
+    p.add_argument("--val-volumes", type=int, default=None, help="use only the first N validation volumes")
+    p.add_argument("--test-volumes", type=int, default=None, help="use only the first N test volumes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="runs/pseudo_label")
+    p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
+    return p.parse_args(argv)
+
+
+def load_data(args):
+    """Labeled and unlabeled training slices as tensors, and the validation and test volumes."""
+    if args.data == "synthetic":
+        full = SyntheticCardiac(args.synthetic_volumes, 8, size=args.image_size, seed=0)
+        labeled, unlabeled = split_by_patient(full.names, args.labeled_patients, seed=args.seed)
+        make = lambda names: SyntheticCardiac(args.synthetic_volumes, 8, args.image_size, 0, names)  # noqa: E731
+        val, test = SyntheticCardiacVolumes(4, 8, args.image_size, seed=2), SyntheticCardiacVolumes(8, 8, 96, seed=1)
+    else:  # SSL4MIS' labeled patients (seed=None), so numbers compare with published ones
+        labeled, unlabeled = acdc_patient_split(args.data, args.labeled_patients, seed=None)
+        make = lambda names: ACDCSlices(args.data, names, size=args.image_size)  # noqa: E731
+        val, test = ACDCVolumes(args.data, "val"), ACDCVolumes(args.data, "test")
+    stacks = []
+    for names in (labeled, unlabeled):
+        images, labels = zip(*(item for item in make(names)), strict=True)
+        stacks.append((torch.stack(images), torch.stack(labels)))
+    return stacks[0], stacks[1][0], val[:args.val_volumes], test[:args.test_volumes]
+
+
+@torch.no_grad()
+def refresh_pseudo_labels(model, images, threshold=None, batch=32, device="cpu"):
+    """Hard pseudo-labels and confidences (N, H, W) for ``images`` (N, 1, H, W) from ``model``.
+
+    Pixels whose softmax confidence is below ``threshold`` get ``IGNORE``."""
+    was_training = model.training
+    model.eval()
+    logits = torch.cat([model(images[i:i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
+    model.train(was_training)
+    return pseudo_labels(logits, threshold=threshold, ignore_index=IGNORE)
+
+
+def training_batch(images, masks, sampler, step, augment, device):
+    """Batch ``step``: images, labels (ground truth, pseudo-label or IGNORE) and confidences."""
+    sampler.set_epoch(step)  # one batch per sampler epoch: the step alone fixes the batch (resume)
+    index = next(iter(sampler))
+    x, m = augment(images[index].to(device), masks[index].to(device))
+    return x, m[:, 0].round().long(), m[:, 1]
+
+
+def segment(model, volumes, args):
+    model.eval()
+    with torch.no_grad():
+        preds = [predict_volume(model, image, args.image_size, device=args.device) for _, image, _ in volumes]
+    model.train()
+    return preds
+
+
+def validate(model, volumes, args):
+    """Mean over volumes and classes of the 3D Dice (no HD95: it is only for model selection)."""
+    preds = segment(model, volumes, args)
+    return float(np.mean([dice(p == c, v[2] == c) for p, v in zip(preds, volumes, strict=True)
+                          for c in range(1, len(CLASSES) + 1)]))
+
+
+def test_metrics(model, volumes, args):
+    """Per-volume Dice and HD95 (voxel units) per class and their mean, and the aggregate."""
+    per_volume = []
+    for (name, _, label), pred in zip(volumes, segment(model, volumes, args), strict=True):
+        scores = per_class_metrics(pred, label, len(CLASSES) + 1)
+        row = {CLASSES[c - 1]: {"dice": s["dice"], "hd95": s["hd95"]} for c, s in scores.items()}
+        row["mean"] = {k: float(np.mean([row[c][k] for c in CLASSES])) for k in ("dice", "hd95")}
+        per_volume.append({"name": name, **row})
+    return aggregate([{k: v for k, v in r.items() if k != "name"} for r in per_volume]), per_volume
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (lab_images, lab_labels), unl_images, val, test = load_data(args)
+    n_lab, n_unl = len(lab_images), len(unl_images)
+    stage1 = args.iterations
+    refresh_every = args.refresh_every or max(1, args.iterations // args.rounds)
+    stage2 = args.rounds * refresh_every
+    total = stage1 + stage2  # the supervised baseline runs stage 1 for all of them
+    contrastive = args.method == "pseudo_label"
+
+    # Every slice carries (label, confidence) as a 2-channel "mask", so augmentation moves both:
+    # ground truth with confidence 1, unlabeled slices get theirs at each refresh.
+    images = torch.cat([lab_images, unl_images])
+    masks = torch.zeros(n_lab + n_unl, 2, *images.shape[-2:])
+    masks[:n_lab, 0], masks[:n_lab, 1] = lab_labels.float(), 1.0
+    masks[n_lab:, 0] = IGNORE
+    samplers = [TwoStreamBatchSampler.for_concat(n_lab, n_unl, args.labeled_batch, unlabeled, num_batches=1,
+                                                 seed=args.seed) for unlabeled in (0, args.batch - args.labeled_batch)]
+    augment = PairedAugment(p_flip=0.5, p_rot90=0.5)
+    model = UNet(1, len(CLASSES) + 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
+    teacher = UNet(1, len(CLASSES) + 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    contrast = PseudoLabelContrast(temperature=args.tau, mode=args.mode, anchors_per_class=args.anchors_per_class,
+                                   confidence_threshold=args.confidence_threshold, num_classes=len(CLASSES) + 1)
+
+    step, best, best_step, history, elapsed, refreshed = 0, -1.0, 0, History(), 0.0, None
+    if args.resume:
+        state = load_checkpoint(args.resume, model, optimizer, map_location=args.device)
+        step, best, best_step, elapsed = state["step"], state["best"], state["best_step"], state["elapsed"]
+        history = History(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+    start = time.time() - elapsed
+
+    def checkpoint(path):
+        save_checkpoint(path, model, optimizer, step=step, best=best, best_step=best_step, history=history.records,
+                        elapsed=time.time() - start, torch_rng=torch.get_rng_state(), config=vars(args))
+
+    bar = tqdm(total=total, initial=step, desc=args.method + (f"/{args.mode}" if contrastive else ""),
+               dynamic_ncols=True)
+    sums = {}
+    while step < total:
+        in_stage2 = contrastive and step >= stage1
+        round_start = stage1 + (step - stage1) // refresh_every * refresh_every
+        if in_stage2 and refreshed != round_start:
+            teacher_path = out / f"teacher_{round_start}.pt"
+            if step == round_start:  # a new round: the teacher is the best model so far
+                load_checkpoint(out / "best.pt", teacher)
+                save_checkpoint(teacher_path, teacher)
+            else:  # resumed mid-round: the same teacher as before the interruption
+                load_checkpoint(teacher_path, teacher)
+            labels, confidence = refresh_pseudo_labels(teacher, unl_images, args.confidence_threshold,
+                                                       device=args.device)
+            masks[n_lab:, 0], masks[n_lab:, 1] = labels.float(), confidence
+            refreshed = round_start
+            kept = (labels != IGNORE).float().mean().item()
+            bar.write(f"step {step}: pseudo-labels from the model of step {best_step} ({kept:.1%} of pixels kept)")
+        x, y, conf = training_batch(images, masks, samplers[in_stage2], step, augment, args.device)
+        output = model(x, return_features=True)
+        losses = {"seg": dice_ce_loss(output.logits[:args.labeled_batch], y[:args.labeled_batch])}
+        if in_stage2:
+            losses["contrast"] = contrast(output.projection, y, conf)
+        total_loss = losses["seg"] + args.lam * losses.get("contrast", 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        optimizer.step()
+        step += 1
+        for k, v in {**losses, "total": total_loss}.items():
+            sums.setdefault(k, []).append(v.item())
+        bar.update()
+        bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
+        if step % args.eval_every == 0 or step == total or step == stage1:
+            val_dice = validate(model, val, args)
+            history.append(step=step, **{f"{k}/loss": float(np.mean(v)) for k, v in sums.items()},
+                           **{"val/dice": val_dice})
+            sums = {}
+            if val_dice > best:
+                best, best_step = val_dice, step
+                checkpoint(out / "best.pt")
+            checkpoint(out / "last.pt")
+            bar.write(f"step {step}: val dice {val_dice:.4f} (best {best:.4f} at {best_step})")
+    bar.close()
+
+    load_checkpoint(out / "best.pt", model)
+    summary, per_volume = test_metrics(model, test, args)
+    print(f"test ({len(test)} volumes), best checkpoint (step {best_step}, val dice {best:.4f}):\n"
+          f"{format_summary(summary)}")
+    wall = time.time() - start
+    result = {"config": vars(args), "iterations": {"stage1": stage1, "stage2": stage2, "total": total},
+              "labeled_slices": n_lab, "unlabeled_slices": n_unl, "best_step": best_step, "best_val_dice": best,
+              "hd95_unit": "voxel", "test": summary, "per_volume": per_volume, "wall_time_s": wall,
+              "threads": torch.get_num_threads()}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    history.save(out / "history.json")
+    # Middle slice of up to 8 test volumes spread over the list, at the training size for a regular grid.
+    shown = [test[int(i)] for i in np.unique(np.linspace(0, len(test) - 1, min(8, len(test))).round())]
+    mids = [len(v[1]) // 2 for v in shown]
+    preds = segment(model, [(n, im[k:k + 1], lb[k:k + 1]) for (n, im, lb), k in zip(shown, mids, strict=True)], args)
+    fit = lambda arrays: np.concatenate([fit_size(a, args.image_size) for a in arrays])  # noqa: E731
+    training_figure(history, fit([im[k:k + 1] for (_, im, _), k in zip(shown, mids, strict=True)]),
+                    fit([lb[k:k + 1] for (_, _, lb), k in zip(shown, mids, strict=True)]), fit(preds),
+                    out / "results.png", class_names=list(CLASSES),
+                    title=f"{args.method}, test mean Dice {summary['mean']['dice']['mean']:.3f}")
+    print(f"wrote {out / 'metrics.json'} and {out / 'results.png'} ({wall:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

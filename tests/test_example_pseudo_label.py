@@ -1,0 +1,171 @@
+"""examples/train_pseudo_label.py: the pseudo-label refresh, tiny end-to-end runs, resume, and real ACDC."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("kornia")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from contrastkit.data import find_acdc_root, predict_volume  # noqa: E402
+from contrastkit.models import UNet  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_pseudo_label.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("train_pseudo_label", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--image-size", "48", "--width", "4", "--depth", "2", "--synthetic-volumes", "4",
+        "--labeled-patients", "1", "--batch", "4", "--labeled-batch", "2", "--val-volumes", "1",
+        "--test-volumes", "2", "--threads", "1"]
+
+
+def _expected(model, images, threshold):
+    """Independent float64 softmax / argmax / threshold of the model's logits."""
+    with torch.no_grad():
+        probabilities = model.eval()(images).double().softmax(1)
+    confidence, labels = probabilities.max(1)
+    return torch.where(confidence < threshold, -1, labels), confidence
+
+
+def test_refresh_follows_the_model_and_ignores_unconfident_pixels(script):
+    torch.manual_seed(0)
+    model = UNet(1, 4, base_width=4, depth=1).train()
+    images = torch.rand(3, 1, 16, 16)
+    threshold = float(_expected(model, images, 0.0)[1].median())  # half the pixels fall below
+    model.train()
+    labels, confidence = script.refresh_pseudo_labels(model, images, threshold, batch=2)
+    assert model.training  # the refresh restores the training mode
+    want_labels, want_confidence = _expected(model, images, threshold)
+    torch.testing.assert_close(confidence.double(), want_confidence, rtol=1e-5, atol=1e-6)
+    assert torch.equal(labels, want_labels)
+    low = confidence < threshold
+    assert low.any() and (~low).any()  # both cases are exercised
+    assert (labels[low] == script.IGNORE).all() and (labels[~low] >= 0).all()
+
+    # The model changes (here: its head now prefers class 3 by a margin on confident pixels).
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 3.0]))
+    new_labels, new_confidence = script.refresh_pseudo_labels(model.train(), images, threshold)
+    want_labels, _ = _expected(model, images, threshold)
+    assert torch.equal(new_labels, want_labels)
+    assert not torch.equal(new_labels, labels)
+    assert (new_labels == 3).float().mean() > (labels == 3).float().mean()
+    assert (new_labels[new_confidence < threshold] == script.IGNORE).all()
+
+    # Everything below a threshold of 1 is ignored, and ignored pixels survive the training batch path.
+    ignored, conf = script.refresh_pseudo_labels(model, images, 1.0)
+    assert (ignored == script.IGNORE).all()
+    masks = torch.stack([ignored.float(), conf], 1)
+    sampler = script.TwoStreamBatchSampler.for_concat(1, 2, 1, 2, num_batches=1)
+    augment = script.PairedAugment(p_flip=0.5, p_rot90=0.5)
+    _, y, c = script.training_batch(images, masks, sampler, 0, augment, "cpu")
+    assert (y == script.IGNORE).all() and ((c >= 0) & (c < 1)).all()
+
+
+def _leaves(tree):
+    """The numbers of a nested JSON result, in order."""
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _leaves(v)]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _leaves(v)]
+    return [tree] if isinstance(tree, (int, float)) else []
+
+
+def _check_outputs(out: Path):
+    result = json.loads((out / "metrics.json").read_text())
+    for key in ("RV", "Myo", "LV", "mean"):
+        for metric in ("dice", "hd95"):
+            value = result["test"][key][metric]
+            assert value["n"] == 2 and np.isfinite(value["mean"])
+        assert 0 <= result["test"][key]["dice"]["mean"] <= 1
+    assert [v["name"] for v in result["per_volume"]] == ["case000", "case001"]
+    volume = result["per_volume"][0]
+    assert volume["mean"]["dice"] == pytest.approx(np.mean([volume[c]["dice"] for c in ("RV", "Myo", "LV")]))
+    assert result["wall_time_s"] > 0 and result["config"]["image_size"] == 48
+    assert (out / "results.png").stat().st_size > 1000
+    assert {"best.pt", "last.pt", "history.json"} <= {p.name for p in out.iterdir()}
+    return result
+
+
+@pytest.mark.parametrize("method, mode", [("supervised", "prototype"), ("pseudo_label", "pixel")])
+def test_smoke_run_writes_metrics_figure_and_checkpoints(script, tmp_path, method, mode):
+    result = script.main(TINY + ["--iterations", "3", "--rounds", "1", "--eval-every", "3",
+                                 "--method", method, "--mode", mode, "--out", str(tmp_path)])
+    assert _check_outputs(tmp_path) == json.loads(json.dumps(result))
+    assert result["iterations"] == {"stage1": 3, "stage2": 3, "total": 6}
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [r["step"] for r in history] == [3, 6]
+    assert ("contrast/loss" in history[-1]) == (method == "pseudo_label")
+    assert ("teacher_3.pt" in {p.name for p in tmp_path.iterdir()}) == (method == "pseudo_label")
+
+
+def test_resume_mid_round_matches_an_uninterrupted_run(script, tmp_path, monkeypatch):
+    # Stage 1: 2 steps; stage 2: 2 rounds of 3 (refreshes at 2 and 5); evaluations at 2, 4, 6, 8.
+    args = TINY + ["--iterations", "2", "--rounds", "2", "--refresh-every", "3", "--eval-every", "2"]
+    full = script.main(args + ["--out", str(tmp_path / "full")])
+
+    validate, calls = script.validate, []
+
+    def crash_at_step_6(model, volumes, a):
+        calls.append(1)
+        if len(calls) == 3:  # the third evaluation: after the round-2 teacher was written
+            raise KeyboardInterrupt
+        return validate(model, volumes, a)
+
+    monkeypatch.setattr(script, "validate", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        script.main(args + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(script, "validate", validate)
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["state"]
+    assert state["step"] == 4  # mid-round 1 (steps 2-4), with the round-2 teacher already on disk
+    resumed = script.main(args + ["--out", str(tmp_path / "cut"), "--resume", str(tmp_path / "cut" / "last.pt")])
+    _check_outputs(tmp_path / "cut")
+    assert resumed["best_step"] == full["best_step"]
+    assert _leaves(resumed["test"]) == pytest.approx(_leaves(full["test"]), rel=1e-5, abs=1e-6)
+    assert _leaves(resumed["per_volume"]) == pytest.approx(_leaves(full["per_volume"]), rel=1e-5, abs=1e-6)
+    history = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [r["step"] for r in history] == [2, 4, 6, 8]
+
+
+@pytest.mark.skipif(find_acdc_root() is None, reason="ACDC not found (set CONTRASTKIT_DATA or ../shared/data/acdc)")
+def test_real_acdc_batch_and_volume(script, monkeypatch):
+    root = find_acdc_root()
+    split = script.acdc_patient_split
+
+    def few_unlabeled(*a, **k):  # all labeled slices of 1 patient, only 6 unlabeled ones: fast
+        labeled, unlabeled = split(*a, **k)
+        return labeled, unlabeled[:6]
+
+    monkeypatch.setattr(script, "acdc_patient_split", few_unlabeled)
+    args = script.parse_args(["--data", str(root), "--labeled-patients", "1", "--image-size", "64",
+                              "--val-volumes", "1", "--test-volumes", "1"])
+    (images, labels), unlabeled, val, test = script.load_data(args)
+    assert images.shape[1:] == (1, 64, 64) and labels.shape[1:] == (64, 64) and len(images) == 32
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    assert set(labels.unique().tolist()) == {0, 1, 2, 3} and unlabeled.shape == (6, 1, 64, 64)
+    masks = torch.cat([torch.stack([labels.float(), torch.ones(labels.shape)], 1),
+                       torch.stack([torch.full((6, 64, 64), float(script.IGNORE)), torch.zeros(6, 64, 64)], 1)])
+    sampler = script.TwoStreamBatchSampler.for_concat(len(images), 6, 2, 2, num_batches=1)
+    x, y, c = script.training_batch(torch.cat([images, unlabeled]), masks, sampler, 0,
+                                    script.PairedAugment(), "cpu")
+    assert x.shape == (4, 1, 64, 64) and (y[:2] >= 0).all() and (y[2:] == script.IGNORE).all()
+
+    name, volume, label = test[0]
+    model = UNet(1, 4, base_width=4, depth=2).eval()
+    pred = predict_volume(model, volume, 64)
+    assert name in (root / "test.list").read_text() and pred.shape == label.shape and pred.dtype == np.int64
+    assert set(np.unique(pred)) <= {0, 1, 2, 3}
+    summary, per_volume = script.test_metrics(model, [test[0]], args)
+    assert per_volume[0]["name"] == name and summary["mean"]["dice"]["n"] == 1
