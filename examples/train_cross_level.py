@@ -76,6 +76,15 @@ def load_data(args):
     return [TensorDataset(*(torch.stack(t) for t in zip(*load(part), strict=True))) for part in parts]
 
 
+def make_loader(args, labeled, unlabeled):
+    """Batches of ``--labeled-batch`` labeled images then unlabeled ones; one sampler epoch per evaluation."""
+    # The baseline sees the same labeled images per step and nothing else.
+    unlabeled_batch = args.batch - args.labeled_batch if args.method == "cross_level" else 0
+    sampler = TwoStreamBatchSampler.for_concat(len(labeled), len(unlabeled), args.labeled_batch, unlabeled_batch,
+                                               num_batches=args.eval_every, seed=args.seed)
+    return sampler, DataLoader(ConcatDataset([labeled, unlabeled]), batch_sampler=sampler)
+
+
 @torch.no_grad()
 def predict(model, dataset, device, batch=16):
     model.eval()
@@ -97,11 +106,7 @@ def main(argv=None):
     iterations = args.iterations or (args.epochs * per_epoch if args.epochs else 600)
     warmup = int(args.warmup * iterations) if args.warmup < 1 else int(args.warmup)
     cross_level = args.method == "cross_level"
-    # The baseline sees the same labeled images per step and nothing else.
-    unlabeled_batch = args.batch - args.labeled_batch if cross_level else 0
-    sampler = TwoStreamBatchSampler.for_concat(len(labeled), len(unlabeled), args.labeled_batch, unlabeled_batch,
-                                               num_batches=args.eval_every, seed=args.seed)
-    loader = DataLoader(ConcatDataset([labeled, unlabeled]), batch_sampler=sampler)
+    sampler, loader = make_loader(args, labeled, unlabeled)
     augment = PairedAugment(p_flip=0.5, p_rot90=0.5)
     model = UNet(3, 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
