@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--grid", type=int, default=2, help="patches per side; image-size/grid must divide by 2^depth")
     p.add_argument("--width", type=int, default=16, help="U-Net base width")
     p.add_argument("--depth", type=int, default=3, help="U-Net poolings")
-    p.add_argument("--iterations", type=int, default=None, help="optimizer steps (default 600)")
+    p.add_argument("--iterations", type=int, default=None, help="optimizer steps (default 300)")
     p.add_argument("--epochs", type=int, default=None, help="alternative to --iterations: passes over the labeled set")
     p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K iterations")
     p.add_argument("--batch", type=int, default=8, help="images per batch")
@@ -103,7 +103,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     labeled, unlabeled, val, test = load_data(args)
     per_epoch = max(1, len(labeled) // args.labeled_batch)
-    iterations = args.iterations or (args.epochs * per_epoch if args.epochs else 600)
+    iterations = args.iterations or (args.epochs * per_epoch if args.epochs else 300)
     warmup = int(args.warmup * iterations) if args.warmup < 1 else int(args.warmup)
     cross_level = args.method == "cross_level"
     sampler, loader = make_loader(args, labeled, unlabeled)
