@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,27 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     if optimizer is not None and "optimizer" in payload:
         optimizer.load_state_dict(payload["optimizer"])
     return payload["state"]
+
+
+def save_run(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, step: int, best: float,
+             best_step: int, history: History, started: float, **extra) -> None:
+    """A checkpoint a training run resumes from exactly: the progress counters, the metric
+    history, the wall time so far (``started`` is the run's ``time.time()`` origin) and the
+    torch RNG state, plus any ``extra`` state such as the configuration."""
+    save_checkpoint(path, model, optimizer, step=step, best=best, best_step=best_step, history=history.records,
+                    elapsed=time.time() - started, torch_rng=torch.get_rng_state(), **extra)
+
+
+def resume_run(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, map_location="cpu"):
+    """Restores what :func:`save_run` wrote, the torch RNG included.
+
+    Returns ``(step, best, best_step, history, started)``, ``started`` shifted so that
+    ``time.time() - started`` keeps counting the run's wall time across the interruption.
+    """
+    state = load_checkpoint(path, model, optimizer, map_location=map_location)
+    torch.set_rng_state(state["torch_rng"])
+    return (state["step"], state["best"], state["best_step"], History(state["history"]),
+            time.time() - state["elapsed"])
 
 
 class History:

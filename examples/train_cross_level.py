@@ -23,7 +23,7 @@ from contrastkit.data import PairedAugment, SegmentationFolder, SyntheticPolyps,
 from contrastkit.metrics import aggregate, binary_metrics, dice, format_summary
 from contrastkit.models import UNet
 from contrastkit.segmentation import bce_dice_loss
-from contrastkit.training import History, load_checkpoint, save_checkpoint, seed_everything
+from contrastkit.training import History, load_checkpoint, resume_run, save_run, seed_everything
 from contrastkit.viz import training_figure
 
 
@@ -113,17 +113,13 @@ def main(argv=None):
     contrast, consistency = CrossLevelContrast(temperature=args.temperature), CrossLevelConsistency()
     consistency_weight = args.consistency_weight * args.grid**2
 
-    step, best, best_step, history, elapsed = 0, -1.0, 0, History(), 0.0
+    step, best, best_step, history, start = 0, -1.0, 0, History(), time.time()
     if args.resume:
-        state = load_checkpoint(args.resume, model, optimizer, map_location=args.device)
-        step, best, best_step, elapsed = state["step"], state["best"], state["best_step"], state["elapsed"]
-        history = History(state["history"])
-        torch.set_rng_state(state["torch_rng"])
-    start = time.time() - elapsed
+        step, best, best_step, history, start = resume_run(args.resume, model, optimizer, args.device)
 
     def checkpoint(path):
-        save_checkpoint(path, model, optimizer, step=step, best=best, best_step=best_step, history=history.records,
-                        elapsed=time.time() - start, torch_rng=torch.get_rng_state(), config=vars(args))
+        save_run(path, model, optimizer, step=step, best=best, best_step=best_step, history=history, started=start,
+                 config=vars(args))
 
     bar = tqdm(total=iterations, initial=step, desc=f"{args.method}/{args.schedule}", dynamic_ncols=True)
     while step < iterations:

@@ -37,7 +37,7 @@ from contrastkit.data import (
 from contrastkit.metrics import aggregate, dice, format_summary, per_class_metrics
 from contrastkit.models import UNet
 from contrastkit.segmentation import dice_ce_loss
-from contrastkit.training import History, load_checkpoint, save_checkpoint, seed_everything
+from contrastkit.training import History, load_checkpoint, resume_run, save_checkpoint, save_run, seed_everything
 from contrastkit.viz import training_figure
 
 CLASSES = ("RV", "Myo", "LV")  # label ids 1, 2, 3; 0 is background
@@ -172,17 +172,13 @@ def main(argv=None):
     contrast = PseudoLabelContrast(temperature=args.tau, mode=args.mode, anchors_per_class=args.anchors_per_class,
                                    confidence_threshold=args.confidence_threshold, num_classes=len(CLASSES) + 1)
 
-    step, best, best_step, history, elapsed, refreshed = 0, -1.0, 0, History(), 0.0, None
+    step, best, best_step, history, start, refreshed = 0, -1.0, 0, History(), time.time(), None
     if args.resume:
-        state = load_checkpoint(args.resume, model, optimizer, map_location=args.device)
-        step, best, best_step, elapsed = state["step"], state["best"], state["best_step"], state["elapsed"]
-        history = History(state["history"])
-        torch.set_rng_state(state["torch_rng"])
-    start = time.time() - elapsed
+        step, best, best_step, history, start = resume_run(args.resume, model, optimizer, args.device)
 
     def checkpoint(path):
-        save_checkpoint(path, model, optimizer, step=step, best=best, best_step=best_step, history=history.records,
-                        elapsed=time.time() - start, torch_rng=torch.get_rng_state(), config=vars(args))
+        save_run(path, model, optimizer, step=step, best=best, best_step=best_step, history=history, started=start,
+                 config=vars(args))
 
     bar = tqdm(total=total, initial=step, desc=args.method + (f"/{args.mode}" if contrastive else ""),
                dynamic_ncols=True)

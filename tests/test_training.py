@@ -53,3 +53,22 @@ def test_history_and_figure(tmp_path):
     path = training_figure(history, images, target, np.roll(target, 2, axis=2), tmp_path / "fig.png",
                            class_names=["lesion"])
     assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_state_round_trip_keeps_counters_rng_and_wall_time(tmp_path):
+    import time
+
+    from contrastkit.training import resume_run, save_run
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = History([{"step": 5, "val/dice": 0.4}])
+    torch.manual_seed(3)
+    save_run(tmp_path / "last.pt", model, opt, step=5, best=0.4, best_step=5, history=history,
+             started=time.time() - 100.0, config={"lr": 0.1})
+    expected_draw = torch.rand(3)
+    torch.manual_seed(99)  # the resumed run must not depend on the RNG state it starts in
+    step, best, best_step, restored, started = resume_run(tmp_path / "last.pt", model, opt)
+    assert (step, best, best_step) == (5, 0.4, 5) and restored.records == history.records
+    assert 99.0 <= time.time() - started < 110.0
+    assert torch.equal(torch.rand(3), expected_draw)
