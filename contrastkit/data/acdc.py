@@ -293,7 +293,26 @@ def _existing(folder: Path, names: list[str], what: str) -> list[Path]:
     return paths
 
 
-class ACDCSlices(torch.utils.data.Dataset):
+class NamedSlices(torch.utils.data.Dataset):
+    """A slice data set whose ``names`` (``<patient>_frameNN_slice_K`` style) say which patient
+    and volume each slice belongs to, so labeled subsets can be chosen by patient."""
+
+    names: list[str]
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return [patient_id(n) for n in self.names]
+
+    @property
+    def volume_ids(self) -> list[str]:
+        return [volume_id(n) for n in self.names]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+
+class ACDCSlices(NamedSlices):
     """2D training slices: item i is (image (1, S, S) float32, label (S, S) int64).
 
     ``names`` picks slices (e.g. one side of ``acdc_patient_split``); None means all of
@@ -317,17 +336,6 @@ class ACDCSlices(torch.utils.data.Dataset):
         self.mode = _check_mode(mode)
         self.transform = transform
         self._paths = _existing(self.root / "data" / "slices", self.names, "slice")
-
-    @property
-    def patient_ids(self) -> list[str]:
-        return [patient_id(n) for n in self.names]
-
-    @property
-    def volume_ids(self) -> list[str]:
-        return [volume_id(n) for n in self.names]
-
-    def __len__(self) -> int:
-        return len(self.names)
 
     def __getitem__(self, index: int):
         image, label = _read_h5(self._paths[index])

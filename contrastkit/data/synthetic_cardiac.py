@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .acdc import patient_id, volume_id
+from .acdc import NamedSlices
 
 MIN_SIZE = 32
 
@@ -132,7 +132,7 @@ def _slice_names(n_volumes: int, slices_per_volume: int) -> list[str]:
     return [f"case{v:03d}_slice_{k}" for v in range(n_volumes) for k in range(slices_per_volume)]
 
 
-class SyntheticCardiac(torch.utils.data.Dataset):
+class SyntheticCardiac(NamedSlices):
     """Slices of ``n_volumes`` synthetic volumes: item i is (image (1, S, S) float32, label (S, S) int64).
 
     ``names`` restricts the set (e.g. one side of ``split_by_patient(ds.names, 3)``); slices are named
@@ -165,17 +165,6 @@ class SyntheticCardiac(torch.utils.data.Dataset):
                 raise ValueError(f"names not in this synthetic set: {unknown[:5]}")
         position = {n: divmod(i, self.slices_per_volume) for i, n in enumerate(all_names)}
         self._positions = [position[n] for n in self.names]
-
-    @property
-    def patient_ids(self) -> list[str]:
-        return [patient_id(n) for n in self.names]
-
-    @property
-    def volume_ids(self) -> list[str]:
-        return [volume_id(n) for n in self.names]
-
-    def __len__(self) -> int:
-        return len(self.names)
 
     def __getitem__(self, index: int):
         volume, k = self._positions[index]
