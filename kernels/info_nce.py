@@ -26,22 +26,27 @@ from . import _info_nce_kernels as K
 from ._layout import check_kernel_input, embedding_size, interpreting, layout, num_rows, padded_size
 
 _INTERPRETER_BLOCKS = (32, 32, 4, 1)
+KERNEL_KINDS = ("forward", "backward_query", "backward_key")
+
+# (BLOCK_N, BLOCK_M, num_warps, num_stages) per kernel and largest padded D; tiles shrink as rows
+# get longer. Placeholder values until measured on a GPU (benchmarks/tune_blocks.py).
+GPU_BLOCKS = {
+    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2), 512: (32, 32, 4, 1),
+                1024: (16, 16, 4, 1)},
+    "backward_query": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1),
+                       1024: (16, 16, 4, 1)},
+    "backward_key": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1),
+                     1024: (16, 16, 4, 1)},
+}
 
 
-def _blocks(d_pad: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_M, num_warps, num_stages); tiles shrink as rows get longer."""
+def _blocks(kind: str, d_pad: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_M, num_warps, num_stages) of one kernel for rows padded to d_pad."""
     if interpreting():
         # Bigger numpy tiles are faster under the interpreter; 32 still leaves ragged edges.
         return _INTERPRETER_BLOCKS
-    if d_pad <= 64:
-        return (64, 64, 4, 2) if backward else (128, 64, 4, 3)
-    if d_pad <= 128:
-        return (64, 64, 4, 2) if backward else (128, 64, 8, 2)
-    if d_pad <= 256:
-        return (32, 32, 4, 1) if backward else (64, 32, 4, 2)
-    if d_pad <= 512:
-        return (16, 16, 4, 1) if backward else (32, 32, 4, 1)
-    return 16, 16, 4, 1
+    table = GPU_BLOCKS[kind]
+    return table[min(bound for bound in table if bound >= d_pad)]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -97,7 +102,7 @@ def info_nce_rows_triton(
     valid = torch.empty(n, dtype=torch.bool, device=device)
     n_pos = torch.empty(n, dtype=torch.int32, device=device)
     d_pad = padded_size(d)
-    block_n, block_m, warps, stages = _blocks(d_pad, backward=False)
+    block_n, block_m, warps, stages = _blocks("forward", d_pad)
     K.info_nce_fwd_kernel[(triton.cdiv(n, block_n),)](
         *_common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups),
         loss, valid.view(torch.int8), lse, n_pos, pos_sigmoid,
@@ -151,16 +156,21 @@ def info_nce_rows_triton_backward(
     sizes = (n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key))
     flags = _flags(query, groups, self_offset, normalize, denominator)
     d_pad = padded_size(d)
-    block_n, block_m, warps, stages = _blocks(d_pad, backward=True)
-    tiles = dict(BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, num_warps=warps, num_stages=stages)
+
+    def tiles(kind):
+        block_n, block_m, warps, stages = _blocks(kind, d_pad)
+        return dict(BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, num_warps=warps, num_stages=stages)
+
     grad_query = torch.empty_like(query) if need_query_grad else torch.zeros_like(query)
     grad_key = torch.empty_like(key) if need_key_grad else torch.zeros_like(key)
     if need_query_grad:
-        K.info_nce_bwd_query_kernel[(triton.cdiv(n, block_n),)](
-            *shared, grad_query, *sizes, *layout(grad_query)[2:], **flags, **tiles)
+        query_tiles = tiles("backward_query")
+        K.info_nce_bwd_query_kernel[(triton.cdiv(n, query_tiles["BLOCK_N"]),)](
+            *shared, grad_query, *sizes, *layout(grad_query)[2:], **flags, **query_tiles)
     if need_key_grad:
-        K.info_nce_bwd_key_kernel[(triton.cdiv(m, block_m),)](
-            *shared, grad_key, *sizes, *layout(grad_key)[2:], **flags, **tiles)
+        key_tiles = tiles("backward_key")
+        K.info_nce_bwd_key_kernel[(triton.cdiv(m, key_tiles["BLOCK_M"]),)](
+            *shared, grad_key, *sizes, *layout(grad_key)[2:], **flags, **key_tiles)
     return grad_query, grad_key
 
 

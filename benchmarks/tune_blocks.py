@@ -1,0 +1,168 @@
+"""Measure the tile shapes of the three InfoNCE kernels on a GPU (feeds ``kernels/info_nce.py::GPU_BLOCKS``).
+
+    python benchmarks/tune_blocks.py --out-dir /tmp/tune          # N = M = 32,768, D in {64, 128, 256}
+
+For every kernel (forward, backward dq, backward dk), padded D and dtype it times each candidate
+(BLOCK_N, BLOCK_M, num_warps, num_stages) on a SupCon self-contrast batch (normalised, 8 classes,
+denominator "all") with ``triton.testing.do_bench`` (median), and checks that the candidate's
+output equals the first candidate's, so that a fast but wrong shape cannot win. Candidates are
+compiled first in parallel worker processes (Triton's on-disk cache then serves the timing
+process), because compiling dominates otherwise. One JSON line per candidate goes to stdout and
+``tune_blocks.jsonl``; the best shape per (kernel, D, dtype) is printed last and written to
+``tune_blocks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import sys
+import time
+
+import torch
+
+SMALL = {64: [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+              (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 3)],
+         256: [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2),
+               (128, 32, 8, 2), (64, 64, 8, 3)]}
+BACKWARD = {64: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2),
+                 (32, 64, 4, 2), (64, 32, 4, 2), (128, 128, 8, 2)],
+            256: [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2),
+                  (64, 64, 4, 2)]}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# Most used first: a run cut short still has the settings that matter.
+SETTINGS = [(128, "bfloat16"), (64, "bfloat16"), (128, "float32"), (256, "bfloat16"), (64, "float32"),
+            (256, "float32")]
+KINDS = ("forward", "backward_query", "backward_key")
+
+
+def candidates(kind: str, d: int):
+    table = SMALL if kind == "forward" else BACKWARD
+    return table[64 if d <= 128 else 256]
+
+
+def make_batch(n: int, d: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g).to(dtype).cuda()
+    labels = torch.randint(0, 8, (n,), generator=g).cuda()
+    return q, labels
+
+
+def forward_stats(q, labels):
+    from contrastkit.kernels import info_nce as ops
+
+    return ops.info_nce_rows_triton(q, q, labels, labels, None, None, 0, 0.1, True, "all", -1)
+
+
+def run_kind(kind: str, q, labels, block, stats=None):
+    """One call of one kernel with its shape set to ``block``; returns its output(s).
+
+    The backward kernels take the forward's statistics (``stats``), computed once outside the timing.
+    """
+    from contrastkit.kernels import info_nce as ops
+
+    d_pad = ops.padded_size(q.shape[1])
+    previous = ops.GPU_BLOCKS[kind].get(d_pad)
+    ops.GPU_BLOCKS[kind][d_pad] = block
+    try:
+        if kind == "forward":
+            loss, _, lse, *_ = forward_stats(q, labels)
+            return loss, lse
+        loss, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm = stats
+        need_query = kind == "backward_query"
+        grads = ops.info_nce_rows_triton_backward(torch.ones_like(loss), q, q, labels, labels, None, None, valid,
+                                                  lse, n_pos, pos_sigmoid, q_norm, k_norm, 0, 0.1, True, "all",
+                                                  -1, need_query, not need_query)
+        return (grads[0],) if need_query else (grads[1],)
+    finally:
+        ops.GPU_BLOCKS[kind][d_pad] = previous
+
+
+def _compile_one(job):
+    kind, d, dtype_name, block = job
+    q, labels = make_batch(1024, d, DTYPES[dtype_name])
+    start = time.perf_counter()
+    try:
+        run_kind(kind, q, labels, block, forward_stats(q, labels))
+        torch.cuda.synchronize()
+        return job, time.perf_counter() - start, None
+    except Exception as error:  # noqa: BLE001 - a shape that does not compile is a result
+        return job, time.perf_counter() - start, f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def time_setting(n: int, d: int, dtype_name: str, compile_errors: dict):
+    """A record per candidate of each kernel at one (D, dtype): median ms and error against the first."""
+    from triton.testing import do_bench
+
+    q, labels = make_batch(n, d, DTYPES[dtype_name], seed=d)
+    stats = forward_stats(q, labels)
+    for kind in KINDS:
+        baseline = None
+        for block in candidates(kind, d):
+            record = dict(kind=kind, d=d, dtype=dtype_name, n=n, block=block)
+            error = compile_errors.get((kind, d, dtype_name, block))
+            if error:
+                record["error"] = error
+            else:
+                out = run_kind(kind, q, labels, block, stats)
+                baseline = out if baseline is None else baseline
+                record["rel_error"] = max(rel_error(o, b) for o, b in zip(out, baseline, strict=True))
+                record["ms"] = do_bench(lambda b=block, k=kind: run_kind(k, q, labels, b, stats), warmup=25,
+                                        rep=100, return_mode="median")
+            yield record
+
+
+def rel_error(got, want) -> float:
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=32768)
+    parser.add_argument("--workers", type=int, default=12, help="processes compiling candidates in parallel")
+    parser.add_argument("--budget-s", type=float, default=240, help="stop starting new settings after this")
+    parser.add_argument("--out-dir", default=".")
+    args = parser.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    start = time.perf_counter()
+    jobs = [(kind, d, dtype_name, block) for d, dtype_name in SETTINGS for kind in KINDS
+            for block in candidates(kind, d)]
+    compile_errors = {}
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for job, _, error in pool.map(_compile_one, jobs):
+            if error:
+                compile_errors[job] = error
+    print(f"compiled {len(jobs)} candidates in {time.perf_counter() - start:.0f} s "
+          f"({len(compile_errors)} failed)", flush=True)
+
+    best = {}
+    with open(os.path.join(args.out_dir, "tune_blocks.jsonl"), "w") as log:
+        for d, dtype_name in SETTINGS:
+            if time.perf_counter() - start > args.budget_s:
+                print(f"budget spent: D={d} {dtype_name} and later settings not timed", flush=True)
+                break
+            for record in time_setting(args.n, d, dtype_name, compile_errors):
+                print(json.dumps(record), flush=True)
+                log.write(json.dumps(record) + "\n")
+                key = (record["kind"], d, dtype_name)
+                if record.get("rel_error", 1.0) < 1e-2 and (key not in best or record["ms"] < best[key]["ms"]):
+                    best[key] = record
+            torch.cuda.empty_cache()
+
+    lines = [f"# Kernel tile shapes on {torch.cuda.get_device_name()} (N = M = {args.n}, SupCon self-contrast)", "",
+             "| kernel | D | dtype | best (BLOCK_N, BLOCK_M, warps, stages) | ms |", "|---|---|---|---|---|"]
+    lines += [f"| {k[0]} | {k[1]} | {k[2]} | {tuple(r['block'])} | {r['ms']:.3f} |" for k, r in sorted(best.items())]
+    with open(os.path.join(args.out_dir, "tune_blocks.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
