@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Everything a lent GPU is used for, in one command, step by step with a time limit each:
 #
-#   bash benchmarks/gpu_session.sh [STEP ...]      (default: setup tests correctness tune bench)
+#   bash benchmarks/gpu_session.sh [STEP ...]      (default: setup tests correctness bench bench-more tune)
 #
 #   setup        versions, nvidia-smi, `pip install -e . --no-deps` (offline: the GPU image has torch/triton)
 #   tests        pytest tests/kernels, kernels compiled for the GPU (the -m gpu set included)
 #   correctness  benchmarks/gpu_correctness.py at N = M = 65,536, D = 128, bf16 and fp32
 #   tune         benchmarks/tune_blocks.py: tile shapes of the three kernels
 #   smoke        a one-size slice of the benchmark sweep (checks the GPU harness quickly)
-#   bench        the GPU benchmark sweep (a subset of --ck-scale=full sized to fit one call), saved
+#   bench        the core of the GPU benchmark sweep (SupCon bf16, D = 128, every N; roofline; targets)
+#   bench-more   more of it (fp32, cross-level, pseudo-label pixels at the largest sizes)
 #
 # The whole log goes to $OUT/session.log and results beside it (default /tmp/contrastkit-gpu). Python wheels missing from the GPU
 # image (pytorch-metric-learning for the benchmarks' peers) are installed from .whl/ when present.
@@ -17,8 +18,11 @@ OUT=${OUT:-/tmp/contrastkit-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STEPS=${*:-setup tests correctness tune bench}
-BENCH_K=${BENCH_K:-"(supcon8 and D128) or (cross_level and N16384) or (cross_level and N65536) or (pl_pixel and N32768) or (pl_pixel and N131072) or roofline or targets"}
+STEPS=${*:-setup tests correctness bench bench-more tune}
+# The sweep in two parts, each saved on its own (a part cut short by its limit loses only itself);
+# combine them with `python -m benchmarks.report --merge`.
+BENCH_CORE=${BENCH_CORE:-"(supcon8 and D128 and bfloat16) or roofline or targets"}
+BENCH_MORE=${BENCH_MORE:-"(supcon8 and D128 and float32 and (N16384 or N65536)) or (cross_level and N16384 and bfloat16) or (pl_pixel and N131072 and bfloat16)"}
 
 run_step() {  # name, limit in seconds, command...
     local name=$1 limit=$2
@@ -46,22 +50,24 @@ for step in $STEPS; do
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
         ;;
     tests)
-        run_step tests 300 $PY -m pytest tests/kernels -q --maxfail=10 -n 8 -p no:cacheprovider -rs
+        run_step tests 300 $PY -m pytest tests/kernels -q --maxfail=10 -n 12 -p no:cacheprovider -rs
         ;;
     correctness)
         run_step correctness 180 $PY benchmarks/gpu_correctness.py --out-dir "$OUT"
         ;;
     tune)
-        TAIL=30 run_step tune 300 $PY benchmarks/tune_blocks.py --out-dir "$OUT" --budget-s 200
+        TAIL=30 run_step tune 300 $PY benchmarks/tune_blocks.py --out-dir "$OUT" --budget-s 200 ${TUNE_ARGS:-}
         ;;
     smoke)
         run_step smoke 150 $PY -m pytest benchmarks --ck-scale=full -q -p no:cacheprovider \
             -k "(supcon8 and N1024- and D128 and bfloat16) or roofline"
         ;;
-    bench)
-        TAIL=60 run_step bench 420 $PY -m pytest benchmarks --ck-scale=full --ck-save -q -p no:cacheprovider \
-            -k "$BENCH_K"
-        cp benchmarks/results/*-"$(date -u +%F)".* "$OUT"/ 2>/dev/null
+    bench | bench-more)
+        if [ "$step" = bench ]; then selection=$BENCH_CORE limit=240; else selection=$BENCH_MORE limit=150; fi
+        rm -f benchmarks/results/*-"$(date -u +%F)".json
+        TAIL=45 run_step "$step" "$limit" $PY -m pytest benchmarks --ck-scale=full --ck-save -q \
+            -p no:cacheprovider -k "$selection"
+        cp benchmarks/results/*-"$(date -u +%F)".json "$OUT/$step.json" 2>/dev/null
         ;;
     *)
         echo "unknown step $step" >&2

@@ -35,7 +35,7 @@ class Row:
     dtype: str
     device: str
     direction: str  # "fwd" (a training forward: inputs require grad) or "fwd+bwd"
-    status: str = "ok"  # "ok", "oom" or "n/a"
+    status: str = "ok"  # "ok", "oom", "n/a" or "error" (the provider raised; the test fails)
     median_s: float | None = None
     peak_bytes: int | None = None
     reason: str = ""

@@ -159,8 +159,8 @@ def _ms(s: float) -> str:
 
 
 def cell(row: Row) -> str:
-    if row.status == "oom":
-        return "OOM"
+    if row.status in ("oom", "error"):
+        return row.status.upper()
     if row.status != "ok":
         return "n/a"
     text = f"{_ms(row.median_s)} ms · {_mib(row.peak_bytes)} MiB"

@@ -77,10 +77,19 @@ def measure_cpu(benchmark, ck, case, provider, row, run):
     except Exception as error:
         if is_oom(error):
             row.status, row.peak_bytes = "oom", None
-        elif provider == "compiled":
-            row.status, row.reason = "n/a", f"torch.compile failed: {type(error).__name__}: {error}"[:300]
         else:
-            raise
+            record_failure(row, provider, error)
+
+
+def record_failure(row, provider, error):
+    """A failed compile of the dense math is a result (n/a); any other failure fails the test,
+    and its row says "error" rather than keeping the empty times of a row that never ran."""
+    text = f"{type(error).__name__}: {error}"[:300]
+    if provider == "compiled":
+        row.status, row.reason = "n/a", f"torch.compile failed: {text}"
+        return
+    row.status, row.reason, row.median_s, row.peak_bytes = "error", text, None, None
+    raise error
 
 
 def measure_cuda(benchmark, ck, provider, row, run):
@@ -91,9 +100,7 @@ def measure_cuda(benchmark, ck, provider, row, run):
     except Exception as error:
         if is_oom(error):
             row.status, row.peak_bytes, row.median_s = "oom", None, None
-        elif provider == "compiled":
-            row.status, row.reason = "n/a", f"torch.compile failed: {type(error).__name__}: {error}"[:300]
         else:
-            raise
+            record_failure(row, provider, error)
     finally:
         release_cuda()

@@ -128,10 +128,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=12, help="processes compiling candidates in parallel")
     parser.add_argument("--budget-s", type=float, default=240, help="stop starting new settings after this")
     parser.add_argument("--out-dir", default=".")
+    parser.add_argument("--settings", nargs="+", metavar="D:DTYPE", help="only these, e.g. 128:float32")
     args = parser.parse_args()
+    settings = SETTINGS if not args.settings else [(int(d), t) for d, t in (s.split(":") for s in args.settings)]
     os.makedirs(args.out_dir, exist_ok=True)
     start = time.perf_counter()
-    jobs = [(kind, d, dtype_name, block) for d, dtype_name in SETTINGS for kind in KINDS
+    jobs = [(kind, d, dtype_name, block) for d, dtype_name in settings for kind in KINDS
             for block in candidates(kind, d)]
     compile_errors = {}
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -143,7 +145,7 @@ def main() -> int:
 
     best = {}
     with open(os.path.join(args.out_dir, "tune_blocks.jsonl"), "w") as log:
-        for d, dtype_name in SETTINGS:
+        for d, dtype_name in settings:
             if time.perf_counter() - start > args.budget_s:
                 print(f"budget spent: D={d} {dtype_name} and later settings not timed", flush=True)
                 break

@@ -17,10 +17,13 @@ import torch
 
 from ._layout import KERNEL_DTYPES, MAX_EMBEDDING_SIZE, interpreting
 
+# Looked up once: info_nce asks on every call, and torch.compile cannot trace importlib.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
 
 def unavailable_reason() -> str | None:
     """None when the Triton backend can run, else a sentence saying why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_INSTALLED:
         return "triton is not installed (pip install triton, Linux x86-64 with an NVIDIA GPU)"
     if not (torch.cuda.is_available() or interpreting()):
         return "no CUDA device is available (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 # F.normalize divides by max(|x|, eps).
-NORM_EPS = 1e-12
+NORM_EPS = tl.constexpr(1e-12)
 DENOMINATOR_CODES = {"all": 0, "each_positive": 1, "negatives": 2}
 
 

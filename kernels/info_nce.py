@@ -29,13 +29,14 @@ _INTERPRETER_BLOCKS = (32, 32, 4, 1)
 KERNEL_KINDS = ("forward", "backward_query", "backward_key")
 
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) per kernel and largest padded D; tiles shrink as rows
-# get longer. Placeholder values until measured on a GPU (benchmarks/tune_blocks.py).
+# get longer. D <= 128: the fastest of benchmarks/tune_blocks.py's candidates on an H100 in bf16
+# (N = M = 32,768; benchmarks/results/). D > 128 and fp32 are not tuned yet.
 GPU_BLOCKS = {
-    "forward": {64: (128, 64, 4, 3), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2), 512: (32, 32, 4, 1),
+    "forward": {64: (128, 32, 4, 3), 128: (128, 32, 4, 3), 256: (64, 32, 4, 2), 512: (32, 32, 4, 1),
                 1024: (16, 16, 4, 1)},
-    "backward_query": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1),
+    "backward_query": {64: (32, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1),
                        1024: (16, 16, 4, 1)},
-    "backward_key": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1),
+    "backward_key": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1),
                      1024: (16, 16, 4, 1)},
 }
 
@@ -50,9 +51,11 @@ def _blocks(kind: str, d_pad: int) -> tuple[int, int, int, int]:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 follows torch's own matmul setting (TF32 off by default), so results match torch.
+    # float32 products follow torch's matmul setting. Without TF32 they use three TF32 products
+    # (about float32's accuracy) rather than "ieee", which runs on the CUDA cores and measured
+    # about 100x slower than bf16 on an H100.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 

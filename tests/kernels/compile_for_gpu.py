@@ -1,0 +1,103 @@
+"""Compile every Triton kernel ahead of time for a CUDA target, without a GPU.
+
+Triton's interpreter (how CI runs the kernels) executes the kernels' Python with numpy and so
+misses what only the compiler rejects (non-constexpr globals, type errors in a branch, layouts
+tl.dot cannot take). This lowers each kernel down to a cubin with Triton's bundled ptxas,
+for each dtype and a set of constexpr flags that reaches every branch, and prints one JSON line
+per compile. Run with TRITON_INTERPRET unset:
+
+    python tests/kernels/compile_for_gpu.py [--arch 90] [--block 64] [--d-pad 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import triton
+from contrastkit.kernels import _info_nce_kernels as K
+from contrastkit.kernels import pool as P
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+ROW_POINTERS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr")
+FIXED_POINTERS = {"q_norm_ptr": "*fp32", "k_norm_ptr": "*fp32", "norm_ptr": "*fp32", "q_label_ptr": "*i64",
+                  "k_label_ptr": "*i64", "q_group_ptr": "*i64", "k_group_ptr": "*i64", "loss_ptr": "*fp32",
+                  "valid_ptr": "*i8", "lse_ptr": "*fp32", "n_pos_ptr": "*i32", "pos_sigmoid_ptr": "*fp32",
+                  "exp_weight_ptr": "*fp32", "pos_weight_ptr": "*fp32"}
+FLOAT_ARGS = ("inv_tau",)
+
+# (DENOM, NORMALIZE, HAS_GROUPS, HAS_SELF): every denominator, each flag both ways.
+INFO_NCE_FLAGS = [(0, True, False, True), (1, True, True, True), (2, False, True, False)]
+
+
+def signature(fn, dtype: str, constexprs: dict) -> ASTSource:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ROW_POINTERS:
+            sig[name] = "*" + TRITON_TYPES[dtype]
+        elif name in FIXED_POINTERS:
+            sig[name] = FIXED_POINTERS[name]
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+
+
+def jobs(block: int, d_pad: int, dtypes, kernels):
+    """(name, kernel, dtype, constexprs, num_warps, num_stages) of every compile (filtered by name)."""
+    for job in _all_jobs(block, d_pad, dtypes):
+        if not kernels or job[0] in kernels:
+            yield job
+
+
+def _all_jobs(block, d_pad, dtypes):
+    for dtype in dtypes:
+        precision = "tf32x3" if dtype == "float32" else "tf32"
+        for denom, normalize, groups, self_ in INFO_NCE_FLAGS:
+            flags = dict(DENOM=denom, NORMALIZE=normalize, HAS_GROUPS=groups, HAS_SELF=self_,
+                         DOT_PRECISION=precision, UPCAST=False, BLOCK_N=block, BLOCK_M=block, D_PAD=d_pad)
+            for kernel in (K.info_nce_fwd_kernel, K.info_nce_bwd_query_kernel, K.info_nce_bwd_key_kernel):
+                yield kernel.__name__, kernel, dtype, flags, 4, 2
+        yield "row_norm_kernel", K.row_norm_kernel, dtype, dict(BLOCK=block, D_PAD=d_pad), 4, 1
+        for normalize in (False, True):
+            for kernel in (P.pool_fwd_kernel, P.pool_bwd_kernel):
+                yield kernel.__name__, kernel, dtype, dict(NORMALIZE=normalize, C_PAD=d_pad, BLOCK_P=block), 4, 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 or 90")
+    parser.add_argument("--block", type=int, default=64, help="BLOCK_N = BLOCK_M (small tiles compile faster)")
+    parser.add_argument("--d-pad", type=int, default=128, help="padded embedding size")
+    parser.add_argument("--dtypes", nargs="+", choices=TRITON_TYPES, default=list(TRITON_TYPES))
+    parser.add_argument("--kernels", nargs="+", default=[], help="only these kernels (by function name)")
+    args = parser.parse_args()
+    target = GPUTarget("cuda", args.arch, 32)
+    failed = 0
+    for name, kernel, dtype, constexprs, warps, stages in jobs(args.block, args.d_pad, args.dtypes, args.kernels):
+        start = time.perf_counter()
+        record = dict(kernel=name, dtype=dtype, arch=args.arch,
+                      flags={k: v for k, v in constexprs.items() if k.isupper()})
+        try:
+            compiled = triton.compile(signature(kernel, dtype, constexprs), target=target,
+                                      options=dict(num_warps=warps, num_stages=stages))
+            ptx = compiled.asm["ptx"]
+            record.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,
+                          wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx)
+        except Exception as error:  # noqa: BLE001 - every kernel is tried; failures are reported
+            failed += 1
+            record.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        print(json.dumps(record), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
