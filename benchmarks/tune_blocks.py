@@ -65,8 +65,9 @@ def run_kind(kind: str, q, labels, block, stats=None):
     from contrastkit.kernels import info_nce as ops
 
     d_pad = ops.padded_size(q.shape[1])
-    previous = ops.GPU_BLOCKS[kind].get(d_pad)
-    ops.GPU_BLOCKS[kind][d_pad] = block
+    table = ops.GPU_BLOCKS[q.element_size()][kind]
+    previous = table.get(d_pad)
+    table[d_pad] = block
     try:
         if kind == "forward":
             loss, _, lse, *_ = forward_stats(q, labels)
@@ -78,7 +79,10 @@ def run_kind(kind: str, q, labels, block, stats=None):
                                                   -1, need_query, not need_query)
         return (grads[0],) if need_query else (grads[1],)
     finally:
-        ops.GPU_BLOCKS[kind][d_pad] = previous
+        if previous is None:
+            del table[d_pad]
+        else:
+            table[d_pad] = previous
 
 
 def _compile_one(job):

@@ -35,8 +35,9 @@ def available() -> bool:
 
 
 def supports(dtype: torch.dtype, embedding_size: int) -> bool:
-    """Whether the kernels take embeddings of this dtype and size (float64 and D > 1024 do not)."""
-    return dtype in KERNEL_DTYPES and embedding_size <= MAX_EMBEDDING_SIZE
+    """Whether the kernels take embeddings of this dtype and size: bf16/fp16 up to D = 1024,
+    fp32 up to D = 512, never float64."""
+    return dtype in KERNEL_DTYPES and embedding_size <= MAX_EMBEDDING_SIZE[dtype]
 
 
 def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,

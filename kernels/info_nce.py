@@ -28,26 +28,74 @@ from ._layout import check_kernel_input, embedding_size, interpreting, layout, n
 _INTERPRETER_BLOCKS = (32, 32, 4, 1)
 KERNEL_KINDS = ("forward", "backward_query", "backward_key")
 
-# (BLOCK_N, BLOCK_M, num_warps, num_stages) per kernel and largest padded D; tiles shrink as rows
-# get longer. D <= 128: the fastest of benchmarks/tune_blocks.py's candidates on an H100 in bf16
-# (N = M = 32,768; benchmarks/results/). D > 128 and fp32 are not tuned yet.
+# (BLOCK_N, BLOCK_M, num_warps, num_stages) by element size (2: bf16/fp16, 4: fp32), kernel and
+# largest padded D. Measured on an H100 with benchmarks/tune_blocks.py (N = M = 32,768; see
+# benchmarks/results/nvidia-h100-2026-11-23-kernels.md): 2-byte D <= 256 and 4-byte D = 128.
+# The rest are estimates that fit Hopper's shared memory; _launch shrinks any that do not fit
+# a smaller GPU.
 GPU_BLOCKS = {
-    "forward": {64: (128, 32, 4, 3), 128: (128, 32, 4, 3), 256: (64, 32, 4, 2), 512: (32, 32, 4, 1),
-                1024: (16, 16, 4, 1)},
-    "backward_query": {64: (32, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1),
-                       1024: (16, 16, 4, 1)},
-    "backward_key": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1),
-                     1024: (16, 16, 4, 1)},
+    2: {
+        "forward": {64: (128, 32, 4, 3), 128: (128, 32, 4, 3), 256: (64, 32, 4, 2), 512: (32, 32, 4, 1),
+                    1024: (16, 16, 4, 1)},
+        "backward_query": {64: (32, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (16, 16, 4, 1),
+                           1024: (16, 16, 4, 1)},
+        "backward_key": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (64, 32, 4, 2), 512: (16, 16, 4, 1),
+                         1024: (16, 16, 4, 1)},
+    },
+    4: {  # float32 takes D <= 512 (_layout.MAX_EMBEDDING_SIZE)
+        "forward": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2), 512: (32, 32, 4, 1)},
+        "backward_query": {64: (32, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
+        "backward_key": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
+    },
 }
+# (kind, element size, D bound) -> the shape that replaced a tuned one this process's GPU could not fit.
+_SHRUNK: dict[tuple, tuple[int, int, int, int]] = {}
 
 
-def _blocks(kind: str, d_pad: int) -> tuple[int, int, int, int]:
+def _shape_key(kind: str, d_pad: int, element_size: int) -> tuple:
+    table = GPU_BLOCKS[element_size][kind]
+    return kind, element_size, min(bound for bound in table if bound >= d_pad)
+
+
+def _blocks(kind: str, d_pad: int, element_size: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_M, num_warps, num_stages) of one kernel for rows padded to d_pad."""
     if interpreting():
         # Bigger numpy tiles are faster under the interpreter; 32 still leaves ragged edges.
         return _INTERPRETER_BLOCKS
-    table = GPU_BLOCKS[kind]
-    return table[min(bound for bound in table if bound >= d_pad)]
+    key = _shape_key(kind, d_pad, element_size)
+    return _SHRUNK.get(key, GPU_BLOCKS[element_size][kind][key[2]])
+
+
+def smaller_blocks(block: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    """The next shape to try when ``block`` needs more shared memory than the GPU has:
+    one pipeline stage fewer, then the larger tile side halved (16 is tl.dot's minimum)."""
+    block_n, block_m, warps, stages = block
+    if stages > 1:
+        return block_n, block_m, warps, stages - 1
+    if max(block_n, block_m) <= 16:
+        return None
+    if block_n >= block_m:
+        return block_n // 2, block_m, warps, 2
+    return block_n, block_m // 2, warps, 2
+
+
+def _launch(kernel, kind: str, d_pad: int, element_size: int, grid_rows: int, by_query_tiles: bool, args, flags):
+    """Launch ``kernel`` with its tuned shape, shrinking it while the GPU lacks shared memory."""
+    from triton.runtime.errors import OutOfResources
+
+    block = _blocks(kind, d_pad, element_size)
+    while True:
+        block_n, block_m, warps, stages = block
+        grid = (triton.cdiv(grid_rows, block_n if by_query_tiles else block_m),)
+        try:
+            kernel[grid](*args, **flags, BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, num_warps=warps,
+                         num_stages=stages)
+            return
+        except OutOfResources:
+            block = smaller_blocks(block)
+            if block is None:
+                raise
+            _SHRUNK[_shape_key(kind, d_pad, element_size)] = block
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -104,15 +152,11 @@ def info_nce_rows_triton(
     loss, lse, pos_sigmoid = torch.empty(n, **f32), torch.empty(n, **f32), torch.zeros(n, **f32)
     valid = torch.empty(n, dtype=torch.bool, device=device)
     n_pos = torch.empty(n, dtype=torch.int32, device=device)
-    d_pad = padded_size(d)
-    block_n, block_m, warps, stages = _blocks("forward", d_pad)
-    K.info_nce_fwd_kernel[(triton.cdiv(n, block_n),)](
-        *_common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups),
-        loss, valid.view(torch.int8), lse, n_pos, pos_sigmoid,
-        n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key),
-        **_flags(query, groups, self_offset, normalize, denominator),
-        BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, num_warps=warps, num_stages=stages,
-    )
+    args = (*_common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups),
+            loss, valid.view(torch.int8), lse, n_pos, pos_sigmoid,
+            n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key))
+    _launch(K.info_nce_fwd_kernel, "forward", padded_size(d), query.element_size(), n, True, args,
+            _flags(query, groups, self_offset, normalize, denominator))
     return loss, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm
 
 
@@ -158,22 +202,15 @@ def info_nce_rows_triton_backward(
               lse, exp_weight, pos_weight)
     sizes = (n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key))
     flags = _flags(query, groups, self_offset, normalize, denominator)
-    d_pad = padded_size(d)
-
-    def tiles(kind):
-        block_n, block_m, warps, stages = _blocks(kind, d_pad)
-        return dict(BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, num_warps=warps, num_stages=stages)
-
+    d_pad, element_size = padded_size(d), query.element_size()
     grad_query = torch.empty_like(query) if need_query_grad else torch.zeros_like(query)
     grad_key = torch.empty_like(key) if need_key_grad else torch.zeros_like(key)
     if need_query_grad:
-        query_tiles = tiles("backward_query")
-        K.info_nce_bwd_query_kernel[(triton.cdiv(n, query_tiles["BLOCK_N"]),)](
-            *shared, grad_query, *sizes, *layout(grad_query)[2:], **flags, **query_tiles)
+        _launch(K.info_nce_bwd_query_kernel, "backward_query", d_pad, element_size, n, True,
+                (*shared, grad_query, *sizes, *layout(grad_query)[2:]), flags)
     if need_key_grad:
-        key_tiles = tiles("backward_key")
-        K.info_nce_bwd_key_kernel[(triton.cdiv(m, key_tiles["BLOCK_M"]),)](
-            *shared, grad_key, *sizes, *layout(grad_key)[2:], **flags, **key_tiles)
+        _launch(K.info_nce_bwd_key_kernel, "backward_key", d_pad, element_size, m, False,
+                (*shared, grad_key, *sizes, *layout(grad_key)[2:]), flags)
     return grad_query, grad_key
 
 

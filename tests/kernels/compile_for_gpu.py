@@ -7,6 +7,7 @@ for each dtype and a set of constexpr flags that reaches every branch, and print
 per compile. Run with TRITON_INTERPRET unset:
 
     python tests/kernels/compile_for_gpu.py [--arch 90] [--block 64] [--d-pad 128]
+    python tests/kernels/compile_for_gpu.py --table     # the tuned shapes, with their shared memory
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ def _all_jobs(block, d_pad, dtypes):
                 yield kernel.__name__, kernel, dtype, dict(NORMALIZE=normalize, C_PAD=d_pad, BLOCK_P=block), 4, 1
 
 
+def table_jobs():
+    """Each tuned GPU shape of kernels/info_nce.py, with the flags that need the most resources."""
+    from contrastkit.kernels.info_nce import GPU_BLOCKS
+
+    kernels = {"forward": K.info_nce_fwd_kernel, "backward_query": K.info_nce_bwd_query_kernel,
+               "backward_key": K.info_nce_bwd_key_kernel}
+    for element_size, dtype in ((2, "bfloat16"), (4, "float32")):
+        for kind, table in GPU_BLOCKS[element_size].items():
+            for d_pad, (block_n, block_m, warps, stages) in table.items():
+                flags = dict(DENOM=1, NORMALIZE=True, HAS_GROUPS=True, HAS_SELF=True,
+                             DOT_PRECISION="tf32x3" if dtype == "float32" else "tf32", UPCAST=False,
+                             BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad)
+                yield kernels[kind].__name__, kernels[kind], dtype, flags, warps, stages
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 or 90")
@@ -78,12 +94,15 @@ def main() -> int:
     parser.add_argument("--d-pad", type=int, default=128, help="padded embedding size")
     parser.add_argument("--dtypes", nargs="+", choices=TRITON_TYPES, default=list(TRITON_TYPES))
     parser.add_argument("--kernels", nargs="+", default=[], help="only these kernels (by function name)")
+    parser.add_argument("--table", action="store_true",
+                        help="compile the tuned shapes of GPU_BLOCKS instead (reports their shared memory)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
-    for name, kernel, dtype, constexprs, warps, stages in jobs(args.block, args.d_pad, args.dtypes, args.kernels):
+    todo = table_jobs() if args.table else jobs(args.block, args.d_pad, args.dtypes, args.kernels)
+    for name, kernel, dtype, constexprs, warps, stages in todo:
         start = time.perf_counter()
-        record = dict(kernel=name, dtype=dtype, arch=args.arch,
+        record = dict(kernel=name, dtype=dtype, arch=args.arch, num_warps=warps, num_stages=stages,
                       flags={k: v for k, v in constexprs.items() if k.isupper()})
         try:
             compiled = triton.compile(signature(kernel, dtype, constexprs), target=target,

@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("triton")
 SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
+HOPPER_SHARED_MEMORY = 232448  # bytes per block on sm_90
 
 
 def compile_kernels(*args: str) -> list[dict]:
@@ -46,3 +47,13 @@ def test_half_precision_forward_uses_hopper_tensor_cores():
     records = compile_kernels("--arch", "90", "--block", "64", "--d-pad", "128", "--dtypes", "bfloat16",
                               "--kernels", "info_nce_fwd_kernel")
     assert all(r["wgmma"] for r in records), [(r["flags"], r["wgmma"], r["mma"]) for r in records]
+
+
+def test_tuned_shapes_fit_hopper_shared_memory():
+    # Each shape in GPU_BLOCKS, compiled with the flags that need the most, must launch on an
+    # H100 (227 KiB of shared memory per block); smaller GPUs shrink shapes at launch instead.
+    records = compile_kernels("--arch", "90", "--table")
+    too_big = [(r["kernel"], r["dtype"], r["flags"]["D_PAD"], r["shared_bytes"]) for r in records
+               if r["shared_bytes"] > HOPPER_SHARED_MEMORY]
+    assert not too_big, too_big
+    assert len(records) == 27

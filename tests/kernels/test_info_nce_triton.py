@@ -257,9 +257,10 @@ def test_float64_is_rejected_with_a_pointer_to_torch():
         info_nce(q, labels=torch.zeros(5, dtype=torch.long, device=DEVICE), backend="triton")
 
 
-def test_too_large_embedding_is_rejected():
-    q = torch.randn(2, 1025, device=DEVICE)
-    with pytest.raises(ValueError, match="D <= 1024"):
+@pytest.mark.parametrize("dtype,largest", [(torch.float32, 512), (torch.bfloat16, 1024), (torch.float16, 1024)])
+def test_too_large_embedding_is_rejected(dtype, largest):
+    q = torch.randn(2, largest + 1, device=DEVICE).to(dtype)
+    with pytest.raises(ValueError, match=f"D <= {largest}"):
         info_nce(q, labels=torch.zeros(2, dtype=torch.long, device=DEVICE), backend="triton")
 
 
@@ -299,7 +300,54 @@ def test_availability_and_support(monkeypatch):
 
     assert kernels.unavailable_reason() is None and kernels.available()
     assert kernels.supports(torch.bfloat16, 1024) and not kernels.supports(torch.float64, 8)
-    assert not kernels.supports(torch.float32, 1025)
+    assert kernels.supports(torch.float32, 512) and not kernels.supports(torch.float32, 513)
+    assert not kernels.supports(torch.float16, 1025)
     if not torch.cuda.is_available():
         monkeypatch.setattr(kernels, "interpreting", lambda: False)
         assert "CUDA" in kernels.unavailable_reason() and not kernels.available()
+
+
+def test_shapes_shrink_until_they_fit_the_gpu(monkeypatch):
+    """A tuned shape that needs more shared memory than the GPU has is shrunk and remembered."""
+    import contrastkit.kernels.info_nce as module
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(module, "_SHRUNK", {})
+    assert module.smaller_blocks((128, 64, 8, 3)) == (128, 64, 8, 2)
+    assert module.smaller_blocks((128, 64, 8, 1)) == (64, 64, 8, 2)
+    assert module.smaller_blocks((32, 64, 4, 1)) == (32, 32, 4, 2)
+    assert module.smaller_blocks((16, 16, 4, 1)) is None
+
+    launches = []
+
+    class FakeKernel:
+        """Runs only tiles of at most 64 x 64 in one stage: the budget of a small GPU."""
+
+        def __getitem__(self, grid):
+            def launch(*args, BLOCK_N, BLOCK_M, D_PAD, num_warps, num_stages, **flags):
+                launches.append((grid, BLOCK_N, BLOCK_M, num_stages))
+                if BLOCK_N * BLOCK_M > 64 * 64 or num_stages > 1:
+                    raise OutOfResources(BLOCK_N * BLOCK_M * num_stages, 64 * 64, "shared memory")
+            return launch
+
+    tuned = module._blocks("forward", 128, 4)
+    assert tuned == module.GPU_BLOCKS[4]["forward"][128]
+    module._launch(FakeKernel(), "forward", 128, 4, 1000, True, (), {})
+    grid, block_n, block_m, stages = launches[-1]
+    assert block_n * block_m <= 64 * 64 and stages == 1 and grid == ((1000 + block_n - 1) // block_n,)
+    # Later launches start from the shape that fitted; other kernels and sizes keep theirs.
+    assert module._blocks("forward", 128, 4) == (block_n, block_m, tuned[2], 1)
+    assert module._blocks("forward", 128, 2) == module.GPU_BLOCKS[2]["forward"][128]
+    count = len(launches)
+    module._launch(FakeKernel(), "forward", 100, 4, 1000, False, (), {})
+    assert len(launches) == count + 1 and launches[-1][0] == ((1000 + block_m - 1) // block_m,)
+
+    class NeverFits:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(1, 0, "shared memory")
+            return launch
+
+    with pytest.raises(OutOfResources):
+        module._launch(NeverFits(), "backward_key", 1024, 2, 10, False, (), {})
