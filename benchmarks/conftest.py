@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +33,15 @@ class Session:
     _peaks: dict = field(default_factory=dict)
 
     last_s: dict = field(default_factory=dict)  # (case, provider, n, d, dtype) -> seconds of a warm call
+    partial: Path | None = None  # with --ck-save: every row as soon as it is measured (JSON lines)
+
+    def _append(self, entry: dict) -> None:
+        if self.partial is not None:
+            with self.partial.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def save_row(self, row: Row) -> None:
+        self._append({"row": row.to_json()})
 
     def cpu_peak(self, case, provider: str, n: int, d: int, dtype: str) -> dict:
         """Peaks of one provider and size; the first request measures the whole case's sweep."""
@@ -47,6 +59,7 @@ class Session:
             from benchmarks.roofline import measure_rates
 
             self.rates = measure_rates()
+            self._append({"roofline": self.rates.to_json()})
         return self.rates
 
 
@@ -62,6 +75,11 @@ def _device(config) -> str:
 def pytest_configure(config):
     if config.getoption("--ck-scale", default=None) is not None:
         config.ck = Session(config.getoption("--ck-scale"), _device(config))
+        if config.getoption("--ck-save"):
+            from benchmarks.report import partial_path, run_facts
+
+            config.ck.partial = partial_path(run_facts(config.ck.device, config.ck.scale), time.strftime("%H%M%S"))
+            config.ck._append({"facts": run_facts(config.ck.device, config.ck.scale)})
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +104,5 @@ def pytest_terminal_summary(terminalreporter, config):
         rates = session.rates.to_json() if session.rates is not None else None
         stem = write_results(run_facts(session.device, session.scale), session.rows, rates)
         terminalreporter.write_line(f"results written to {stem}.json, .md and .png")
+        if session.partial is not None:
+            session.partial.unlink(missing_ok=True)  # complete: the rows are in the results files

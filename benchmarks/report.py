@@ -4,7 +4,9 @@
 given options (e.g. ``--ck-scale=full``) and writes ``benchmarks/results/<device>-<date>.json``,
 ``.md`` and ``.png``. ``python -m benchmarks.report --merge A.json B.json ...`` combines the rows
 of several runs on the same device (a full GPU sweep may be run in parts, ``-k supcon8`` etc.)
-and writes the three files again from them.
+and writes the three files again from them. While it runs, a ``--ck-save`` run appends each row
+to ``<device>-<date>-partial-<time>.jsonl``; a run cut short leaves that file, which ``--merge``
+also reads.
 """
 
 from __future__ import annotations
@@ -278,9 +280,20 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
 
 # --- writing ------------------------------------------------------------------------------
 
+def results_stem(facts: dict, directory: Path = RESULTS) -> Path:
+    return directory / f"{device_slug(facts['device'])}-{facts['date']}"
+
+
+def partial_path(facts: dict, started: str, directory: Path = RESULTS) -> Path:
+    """Where a --ck-save run appends each row as it is measured (removed when the run completes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = results_stem(facts, directory)
+    return stem.with_name(f"{stem.name}-partial-{started}.jsonl")
+
+
 def write_results(facts: dict, rows: list[Row], rates: dict | None, directory: Path = RESULTS) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    stem = directory / f"{device_slug(facts['device'])}-{facts['date']}"
+    stem = results_stem(facts, directory)
     targets = evaluate_targets(rows)
     payload = {**facts, "roofline": rates, "targets": targets, "rows": [r.to_json() for r in rows]}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -292,6 +305,12 @@ def write_results(facts: dict, rows: list[Row], rates: dict | None, directory: P
 
 
 def load(path: Path) -> tuple[dict, list[Row], dict | None]:
+    """(facts, rows, roofline rates) of a results .json, or of the .jsonl a cut-short run left."""
+    if Path(path).suffix == ".jsonl":
+        entries = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        facts = next(e["facts"] for e in entries if "facts" in e)
+        rates = next((e["roofline"] for e in entries if "roofline" in e), None)
+        return facts, [Row(**e["row"]) for e in entries if "row" in e], rates
     payload = json.loads(Path(path).read_text())
     rows = [Row(**r) for r in payload.pop("rows")]
     payload.pop("targets", None)

@@ -6,9 +6,11 @@ of 2 flops per multiply-add) and about 2·N·M exponentials (forward and recompu
 can be no lower than the larger of flops / matmul rate and exponentials / exp rate; a triton
 row is reported as that bound over its measured time, in percent.
 
-Matrix-product rates are measured with cuBLAS (bf16, and fp32 with TF32 tensor cores: Triton's
-``tl.dot`` uses TF32 for fp32 inputs by default); the exp rate with a Triton kernel that chains
-``exp2`` in registers, so that memory traffic does not hide the special-function units.
+Matrix-product rates are measured with cuBLAS (bf16, and fp32 with TF32 tensor cores); the exp
+rate with a Triton kernel that chains ``exp2`` in registers, so that memory traffic does not hide
+the special-function units. The kernels compute fp32 products as three TF32 products (float32
+accuracy; one when ``torch.backends.cuda.matmul.allow_tf32`` is set), so an fp32 row's bound
+counts three times the flops at the TF32 rate.
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ def fused_work(n: int, m: int, d: int) -> tuple[float, float]:
 
 def bound_seconds(rates: DeviceRates, n: int, m: int, d: int, dtype: str) -> float:
     flops, exps = fused_work(n, m, d)
-    matmul_rate = rates.bf16_flops_per_s if dtype in ("bfloat16", "float16") else rates.tf32_flops_per_s
-    return max(flops / matmul_rate, exps / rates.exp_per_s)
+    if dtype in ("bfloat16", "float16"):
+        matmul_s = flops / rates.bf16_flops_per_s
+    else:
+        products = 1 if torch.backends.cuda.matmul.allow_tf32 else 3
+        matmul_s = products * flops / rates.tf32_flops_per_s
+    return max(matmul_s, exps / rates.exp_per_s)
 
 
 def percent_of_bound(rates: DeviceRates, n: int, m: int, d: int, dtype: str, seconds: float) -> float:

@@ -43,19 +43,23 @@ def test_provider(benchmark, ck, spec):
     reason = unavailable_reason(case, provider, n, ck.scale, ck.device)
     if reason:
         row.status, row.reason = "n/a", reason
+        ck.save_row(row)
         pytest.skip(reason)
 
-    inputs = case.build(n, d, getattr(torch, dtype), torch.device(ck.device))
-    run = functools.partial(run_provider, case, get_provider(case, provider, ck.device), inputs,
-                            DIRECTIONS[direction])
-    if ck.device == "cpu":
-        measure_cpu(benchmark, ck, case, provider, row, run)
-    else:
-        measure_cuda(benchmark, ck, provider, row, run)
+    try:
+        inputs = case.build(n, d, getattr(torch, dtype), torch.device(ck.device))
+        run = functools.partial(run_provider, case, get_provider(case, provider, ck.device), inputs,
+                                DIRECTIONS[direction])
+        if ck.device == "cpu":
+            measure_cpu(benchmark, ck, case, provider, row, run)
+        else:
+            measure_cuda(benchmark, ck, provider, row, run)
+        if row.status == "ok" and provider == "triton" and direction == "fwd+bwd" and case_name in SQUARE_CASES:
+            row.roofline_pct = percent_of_bound(ck.roofline_rates(), n, n, d, dtype, row.median_s)
+    finally:
+        ck.save_row(row)  # written at once: a run cut short keeps what it measured
     if row.status == "n/a":
         pytest.skip(row.reason)
-    if row.status == "ok" and provider == "triton" and direction == "fwd+bwd" and case_name in SQUARE_CASES:
-        row.roofline_pct = percent_of_bound(ck.roofline_rates(), n, n, d, dtype, row.median_s)
     benchmark.extra_info.update(status=row.status, peak_bytes=row.peak_bytes, roofline_pct=row.roofline_pct)
 
 
@@ -95,8 +99,8 @@ def record_failure(row, provider, error):
 def measure_cuda(benchmark, ck, provider, row, run):
     try:
         run()  # warm-up: compilation and autotuning stay out of the peak and the times
-        row.peak_bytes = cuda_peak(run)
-        row.median_s, row.rounds = time_cuda(benchmark, run)
+        row.peak_bytes, seconds = cuda_peak(run)
+        row.median_s, row.rounds = time_cuda(benchmark, run, seconds)
     except Exception as error:
         if is_oom(error):
             row.status, row.peak_bytes, row.median_s = "oom", None, None
