@@ -71,6 +71,28 @@ def _load_ids(label_ptr, group_ptr, idx, count, ignore_index, HAS_GROUPS: tl.con
 
 
 @triton.jit
+def _group_range(group, idx, count):
+    """Smallest and largest group id among the valid entries of a tile."""
+    inside = idx < count
+    return (tl.min(tl.where(inside, group, 9223372036854775807), axis=0),
+            tl.max(tl.where(inside, group, -9223372036854775807), axis=0))
+
+
+@triton.jit
+def _tiles_meet(tile_lo_ptr, tile_hi_ptr, tile, lo, hi, HAS_GROUPS: tl.constexpr):
+    """Whether other-side tile `tile` may hold a pair with the group range [lo, hi].
+
+    Only pairs within one group are candidates, so a tile whose group range misses [lo, hi]
+    contributes nothing and is skipped. Conservative for any order; with rows sorted by group
+    (one image after another) only the tiles near the block diagonal are computed.
+    """
+    if HAS_GROUPS:
+        return (tl.load(tile_lo_ptr + tile) <= hi) & (tl.load(tile_hi_ptr + tile) >= lo)
+    else:
+        return True
+
+
+@triton.jit
 def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with float32 accumulation.
 
@@ -126,7 +148,7 @@ def _normalize_grad(grad, x, norm, NORMALIZE: tl.constexpr):
 @triton.jit
 def info_nce_fwd_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr,
-    loss_ptr, valid_ptr, lse_ptr, n_pos_ptr, pos_sigmoid_ptr,
+    tile_lo_ptr, tile_hi_ptr, loss_ptr, valid_ptr, lse_ptr, n_pos_ptr, pos_sigmoid_ptr,
     n, m, D, self_offset, ignore_index, inv_tau,
     q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
@@ -138,6 +160,7 @@ def info_nce_fwd_kernel(
     q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
     q_scale = _row_scale(q_norm_ptr, rows, n, inv_tau, NORMALIZE)
     q_label, q_group = _load_ids(q_label_ptr, q_group_ptr, rows, n, ignore_index, HAS_GROUPS)
+    group_lo, group_hi = _group_range(q_group, rows, n)
 
     # Online log-sum-exp over the denominator set: running max and sum of exp(s - max).
     run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -146,26 +169,27 @@ def info_nce_fwd_kernel(
     n_pos = tl.zeros([BLOCK_N], tl.int32)
     n_neg = tl.zeros([BLOCK_N], tl.int32)
     for start in range(0, m, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
-        k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
-        k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
-        positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
-                                         self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
-        if DENOM == 0:
-            in_denominator = positive | negative
-        else:
-            in_denominator = negative
-        new_max = tl.maximum(run_max, tl.max(tl.where(in_denominator, s, float("-inf")), axis=1))
-        # A row with nothing in its set so far keeps max -inf; shift by 0 then to avoid inf - inf.
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(
-            tl.where(in_denominator, tl.exp(s - shift[:, None]), 0.0), axis=1)
-        run_max = new_max
-        pos_logit_sum += tl.sum(tl.where(positive, s, 0.0), axis=1)
-        n_pos += tl.sum(positive.to(tl.int32), axis=1)
-        n_neg += tl.sum(negative.to(tl.int32), axis=1)
+        if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_M, group_lo, group_hi, HAS_GROUPS):
+            cols = start + tl.arange(0, BLOCK_M)
+            k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
+            k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
+            k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
+            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
+            positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
+                                             self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
+            if DENOM == 0:
+                in_denominator = positive | negative
+            else:
+                in_denominator = negative
+            new_max = tl.maximum(run_max, tl.max(tl.where(in_denominator, s, float("-inf")), axis=1))
+            # A row with nothing in its set so far keeps max -inf; shift by 0 then to avoid inf - inf.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(
+                tl.where(in_denominator, tl.exp(s - shift[:, None]), 0.0), axis=1)
+            run_max = new_max
+            pos_logit_sum += tl.sum(tl.where(positive, s, 0.0), axis=1)
+            n_pos += tl.sum(positive.to(tl.int32), axis=1)
+            n_neg += tl.sum(negative.to(tl.int32), axis=1)
     lse = tl.where(run_sum > 0, run_max + tl.log(tl.where(run_sum > 0, run_sum, 1.0)), float("-inf"))
     pos_count = tl.maximum(n_pos, 1).to(tl.float32)
 
@@ -175,17 +199,18 @@ def info_nce_fwd_kernel(
         softplus_sum = tl.zeros([BLOCK_N], tl.float32)
         sigmoid_sum = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, m, BLOCK_M):
-            cols = start + tl.arange(0, BLOCK_M)
-            k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
-            k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
-            k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
-            positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
-                                             self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
-            x = lse[:, None] - s
-            softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-            softplus_sum += tl.sum(tl.where(positive, softplus, 0.0), axis=1)
-            sigmoid_sum += tl.sum(tl.where(positive, tl.sigmoid(x), 0.0), axis=1)
+            if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_M, group_lo, group_hi, HAS_GROUPS):
+                cols = start + tl.arange(0, BLOCK_M)
+                k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
+                k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
+                k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
+                s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
+                positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
+                                                 self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
+                x = lse[:, None] - s
+                softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+                softplus_sum += tl.sum(tl.where(positive, softplus, 0.0), axis=1)
+                sigmoid_sum += tl.sum(tl.where(positive, tl.sigmoid(x), 0.0), axis=1)
         row_loss = softplus_sum / pos_count
         tl.store(pos_sigmoid_ptr + rows, sigmoid_sum, mask=rows < n)
     else:
@@ -204,7 +229,7 @@ def info_nce_fwd_kernel(
 @triton.jit
 def info_nce_bwd_query_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr,
-    lse_ptr, exp_weight_ptr, pos_weight_ptr, dq_ptr,
+    tile_lo_ptr, tile_hi_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, dq_ptr,
     n, m, D, self_offset, ignore_index, inv_tau,
     q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
@@ -221,19 +246,21 @@ def info_nce_bwd_query_kernel(
     lse = tl.load(lse_ptr + rows, mask=rows < n, other=float("inf"))
     exp_weight = tl.load(exp_weight_ptr + rows, mask=rows < n, other=0.0)
     pos_weight = tl.load(pos_weight_ptr + rows, mask=rows < n, other=0.0)
+    group_lo, group_hi = _group_range(q_group, rows, n)
 
     acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     for start in range(0, m, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
-        k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
-        k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
-        positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
-                                         self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
-        grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
-        grad_s = grad_s * k_scale[None, :]
-        acc += _dot(grad_s.to(k.dtype), k, DOT_PRECISION, UPCAST)
+        if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_M, group_lo, group_hi, HAS_GROUPS):
+            cols = start + tl.arange(0, BLOCK_M)
+            k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
+            k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
+            k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
+            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
+            positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
+                                             self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
+            grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
+            grad_s = grad_s * k_scale[None, :]
+            acc += _dot(grad_s.to(k.dtype), k, DOT_PRECISION, UPCAST)
     acc = acc * inv_tau
     if NORMALIZE:
         q_norm = tl.load(q_norm_ptr + rows, mask=rows < n, other=1.0)
@@ -244,7 +271,7 @@ def info_nce_bwd_query_kernel(
 @triton.jit
 def info_nce_bwd_key_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr,
-    lse_ptr, exp_weight_ptr, pos_weight_ptr, dk_ptr,
+    tile_lo_ptr, tile_hi_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, dk_ptr,
     n, m, D, self_offset, ignore_index, inv_tau,
     q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
@@ -258,23 +285,25 @@ def info_nce_bwd_key_kernel(
     k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
     k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
     k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
+    group_lo, group_hi = _group_range(k_group, cols, m)
 
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for start in range(0, n, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
-        q_scale = _row_scale(q_norm_ptr, rows, n, inv_tau, NORMALIZE)
-        q_label, q_group = _load_ids(q_label_ptr, q_group_ptr, rows, n, ignore_index, HAS_GROUPS)
-        lse = tl.load(lse_ptr + rows, mask=rows < n, other=float("inf"))
-        exp_weight = tl.load(exp_weight_ptr + rows, mask=rows < n, other=0.0)
-        pos_weight = tl.load(pos_weight_ptr + rows, mask=rows < n, other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
-        positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
-                                         self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
-        grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
-        # q_scale already holds 1 / (|q_i| * tau): the gradient w.r.t. the unit-norm key.
-        grad_s = grad_s * q_scale[:, None]
-        acc += _dot(tl.trans(grad_s.to(q.dtype)), q, DOT_PRECISION, UPCAST)
+        if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_N, group_lo, group_hi, HAS_GROUPS):
+            rows = start + tl.arange(0, BLOCK_N)
+            q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
+            q_scale = _row_scale(q_norm_ptr, rows, n, inv_tau, NORMALIZE)
+            q_label, q_group = _load_ids(q_label_ptr, q_group_ptr, rows, n, ignore_index, HAS_GROUPS)
+            lse = tl.load(lse_ptr + rows, mask=rows < n, other=float("inf"))
+            exp_weight = tl.load(exp_weight_ptr + rows, mask=rows < n, other=0.0)
+            pos_weight = tl.load(pos_weight_ptr + rows, mask=rows < n, other=0.0)
+            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
+            positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
+                                             self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
+            grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
+            # q_scale already holds 1 / (|q_i| * tau): the gradient w.r.t. the unit-norm key.
+            grad_s = grad_s * q_scale[:, None]
+            acc += _dot(tl.trans(grad_s.to(q.dtype)), q, DOT_PRECISION, UPCAST)
     if NORMALIZE:
         k_norm = tl.load(k_norm_ptr + cols, mask=cols < m, other=1.0)
         acc = _normalize_grad(acc, k, k_norm, NORMALIZE)

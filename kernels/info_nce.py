@@ -79,8 +79,12 @@ def smaller_blocks(block: tuple[int, int, int, int]) -> tuple[int, int, int, int
     return block_n, block_m // 2, warps, 2
 
 
-def _launch(kernel, kind: str, d_pad: int, element_size: int, grid_rows: int, by_query_tiles: bool, args, flags):
-    """Launch ``kernel`` with its tuned shape, shrinking it while the GPU lacks shared memory."""
+def _launch(kernel, kind: str, d_pad: int, element_size: int, grid_rows: int, by_query_tiles: bool, args_for,
+            flags):
+    """Launch ``kernel`` with its tuned shape, shrinking it while the GPU lacks shared memory.
+
+    ``args_for(block_n, block_m)`` gives the kernel's arguments for a shape (tile bounds depend on it).
+    """
     from triton.runtime.errors import OutOfResources
 
     block = _blocks(kind, d_pad, element_size)
@@ -88,14 +92,29 @@ def _launch(kernel, kind: str, d_pad: int, element_size: int, grid_rows: int, by
         block_n, block_m, warps, stages = block
         grid = (triton.cdiv(grid_rows, block_n if by_query_tiles else block_m),)
         try:
-            kernel[grid](*args, **flags, BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, num_warps=warps,
-                         num_stages=stages)
+            kernel[grid](*args_for(block_n, block_m), **flags, BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad,
+                         num_warps=warps, num_stages=stages)
             return
         except OutOfResources:
             block = smaller_blocks(block)
             if block is None:
                 raise
             _SHRUNK[_shape_key(kind, d_pad, element_size)] = block
+
+
+def tile_group_bounds(groups: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest group id of each run of ``block`` consecutive rows (the last run may be short).
+
+    The kernels skip a pair of tiles whose group ranges do not meet: no pair in it is a candidate.
+    """
+    pad = (-groups.numel()) % block
+    padded = torch.cat([groups, groups[-1:].expand(pad)]) if pad else groups
+    tiles = padded.view(-1, block)
+    return tiles.amin(1), tiles.amax(1)
+
+
+def _tile_bounds(groups, block, dummy):
+    return (dummy, dummy) if groups is None else tile_group_bounds(groups, block)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -152,10 +171,11 @@ def info_nce_rows_triton(
     loss, lse, pos_sigmoid = torch.empty(n, **f32), torch.empty(n, **f32), torch.zeros(n, **f32)
     valid = torch.empty(n, dtype=torch.bool, device=device)
     n_pos = torch.empty(n, dtype=torch.int32, device=device)
-    args = (*_common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups),
-            loss, valid.view(torch.int8), lse, n_pos, pos_sigmoid,
+    common = _common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups)
+    rest = (loss, valid.view(torch.int8), lse, n_pos, pos_sigmoid,
             n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key))
-    _launch(K.info_nce_fwd_kernel, "forward", padded_size(d), query.element_size(), n, True, args,
+    _launch(K.info_nce_fwd_kernel, "forward", padded_size(d), query.element_size(), n, True,
+            lambda block_n, block_m: (*common, *_tile_bounds(key_groups, block_m, labels), *rest),
             _flags(query, groups, self_offset, normalize, denominator))
     return loss, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm
 
@@ -198,19 +218,21 @@ def info_nce_rows_triton_backward(
     exp_weight = pos_weight * pos_sigmoid if denominator == "each_positive" else grad_row
     # +inf makes exp(s - lse) vanish on rows that do not contribute, whatever their logits.
     lse = torch.where(valid, lse, float("inf"))
-    shared = (*_common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups),
-              lse, exp_weight, pos_weight)
+    common = _common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups)
     sizes = (n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key))
     flags = _flags(query, groups, self_offset, normalize, denominator)
     d_pad, element_size = padded_size(d), query.element_size()
     grad_query = torch.empty_like(query) if need_query_grad else torch.zeros_like(query)
     grad_key = torch.empty_like(key) if need_key_grad else torch.zeros_like(key)
-    if need_query_grad:
+    weights = (lse, exp_weight, pos_weight)
+    if need_query_grad:  # query tiles visit the key tiles whose groups meet theirs
         _launch(K.info_nce_bwd_query_kernel, "backward_query", d_pad, element_size, n, True,
-                (*shared, grad_query, *sizes, *layout(grad_query)[2:]), flags)
-    if need_key_grad:
+                lambda block_n, block_m: (*common, *_tile_bounds(key_groups, block_m, labels), *weights,
+                                          grad_query, *sizes, *layout(grad_query)[2:]), flags)
+    if need_key_grad:  # and key tiles the query tiles
         _launch(K.info_nce_bwd_key_kernel, "backward_key", d_pad, element_size, m, False,
-                (*shared, grad_key, *sizes, *layout(grad_key)[2:]), flags)
+                lambda block_n, block_m: (*common, *_tile_bounds(groups, block_n, labels), *weights,
+                                          grad_key, *sizes, *layout(grad_key)[2:]), flags)
     return grad_query, grad_key
 
 
@@ -256,8 +278,11 @@ def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offse
     for name, x in (("query", query), ("key", key)):
         check_kernel_input(name, x)
         _check_device(x)
-    # O(N) id vectors are made contiguous; the embeddings are never copied.
-    ids = [None if t is None else t.contiguous() for t in (labels, key_labels, groups, key_groups)]
+    # O(N) id vectors are made contiguous (groups int64, as the kernels compare them); the
+    # embeddings are never copied.
+    labels, key_labels = labels.contiguous(), key_labels.contiguous()
+    groups, key_groups = (None if g is None else g.to(torch.int64).contiguous() for g in (groups, key_groups))
+    ids = (labels, key_labels, groups, key_groups)
     loss, valid, *_ = info_nce_rows_triton(query, key, *ids, self_offset, float(temperature), normalize,
                                            denominator, int(ignore_index))
     return loss, valid

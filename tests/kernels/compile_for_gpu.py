@@ -28,7 +28,8 @@ ROW_POINTERS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "x_ptr", "out_ptr", "grad_
 FIXED_POINTERS = {"q_norm_ptr": "*fp32", "k_norm_ptr": "*fp32", "norm_ptr": "*fp32", "q_label_ptr": "*i64",
                   "k_label_ptr": "*i64", "q_group_ptr": "*i64", "k_group_ptr": "*i64", "loss_ptr": "*fp32",
                   "valid_ptr": "*i8", "lse_ptr": "*fp32", "n_pos_ptr": "*i32", "pos_sigmoid_ptr": "*fp32",
-                  "exp_weight_ptr": "*fp32", "pos_weight_ptr": "*fp32"}
+                  "exp_weight_ptr": "*fp32", "pos_weight_ptr": "*fp32",
+                  "tile_lo_ptr": "*i64", "tile_hi_ptr": "*i64"}
 FLOAT_ARGS = ("inv_tau",)
 
 # (DENOM, NORMALIZE, HAS_GROUPS, HAS_SELF): every denominator, each flag both ways.

@@ -333,14 +333,15 @@ def test_shapes_shrink_until_they_fit_the_gpu(monkeypatch):
 
     tuned = module._blocks("forward", 128, 4)
     assert tuned == module.GPU_BLOCKS[4]["forward"][128]
-    module._launch(FakeKernel(), "forward", 128, 4, 1000, True, (), {})
+    no_args = lambda block_n, block_m: ()  # noqa: E731
+    module._launch(FakeKernel(), "forward", 128, 4, 1000, True, no_args, {})
     grid, block_n, block_m, stages = launches[-1]
     assert block_n * block_m <= 64 * 64 and stages == 1 and grid == ((1000 + block_n - 1) // block_n,)
     # Later launches start from the shape that fitted; other kernels and sizes keep theirs.
     assert module._blocks("forward", 128, 4) == (block_n, block_m, tuned[2], 1)
     assert module._blocks("forward", 128, 2) == module.GPU_BLOCKS[2]["forward"][128]
     count = len(launches)
-    module._launch(FakeKernel(), "forward", 100, 4, 1000, False, (), {})
+    module._launch(FakeKernel(), "forward", 100, 4, 1000, False, no_args, {})
     assert len(launches) == count + 1 and launches[-1][0] == ((1000 + block_m - 1) // block_m,)
 
     class NeverFits:
@@ -350,4 +351,40 @@ def test_shapes_shrink_until_they_fit_the_gpu(monkeypatch):
             return launch
 
     with pytest.raises(OutOfResources):
-        module._launch(NeverFits(), "backward_key", 1024, 2, 10, False, (), {})
+        module._launch(NeverFits(), "backward_key", 1024, 2, 10, False, no_args, {})
+
+
+@pytest.mark.parametrize("denominator", ["all", "each_positive", "negatives"])
+@pytest.mark.parametrize("mode", ["self", "qk"])
+def test_rows_sorted_by_group_skip_tiles_and_match(mode, denominator):
+    """Per-image groups in image order (the cross-level layout): most tile pairs are skipped.
+
+    Uneven group sizes put group boundaries inside tiles and tiles inside groups; one group
+    appears only among the keys, and the float64 reference must still be matched exactly.
+    """
+    g = torch.Generator().manual_seed(5)
+    q_sizes, k_sizes = [7, 40, 1, 33, 49], [12, 61, 0, 90, 70, 24]
+    groups = torch.repeat_interleave(torch.arange(5), torch.tensor(q_sizes))
+    n, d = groups.numel(), 24
+    q = torch.randn(n, d, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.1] = IGNORE
+    if mode == "self":
+        k, case = None, dict(labels=labels, key_labels=None, groups=groups, key_groups=None, self_key_offset=None)
+    else:
+        key_groups = torch.repeat_interleave(torch.arange(6), torch.tensor(k_sizes))
+        k = torch.randn(key_groups.numel(), d, generator=g)
+        case = dict(labels=labels, key_labels=torch.randint(0, 3, (key_groups.numel(),), generator=g),
+                    groups=groups, key_groups=key_groups, self_key_offset=None)
+    rows, valid = run_and_compare(q, k, case, torch.float32, denominator)
+    assert valid.sum() > n // 2
+
+
+def test_tile_group_bounds():
+    from contrastkit.kernels.info_nce import tile_group_bounds
+
+    groups = torch.tensor([3, 3, 1, 4, 4, 4, 9])
+    lo, hi = tile_group_bounds(groups, 3)
+    assert lo.tolist() == [1, 4, 9] and hi.tolist() == [3, 4, 9]
+    lo, hi = tile_group_bounds(groups, 32)
+    assert lo.tolist() == [1] and hi.tolist() == [9]
