@@ -51,6 +51,20 @@ def commit() -> str:
         return "unknown"
 
 
+def source_hash() -> str:
+    """SHA-256 of the kernel and core sources: identifies the code even where git metadata is stale
+    (a copied working tree can carry an older .git)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("kernels/*.py"), *root.glob("contrastkit/*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -150,7 +164,8 @@ def main() -> int:
     record = dict(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter dry run)",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        commit=commit(), torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+        commit=commit(), source_sha256=source_hash(), torch=torch.__version__, triton=triton.__version__,
+        python=platform.python_version(),
         n=args.n, m=args.n, d=args.d, temperature=0.1, results=results,
         passed=all(r["passed"] for r in results),
     )
@@ -159,7 +174,8 @@ def main() -> int:
         json.dump(record, f, indent=2)
     lines = [
         f"# Triton InfoNCE correctness at N = M = {args.n}, D = {args.d}", "",
-        f"- device: {record['device']}", f"- date: {record['date']}", f"- commit: {record['commit']}",
+        f"- device: {record['device']}", f"- date: {record['date']}",
+        f"- commit: {record['commit']} (kernel and core sources: sha256 {record['source_sha256']})",
         f"- torch {record['torch']}, triton {record['triton']}", f"- all passed: {record['passed']}", "",
         "| mode | dtype | denominator | rows checked | row error | grad error | fwd+bwd s | ok |",
         "|---|---|---|---|---|---|---|---|",
