@@ -120,6 +120,36 @@ def _pair_masks(rows, cols, q_label, k_label, q_group, k_group, self_offset, ign
 
 
 @triton.jit
+def _key_tile(k_ptr, k_norm_ptr, k_label_ptr, k_group_ptr, start, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
+              q, q_scale, rows, q_label, q_group, self_offset, ignore_index,
+              NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """Keys start..start+BLOCK_M against a query tile: the keys, their scales, the logits and the masks."""
+    cols = start + tl.arange(0, BLOCK_M)
+    k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
+    k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
+    k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
+    positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
+                                     self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
+    return k, k_scale, s, positive, negative
+
+
+@triton.jit
+def _query_tile(q_ptr, q_norm_ptr, q_label_ptr, q_group_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, rows, n, D,
+                q_HW, q_W, q_sB, q_sD, q_sH, q_sW, inv_tau, ignore_index,
+                NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, D_PAD: tl.constexpr):
+    """A query tile as the backward needs it: rows, scales, ids and the forward's per-row statistics."""
+    q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
+    q_scale = _row_scale(q_norm_ptr, rows, n, inv_tau, NORMALIZE)
+    q_label, q_group = _load_ids(q_label_ptr, q_group_ptr, rows, n, ignore_index, HAS_GROUPS)
+    lse = tl.load(lse_ptr + rows, mask=rows < n, other=float("inf"))
+    exp_weight = tl.load(exp_weight_ptr + rows, mask=rows < n, other=0.0)
+    pos_weight = tl.load(pos_weight_ptr + rows, mask=rows < n, other=0.0)
+    return q, q_scale, q_label, q_group, lse, exp_weight, pos_weight
+
+
+@triton.jit
 def _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM: tl.constexpr):
     """d loss_i / d s_ij, given the row's log-sum-exp and two per-row weights (see info_nce.py)."""
     if DENOM == 0:
@@ -170,13 +200,10 @@ def info_nce_fwd_kernel(
     n_neg = tl.zeros([BLOCK_N], tl.int32)
     for start in range(0, m, BLOCK_M):
         if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_M, group_lo, group_hi, HAS_GROUPS):
-            cols = start + tl.arange(0, BLOCK_M)
-            k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
-            k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
-            k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
-            positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
-                                             self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
+            _, _, s, positive, negative = _key_tile(
+                k_ptr, k_norm_ptr, k_label_ptr, k_group_ptr, start, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
+                q, q_scale, rows, q_label, q_group, self_offset, ignore_index,
+                NORMALIZE, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
             if DENOM == 0:
                 in_denominator = positive | negative
             else:
@@ -200,13 +227,10 @@ def info_nce_fwd_kernel(
         sigmoid_sum = tl.zeros([BLOCK_N], tl.float32)
         for start in range(0, m, BLOCK_M):
             if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_M, group_lo, group_hi, HAS_GROUPS):
-                cols = start + tl.arange(0, BLOCK_M)
-                k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
-                k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
-                k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-                s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
-                positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
-                                                 self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
+                _, _, s, positive, negative = _key_tile(
+                    k_ptr, k_norm_ptr, k_label_ptr, k_group_ptr, start, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
+                    q, q_scale, rows, q_label, q_group, self_offset, ignore_index,
+                    NORMALIZE, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
                 x = lse[:, None] - s
                 softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
                 softplus_sum += tl.sum(tl.where(positive, softplus, 0.0), axis=1)
@@ -240,24 +264,18 @@ def info_nce_bwd_query_kernel(
 ):
     """dq for one query tile: sum over key tiles of dL/ds (recomputed) times the keys."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
-    q_scale = _row_scale(q_norm_ptr, rows, n, inv_tau, NORMALIZE)
-    q_label, q_group = _load_ids(q_label_ptr, q_group_ptr, rows, n, ignore_index, HAS_GROUPS)
-    lse = tl.load(lse_ptr + rows, mask=rows < n, other=float("inf"))
-    exp_weight = tl.load(exp_weight_ptr + rows, mask=rows < n, other=0.0)
-    pos_weight = tl.load(pos_weight_ptr + rows, mask=rows < n, other=0.0)
+    q, q_scale, q_label, q_group, lse, exp_weight, pos_weight = _query_tile(
+        q_ptr, q_norm_ptr, q_label_ptr, q_group_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, rows, n, D,
+        q_HW, q_W, q_sB, q_sD, q_sH, q_sW, inv_tau, ignore_index, NORMALIZE, HAS_GROUPS, D_PAD)
     group_lo, group_hi = _group_range(q_group, rows, n)
 
     acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     for start in range(0, m, BLOCK_M):
         if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_M, group_lo, group_hi, HAS_GROUPS):
-            cols = start + tl.arange(0, BLOCK_M)
-            k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
-            k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
-            k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
-            positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
-                                             self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
+            k, k_scale, s, positive, negative = _key_tile(
+                k_ptr, k_norm_ptr, k_label_ptr, k_group_ptr, start, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
+                q, q_scale, rows, q_label, q_group, self_offset, ignore_index,
+                NORMALIZE, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
             grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
             grad_s = grad_s * k_scale[None, :]
             acc += _dot(grad_s.to(k.dtype), k, DOT_PRECISION, UPCAST)
@@ -291,12 +309,9 @@ def info_nce_bwd_key_kernel(
     for start in range(0, n, BLOCK_N):
         if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_N, group_lo, group_hi, HAS_GROUPS):
             rows = start + tl.arange(0, BLOCK_N)
-            q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
-            q_scale = _row_scale(q_norm_ptr, rows, n, inv_tau, NORMALIZE)
-            q_label, q_group = _load_ids(q_label_ptr, q_group_ptr, rows, n, ignore_index, HAS_GROUPS)
-            lse = tl.load(lse_ptr + rows, mask=rows < n, other=float("inf"))
-            exp_weight = tl.load(exp_weight_ptr + rows, mask=rows < n, other=0.0)
-            pos_weight = tl.load(pos_weight_ptr + rows, mask=rows < n, other=0.0)
+            q, q_scale, q_label, q_group, lse, exp_weight, pos_weight = _query_tile(
+                q_ptr, q_norm_ptr, q_label_ptr, q_group_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, rows, n, D,
+                q_HW, q_W, q_sB, q_sD, q_sH, q_sW, inv_tau, ignore_index, NORMALIZE, HAS_GROUPS, D_PAD)
             s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
             positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
                                              self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
