@@ -64,10 +64,12 @@ for step in $STEPS; do
         ;;
     bench | bench-more)
         if [ "$step" = bench ]; then selection=$BENCH_CORE limit=240; else selection=$BENCH_MORE limit=150; fi
-        rm -f benchmarks/results/*-"$(date -u +%F)".json
+        rm -f benchmarks/results/*-"$(date -u +%F)".json benchmarks/results/*-partial-*.jsonl
         TAIL=45 run_step "$step" "$limit" $PY -m pytest benchmarks --ck-scale=full --ck-save -q \
             -p no:cacheprovider -k "$selection"
-        cp benchmarks/results/*-"$(date -u +%F)".json "$OUT/$step.json" 2>/dev/null
+        # The results file when the part completed, else the rows it measured before its limit.
+        cp benchmarks/results/*-"$(date -u +%F)".json "$OUT/$step.json" 2>/dev/null ||
+            cp benchmarks/results/*-partial-*.jsonl "$OUT/$step-partial.jsonl" 2>/dev/null
         ;;
     *)
         echo "unknown step $step" >&2
