@@ -100,12 +100,24 @@ def check_values(
     key_labels: torch.Tensor,
     ignore_index: int,
 ) -> None:
-    """Value checks; each synchronises with the device."""
-    for name, x in (("query", query), ("key", key)):
+    """Value checks: NaN/Inf embeddings, negative labels other than ignore_index.
+
+    On a GPU every test of a device value waits for the device, so all are combined into one
+    synchronisation; the message naming the culprit is worked out only when one fails.
+    """
+    def bad_ids(x):
+        return (x < 0) & (x != ignore_index)
+
+    embeddings = [("query", query)] + ([] if key is query else [("key", key)])
+    ids = [("labels", labels)] + ([] if key_labels is labels else [("key_labels", key_labels)])
+    flags = [~torch.isfinite(x).all() for _, x in embeddings] + [bad_ids(x).any() for _, x in ids]
+    if not bool(torch.stack(flags).any()):
+        return
+    for name, x in embeddings:
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or Inf")
-    for name, x in (("labels", labels), ("key_labels", key_labels)):
-        bad = (x < 0) & (x != ignore_index)
+    for name, x in ids:
+        bad = bad_ids(x)
         if bad.any():
             raise ValueError(
                 f"{name} must be non-negative class ids or ignore_index={ignore_index}; "
