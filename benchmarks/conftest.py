@@ -33,6 +33,7 @@ class Session:
     _peaks: dict = field(default_factory=dict)
 
     last_s: dict = field(default_factory=dict)  # (case, provider, n, d, dtype) -> seconds of a warm call
+    facts: dict | None = None  # with --ck-save: device, date, commit, versions (read once at the start)
     partial: Path | None = None  # with --ck-save: every row as soon as it is measured (JSON lines)
 
     def _append(self, entry: dict) -> None:
@@ -78,8 +79,9 @@ def pytest_configure(config):
         if config.getoption("--ck-save"):
             from benchmarks.report import partial_path, run_facts
 
-            config.ck.partial = partial_path(run_facts(config.ck.device, config.ck.scale), time.strftime("%H%M%S"))
-            config.ck._append({"facts": run_facts(config.ck.device, config.ck.scale)})
+            config.ck.facts = run_facts(config.ck.device, config.ck.scale)
+            config.ck.partial = partial_path(config.ck.facts, time.strftime("%H%M%S"))
+            config.ck._append({"facts": config.ck.facts})
 
 
 @pytest.fixture(scope="session")
@@ -99,10 +101,10 @@ def pytest_terminal_summary(terminalreporter, config):
     for target in evaluate_targets(session.rows):
         terminalreporter.write_line(f"[{target['status']}] {target['target']}: {target['measured']}")
     if config.getoption("--ck-save"):
-        from benchmarks.report import run_facts, write_results
+        from benchmarks.report import write_results
 
         rates = session.rates.to_json() if session.rates is not None else None
-        stem = write_results(run_facts(session.device, session.scale), session.rows, rates)
+        stem = write_results(session.facts, session.rows, rates)
         terminalreporter.write_line(f"results written to {stem}.json, .md and .png")
         if session.partial is not None:
             session.partial.unlink(missing_ok=True)  # complete: the rows are in the results files

@@ -26,7 +26,6 @@ from . import _info_nce_kernels as K
 from ._layout import check_kernel_input, embedding_size, interpreting, layout, num_rows, padded_size
 
 _INTERPRETER_BLOCKS = (32, 32, 4, 1)
-KERNEL_KINDS = ("forward", "backward_query", "backward_key")
 
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) by element size (2: bf16/fp16, 4: fp32), kernel and
 # largest padded D. Measured on an H100 with benchmarks/tune_blocks.py (N = M = 32,768; see

@@ -34,6 +34,15 @@ FLOAT_ARGS = ("inv_tau",)
 
 # (DENOM, NORMALIZE, HAS_GROUPS, HAS_SELF): every denominator, each flag both ways.
 INFO_NCE_FLAGS = [(0, True, False, True), (1, True, True, True), (2, False, True, False)]
+INFO_NCE_KERNELS = {"forward": K.info_nce_fwd_kernel, "backward_query": K.info_nce_bwd_query_kernel,
+                    "backward_key": K.info_nce_bwd_key_kernel}
+
+
+def info_nce_constexprs(dtype, flags, block_n, block_m, d_pad):
+    denom, normalize, groups, self_ = flags
+    return dict(DENOM=denom, NORMALIZE=normalize, HAS_GROUPS=groups, HAS_SELF=self_,
+                DOT_PRECISION="tf32x3" if dtype == "float32" else "tf32", UPCAST=False,
+                BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad)
 
 
 def signature(fn, dtype: str, constexprs: dict) -> ASTSource:
@@ -61,12 +70,10 @@ def jobs(block: int, d_pad: int, dtypes, kernels):
 
 def _all_jobs(block, d_pad, dtypes):
     for dtype in dtypes:
-        precision = "tf32x3" if dtype == "float32" else "tf32"
-        for denom, normalize, groups, self_ in INFO_NCE_FLAGS:
-            flags = dict(DENOM=denom, NORMALIZE=normalize, HAS_GROUPS=groups, HAS_SELF=self_,
-                         DOT_PRECISION=precision, UPCAST=False, BLOCK_N=block, BLOCK_M=block, D_PAD=d_pad)
-            for kernel in (K.info_nce_fwd_kernel, K.info_nce_bwd_query_kernel, K.info_nce_bwd_key_kernel):
-                yield kernel.__name__, kernel, dtype, flags, 4, 2
+        for flags in INFO_NCE_FLAGS:
+            constexprs = info_nce_constexprs(dtype, flags, block, block, d_pad)
+            for kernel in INFO_NCE_KERNELS.values():
+                yield kernel.__name__, kernel, dtype, constexprs, 4, 2
         yield "row_norm_kernel", K.row_norm_kernel, dtype, dict(BLOCK=block, D_PAD=d_pad), 4, 1
         for normalize in (False, True):
             for kernel in (P.pool_fwd_kernel, P.pool_bwd_kernel):
@@ -77,15 +84,11 @@ def table_jobs():
     """Each tuned GPU shape of kernels/info_nce.py, with the flags that need the most resources."""
     from contrastkit.kernels.info_nce import GPU_BLOCKS
 
-    kernels = {"forward": K.info_nce_fwd_kernel, "backward_query": K.info_nce_bwd_query_kernel,
-               "backward_key": K.info_nce_bwd_key_kernel}
     for element_size, dtype in ((2, "bfloat16"), (4, "float32")):
         for kind, table in GPU_BLOCKS[element_size].items():
             for d_pad, (block_n, block_m, warps, stages) in table.items():
-                flags = dict(DENOM=1, NORMALIZE=True, HAS_GROUPS=True, HAS_SELF=True,
-                             DOT_PRECISION="tf32x3" if dtype == "float32" else "tf32", UPCAST=False,
-                             BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad)
-                yield kernels[kind].__name__, kernels[kind], dtype, flags, warps, stages
+                constexprs = info_nce_constexprs(dtype, (1, True, True, True), block_n, block_m, d_pad)
+                yield INFO_NCE_KERNELS[kind].__name__, INFO_NCE_KERNELS[kind], dtype, constexprs, warps, stages
 
 
 def main() -> int:
