@@ -165,8 +165,10 @@ def test_real_kvasir_seg():
 
 
 def test_shared_data_root_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("CONTRASTKIT_DATA", raising=False)
+    assert shared_data_root() is None  # the library never guesses a location
     monkeypatch.setenv("CONTRASTKIT_DATA", str(tmp_path))
     assert shared_data_root() == tmp_path
     monkeypatch.setenv("CONTRASTKIT_DATA", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="CONTRASTKIT_DATA"):
+    with pytest.raises(FileNotFoundError, match="CONTRASTKIT_DATA.*pass the folder explicitly"):
         shared_data_root()

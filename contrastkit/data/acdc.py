@@ -45,8 +45,8 @@ def _h5py():
 
 
 def find_acdc_root() -> Path | None:
-    """The ACDC folder under :func:`~contrastkit.data.shared_data_root` (``$CONTRASTKIT_DATA`` or
-    ``<repo root>/../shared/data``), which may also be the ``acdc`` folder itself; None if absent."""
+    """The ACDC folder under :func:`~contrastkit.data.shared_data_root` (``$CONTRASTKIT_DATA``), which
+    may also be the ``acdc`` folder itself; None when the variable is unset or holds no ACDC folder."""
     base = shared_data_root()
     if base is None:
         return None

@@ -1,4 +1,4 @@
-"""Where the shared real data sets live on a development machine."""
+"""Where real data sets live: an explicit root, or ``$CONTRASTKIT_DATA``."""
 
 from __future__ import annotations
 
@@ -6,19 +6,20 @@ import os
 from pathlib import Path
 
 ENV_VAR = "CONTRASTKIT_DATA"
+HOW_TO_POINT = (f"pass the folder explicitly (root=..., --data DIR) or set ${ENV_VAR} to the folder that holds "
+                "kvasir-seg/, acdc/, ...")
 
 
 def shared_data_root() -> Path | None:
-    """The folder holding ``kvasir-seg/``, ``acdc/``, ...; None when there is none.
+    """The folder named by ``$CONTRASTKIT_DATA`` (holding ``kvasir-seg/``, ``acdc/``, ...); None when unset.
 
-    ``$CONTRASTKIT_DATA`` when set (it must then exist), else ``<repo root>/../shared/data``
-    for a source checkout. Data are never stored inside the repository.
+    The library never guesses a location: pass a root explicitly, or set the variable. A variable
+    that names no folder is a configuration error (``FileNotFoundError``), not a silent "no data".
     """
     configured = os.environ.get(ENV_VAR)
-    if configured:
-        path = Path(configured).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"${ENV_VAR} points to {path}, which is not a folder")
-        return path
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return path if path.is_dir() else None
+    if not configured:
+        return None
+    path = Path(configured).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"${ENV_VAR} points to {path}, which is not a folder; {HOW_TO_POINT}")
+    return path
