@@ -24,7 +24,8 @@ import torch
 from einops import rearrange
 
 from benchmarks import seeds
-from contrastkit import CrossLevelContrast, PseudoLabelContrast, info_nce
+from contrastkit import CrossLevelContrast, InfoNCEOptions, PseudoLabelContrast, info_nce
+from contrastkit._options import OpInputs
 from contrastkit._reference import dense_rows
 from contrastkit.core import reduce_rows
 
@@ -83,8 +84,14 @@ def _supcon_backend(backend):
                               backend=backend)
 
 
+def _tau(value, like):
+    return torch.full((), value, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
+                      device=like.device)
+
+
 def supcon_dense(query, labels):
-    loss, valid = dense_rows(query, query, labels, labels, None, None, 0, TAU, True, "all", -1)
+    inputs = OpInputs(query, query, labels, labels, None, None, _tau(TAU, query))
+    loss, valid = dense_rows(inputs, InfoNCEOptions(self_key_offset=0))
     return reduce_rows(loss, valid, None, "mean")
 
 
@@ -149,8 +156,8 @@ def cross_level_dense(global_map, local_rows):
     rows = rearrange(global_map, "b c gh gw -> (b gh gw) c")
     cells = torch.arange(rows.shape[0], device=rows.device)
     images = _image_ids(global_map)
-    loss, valid = dense_rows(rows, local_rows.detach(), cells, cells, images, images, None,
-                             CROSS_LEVEL_TAU, True, "all", -1)
+    inputs = OpInputs(rows, local_rows.detach(), cells, cells, images, images, _tau(CROSS_LEVEL_TAU, rows))
+    loss, valid = dense_rows(inputs, InfoNCEOptions())
     return reduce_rows(loss, valid, None, "mean")
 
 
@@ -170,7 +177,8 @@ def prototype_inputs(n, d, dtype, device, seed=0):
 
 
 def _pseudo_label_backend(mode, backend):
-    loss = PseudoLabelContrast(temperature=TAU, mode=mode, backend=backend)
+    # num_classes spares prototype mode its one host synchronisation (and lets torch.compile trace it).
+    loss = PseudoLabelContrast(temperature=TAU, mode=mode, backend=backend, num_classes=MAP_CLASSES)
     if mode == "pixel":
         return lambda x: loss(x["embeddings"], x["labels"])
     return lambda x: loss(x["embeddings"], x["labels"], pair_index=x["pair_index"])
@@ -179,14 +187,17 @@ def _pseudo_label_backend(mode, backend):
 def pixel_dense(embeddings, labels):
     rows = rearrange(embeddings, "b d h w -> (b h w) d")
     pixel_labels = torch.where(labels > 0, labels, -1).reshape(-1)  # background takes no part
-    loss, valid = dense_rows(rows, rows, pixel_labels, pixel_labels, None, None, 0, TAU, True, "all", -1)
+    inputs = OpInputs(rows, rows, pixel_labels, pixel_labels, None, None, _tau(TAU, rows))
+    loss, valid = dense_rows(inputs, InfoNCEOptions(self_key_offset=0))
     return reduce_rows(loss, valid, None, "mean")
 
 
-NO_PROTOTYPE_COMPILE = (
-    "not compiled: the prototype path's shapes depend on the classes present (graph breaks "
-    "at every .item()), and its dense part is only an N x (at most 2·classes) product"
-)
+_PROTOTYPE_DENSE = PseudoLabelContrast(temperature=TAU, num_classes=MAP_CLASSES, backend="reference")
+
+
+def prototype_dense(embeddings, labels, pair_index):
+    # With num_classes no shape depends on the values: the whole loss compiles.
+    return _PROTOTYPE_DENSE(embeddings, labels, pair_index=pair_index)
 
 
 # --- the cases --------------------------------------------------------------------------------
@@ -233,7 +244,7 @@ CASES: dict[str, Case] = {
              prototype_inputs, ("embeddings",),
              {**_backends(lambda b: _pseudo_label_backend("prototype", b)),
               "seed_class_loop": lambda x: seeds.prototype_loop(**x)},
-             NO_PROTOTYPE_COMPILE,
+             prototype_dense,
              {"quick": MAPS_QUICK, "full": MAPS_FULL}, {"quick": (128,), "full": (128,)},
              {"quick": ("float32",), "full": BOTH_DTYPES}),
     )

@@ -33,7 +33,8 @@ import time
 
 import torch
 
-from contrastkit import info_nce
+from contrastkit import InfoNCEOptions, info_nce
+from contrastkit._options import OpInputs
 from contrastkit._reference import dense_rows
 
 # --cpu-dry-run switches this to "cpu" (kernels through TRITON_INTERPRET=1, small N only).
@@ -115,8 +116,10 @@ def check(mode, dtype_name, denominator, n, d, blocks, block_rows, gen, temperat
     row_err, total = 0.0, 0.0
     for s in starts:
         sl = slice(s, s + block_rows)
-        want, _ = dense_rows(qd[sl], kd, labels[sl], key_labels, None if groups is None else groups[sl],
-                             key_groups, s if mode == "self" else None, temperature, True, denominator, -1)
+        inputs = OpInputs(qd[sl], kd, labels[sl], key_labels, None if groups is None else groups[sl], key_groups,
+                          torch.tensor(temperature, dtype=torch.float64, device=qd.device))
+        want, _ = dense_rows(inputs, InfoNCEOptions(denominator=denominator,
+                                                    self_key_offset=s if mode == "self" else None))
         row_err = max(row_err, scaled_error(rows[sl].detach(), want.detach()))
         total = total + want.sum()
     ref_grads = torch.autograd.grad(total, ref_leaves)

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from contrastkit import InfoNCEOptions
+
 SMALL = {64: [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
               (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 3)],
          256: [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2),
@@ -51,10 +53,17 @@ def make_batch(n: int, d: int, dtype: torch.dtype, seed: int = 0):
     return q, labels
 
 
+SUPCON = InfoNCEOptions(self_key_offset=0).encode()
+
+
+def _inputs(q, labels):
+    return q, q, labels, labels, None, None, torch.full((), 0.1, device=q.device)
+
+
 def forward_stats(q, labels):
     from contrastkit.kernels import info_nce as ops
 
-    return ops.info_nce_rows_triton(q, q, labels, labels, None, None, 0, 0.1, True, "all", -1)
+    return ops.forward_op(*_inputs(q, labels), SUPCON)
 
 
 def run_kind(kind: str, q, labels, block, stats=None):
@@ -74,9 +83,8 @@ def run_kind(kind: str, q, labels, block, stats=None):
             return loss, lse
         loss, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm = stats
         need_query = kind == "backward_query"
-        grads = ops.info_nce_rows_triton_backward(torch.ones_like(loss), q, q, labels, labels, None, None, valid,
-                                                  lse, n_pos, pos_sigmoid, q_norm, k_norm, 0, 0.1, True, "all",
-                                                  -1, need_query, not need_query)
+        grads = ops.backward_op(torch.ones_like(loss), *_inputs(q, labels), valid, lse, n_pos, pos_sigmoid,
+                                q_norm, k_norm, need_query, not need_query, False, SUPCON)
         return (grads[0],) if need_query else (grads[1],)
     finally:
         if previous is None:

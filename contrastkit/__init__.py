@@ -1,6 +1,8 @@
 """contrastkit: contrastive losses for semi-supervised medical image segmentation."""
 
 from . import data, metrics, models, segmentation, training
+from ._options import SHARED, InfoNCEOptions
+from ._temperature import TemperatureModule
 from .classic import NTXentLoss, PatchNCELoss, SupConLoss, nt_xent_loss, patch_nce_loss, supcon_loss
 from .core import info_nce
 from .cross_level import (
@@ -23,12 +25,15 @@ from .global_local import (
 from .labels import downsample_labels, pseudo_labels
 from .patches import patchify, pool_patches, unpatchify
 from .pseudo_label import PseudoLabelContrast, pseudo_label_contrast
-from .queue import MemoryQueue
+from .queue import MemoryQueue, append_queue
 
 __version__ = "0.1.0"
 
 __all__ = [
     "info_nce",
+    "InfoNCEOptions",
+    "SHARED",
+    "TemperatureModule",
     "data",
     "metrics",
     "models",
@@ -65,5 +70,6 @@ __all__ = [
     "partition_of",
     # memory queue and multi-process gathering
     "MemoryQueue",
+    "append_queue",
     "gather_keys",
 ]

@@ -1,106 +1,27 @@
 """The dense masked InfoNCE: the specification every other backend must match.
 
-It materialises the full N x M similarity matrix and lets autograd differentiate it, so it is
-simple and exact in float64, and its memory grows with N * M.
+It materialises the full N x M similarity matrix and lets autograd differentiate it (the
+temperature included, when it is a tensor that requires grad), so it is simple and exact in
+float64, and its memory grows with N * M.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from ._masks import contributing_rows, masked_logsumexp, pair_masks, prepare
+from ._options import InfoNCEOptions, OpInputs
+from ._validation import as_rows
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs accumulate in float32; float32 and float64 keep their own."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def prepare(x: torch.Tensor, temperature: float | None, normalize: bool) -> torch.Tensor:
-    """Rows in the compute dtype, L2-normalised if asked, optionally pre-scaled by 1/temperature."""
-    x = x.to(compute_dtype(x.dtype))
-    if normalize:
-        x = F.normalize(x, dim=1)
-    if temperature is not None:
-        x = x / temperature
-    return x
-
-
-def pair_masks(
-    labels: torch.Tensor,
-    key_labels: torch.Tensor,
-    groups: torch.Tensor | None,
-    key_groups: torch.Tensor | None,
-    ignore_index: int,
-    row_start: int = 0,
-    self_offset: int | None = None,
-    key_index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive and negative masks for the query rows ``row_start .. row_start + len(labels)``.
-
-    ``key_index`` gives the key positions of the columns when they are a subset of the keys.
-
-    A key is a candidate of a query when it is not ignored, shares the query's group (if
-    groups are given) and is not the query itself; candidates with the query's label are
-    positives, the rest negatives. Whether a query itself is ignored is decided per row by
-    :func:`contributing_rows`, not here.
-    """
-    rows, cols = labels.shape[0], key_labels.shape[0]
-    candidate = (key_labels != ignore_index)[None, :]
-    if groups is not None:
-        candidate = candidate & (groups[:, None] == key_groups[None, :])
-    else:
-        candidate = candidate.expand(rows, cols).clone()
-    if self_offset is not None:
-        # Query row r is key r + row_start + self_offset: clear that one entry per row.
-        own = torch.arange(rows, device=labels.device)
-        own_key = own + (row_start + self_offset)
-        if key_index is None:
-            inside = own_key < cols
-            candidate[own[inside], own_key[inside]] = False
-        else:
-            candidate &= own_key[:, None] != key_index[None, :]
-    positive = candidate & (labels[:, None] == key_labels[None, :])
-    return positive, candidate ^ positive
-
-
-def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row-wise log-sum-exp over the masked entries: -inf for a row with none, with a finite gradient."""
-    masked = torch.where(mask, s, float("-inf"))
-    peak = masked.amax(dim=1, keepdim=True).detach()
-    has_any = torch.isfinite(peak)
-    total = (masked - torch.where(has_any, peak, 0.0)).exp().sum(dim=1, keepdim=True)
-    # Rows with no entry: log(1) keeps the gradient finite; the result is replaced by -inf.
-    lse = torch.where(has_any, total, 1.0).log() + torch.where(has_any, peak, 0.0)
-    return torch.where(has_any, lse, float("-inf")).squeeze(1)
-
-
-def contributing_rows(
-    labels: torch.Tensor, n_pos: torch.Tensor, n_neg: torch.Tensor, denominator: str, ignore_index: int
-) -> torch.Tensor:
-    valid = (labels != ignore_index) & (n_pos > 0)
-    if denominator == "negatives":
-        valid = valid & (n_neg > 0)
-    return valid
-
-
-def dense_rows(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    labels: torch.Tensor,
-    key_labels: torch.Tensor,
-    groups: torch.Tensor | None,
-    key_groups: torch.Tensor | None,
-    self_offset: int | None,
-    temperature: float,
-    normalize: bool,
-    denominator: str,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query loss (0 where the query does not contribute) and the contributing mask."""
-    q = prepare(query, temperature, normalize)
-    k = prepare(key, None, normalize)
+    q = prepare(as_rows(inputs.query), inputs.temperature, options.normalize)
+    k = prepare(as_rows(inputs.key), None, options.normalize)
     s = q @ k.T
-    pos, neg = pair_masks(labels, key_labels, groups, key_groups, ignore_index, 0, self_offset)
+    labels, ignore_index, denominator = inputs.labels, options.ignore_index, options.denominator
+    pos, neg = pair_masks(labels, inputs.key_labels, inputs.groups, inputs.key_groups, ignore_index, 0,
+                          options.self_key_offset)
     n_pos = pos.sum(dim=1)
     valid = contributing_rows(labels, n_pos, neg.sum(dim=1), denominator, ignore_index)
 

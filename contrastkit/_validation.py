@@ -1,8 +1,8 @@
-"""Argument checks shared by every public entry point.
+"""Argument checks shared by every public entry point, and the dtype policy.
 
 Shape, dtype and device checks are static and run on every call. Checks that need the
-values (NaN/Inf, label ranges) synchronise with the device, so the backends run them
-inside their opaque ops, where ``torch.compile`` does not trace them.
+values (NaN/Inf, label ranges, a tensor temperature's value) synchronise with the device, so
+they run together in one synchronisation and are skipped while ``torch.compile`` traces a call.
 """
 
 from __future__ import annotations
@@ -12,9 +12,39 @@ import numbers
 
 import torch
 
+from ._options import SHARED
+
 DENOMINATORS = ("all", "each_positive", "negatives")
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs accumulate in float32; float32 and float64 keep their own."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
+def check_same_maps(name_a: str, a, name_b: str, b, dims: int, layout: str) -> None:
+    """Two tensors with the same shape, dtype and device, of ``dims`` dimensions."""
+    for name, x in ((name_a, a), (name_b, b)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        if x.dim() != dims:
+            raise ValueError(f"{name} must be {layout}; got shape {tuple(x.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} has dtype {a.dtype} but {name_b} has {b.dtype}")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -22,13 +52,37 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_temperature(temperature) -> float:
+def check_temperature(temperature) -> float | torch.Tensor:
+    """τ: a positive finite real number, or a 0-dim floating tensor (learnable; its value is
+    checked by :func:`check_temperature_value`, which needs a device synchronisation)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0:
+            raise ValueError(f"temperature must be a number or a 0-dim tensor; got shape {tuple(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature must be a floating tensor; got {temperature.dtype}")
+        return temperature
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a positive real number; got {type(temperature).__name__}")
+        raise TypeError(f"temperature must be a positive real number or a 0-dim floating tensor; "
+                        f"got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be positive and finite; got {temperature}")
     return temperature
+
+
+def check_temperature_value(temperature: torch.Tensor) -> None:
+    if not bool(torch.isfinite(temperature) & (temperature > 0)):
+        raise ValueError(f"temperature must be positive and finite; got {float(temperature)}")
+
+
+def temperature_tensor(temperature: float | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """τ as the 0-dim tensor every backend takes, in the compute dtype (gradients flow to a tensor τ)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.device != device:
+            raise ValueError(f"temperature is on {temperature.device} but the embeddings are on {device}; "
+                             "put it on the embeddings' device")
+        return temperature.to(dtype)
+    return torch.full((), temperature, dtype=dtype, device=device)
 
 
 def check_embeddings(name: str, x) -> tuple[int, int]:
@@ -99,30 +153,44 @@ def check_values(
     labels: torch.Tensor,
     key_labels: torch.Tensor,
     ignore_index: int,
+    groups: torch.Tensor | None = None,
+    key_groups: torch.Tensor | None = None,
+    temperature: torch.Tensor | None = None,
 ) -> None:
-    """Value checks: NaN/Inf embeddings, negative labels other than ignore_index.
+    """Value checks: NaN/Inf embeddings, negative labels other than ignore_index, negative groups
+    other than ``SHARED``, a non-positive or non-finite tensor temperature.
 
     On a GPU every test of a device value waits for the device, so all are combined into one
     synchronisation; the message naming the culprit is worked out only when one fails.
     """
-    def bad_ids(x):
+    def bad_labels(x):
         return (x < 0) & (x != ignore_index)
 
+    def bad_groups(x):
+        return (x < 0) & (x != SHARED)
+
     embeddings = [("query", query)] + ([] if key is query else [("key", key)])
-    ids = [("labels", labels)] + ([] if key_labels is labels else [("key_labels", key_labels)])
-    flags = [~torch.isfinite(x).all() for _, x in embeddings] + [bad_ids(x).any() for _, x in ids]
+    ids = [("labels", labels, bad_labels)] + ([] if key_labels is labels else [("key_labels", key_labels, bad_labels)])
+    for name, x in (("groups", groups), ("key_groups", key_groups)):
+        if x is not None and not (name == "key_groups" and x is groups):
+            ids.append((name, x, bad_groups))
+    flags = [~torch.isfinite(x).all() for _, x in embeddings] + [bad(x).any() for _, x, bad in ids]
+    if temperature is not None:
+        flags.append(~(torch.isfinite(temperature) & (temperature > 0)))
     if not bool(torch.stack(flags).any()):
         return
     for name, x in embeddings:
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or Inf")
-    for name, x in ids:
-        bad = bad_ids(x)
-        if bad.any():
-            raise ValueError(
-                f"{name} must be non-negative class ids or ignore_index={ignore_index}; "
-                f"found {int(x[bad][0])}"
-            )
+    for name, x, bad in ids:
+        found = bad(x)
+        if found.any():
+            allowed = (f"ignore_index={ignore_index}" if bad is bad_labels
+                       else f"SHARED={SHARED} (a key or query of every group)")
+            kind = "class ids" if bad is bad_labels else "group ids"
+            raise ValueError(f"{name} must be non-negative {kind} or {allowed}; found {int(x[found][0])}")
+    if temperature is not None:
+        check_temperature_value(temperature)
 
 
 def check_weight_values(weights: torch.Tensor) -> None:

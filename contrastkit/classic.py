@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from . import _validation as v
+from ._temperature import TemperatureModule
+from ._validation import check_flag, check_same_maps
 from .core import info_nce
 from .distributed import gather_keys, rank_offset
-from .queue import MemoryQueue, queue_contents
-
-
-def check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
-    return value
-
-
-def check_same_maps(name_a: str, a, name_b: str, b, dims: int, layout: str) -> None:
-    """Two tensors with the same shape, dtype and device, of ``dims`` dimensions."""
-    for name, x in ((name_a, a), (name_b, b)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-        if x.dim() != dims:
-            raise ValueError(f"{name} must be {layout}; got shape {tuple(x.shape)}")
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{name_a} and {name_b} must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if a.device != b.device:
-        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"{name_a} has dtype {a.dtype} but {name_b} has {b.dtype}")
+from .queue import MemoryQueue, append_queue
 
 
 def _global_keys(rows: torch.Tensor, labels: torch.Tensor, gather_distributed: bool):
@@ -45,7 +23,7 @@ def nt_xent_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
     *,
-    temperature: float = 0.5,
+    temperature: float | torch.Tensor = 0.5,
     normalize: bool = True,
     reduction: str = "mean",
     gather_distributed: bool = False,
@@ -67,11 +45,7 @@ def nt_xent_loss(
     samples = torch.arange(first_sample, first_sample + n, device=z1.device)
     labels = torch.cat([samples, samples])
     keys, key_labels, self_offset = _global_keys(rows, labels, gather_distributed)
-    queued, _ = queue_contents(queue, rows)
-    if queued is not None:
-        # A label that no sample has: queue keys are negatives of every anchor.
-        unused = torch.full((queued.shape[0],), key_labels.shape[0], device=rows.device, dtype=torch.long)
-        keys, key_labels = torch.cat([keys, queued]), torch.cat([key_labels, unused])
+    keys, key_labels, _ = append_queue(queue, keys, key_labels, labels=labels)
     return info_nce(
         rows, keys, labels=labels, key_labels=key_labels, self_key_offset=self_offset,
         temperature=temperature, normalize=normalize, denominator="all", reduction=reduction,
@@ -83,7 +57,7 @@ def supcon_loss(
     features: torch.Tensor,
     labels: torch.Tensor | None = None,
     *,
-    temperature: float = 0.1,
+    temperature: float | torch.Tensor = 0.1,
     denominator: str = "all",
     normalize: bool = True,
     ignore_index: int = -1,
@@ -122,17 +96,14 @@ def supcon_loss(
                              "class) needs (N, V, D) features with V >= 2 views")
         first_sample = rank_offset(n, features.device) if gather_distributed else 0
         labels = torch.arange(first_sample, first_sample + n, device=features.device)
-        queue_needs_labels = None
+        queue_labels = None  # every sample its own class: queue keys are negatives
     else:
         labels = v.check_index_vector("labels", labels, n, features.device, "sample")
-        queue_needs_labels = "supcon_loss with labels"
+        queue_labels = "supcon_loss with labels"
     row_labels = labels.repeat(views)
     keys, key_labels, self_offset = _global_keys(rows, row_labels, gather_distributed)
-    queued, queued_labels = queue_contents(queue, rows, need_labels=queue_needs_labels)
-    if queued is not None:
-        if queue_needs_labels is None:
-            queued_labels = torch.full((queued.shape[0],), int(key_labels.max()) + 1, device=rows.device)
-        keys, key_labels = torch.cat([keys, queued]), torch.cat([key_labels, queued_labels])
+    keys, key_labels, _ = append_queue(queue, keys, key_labels, labels=row_labels, use_queue_labels=queue_labels,
+                                       ignore_index=ignore_index)
     loss = info_nce(
         rows, keys, labels=row_labels, key_labels=key_labels, self_key_offset=self_offset,
         temperature=temperature, normalize=normalize, denominator=denominator,
@@ -162,7 +133,7 @@ def patch_nce_loss(
     feat_q: torch.Tensor,
     feat_k: torch.Tensor,
     *,
-    temperature: float = 0.07,
+    temperature: float | torch.Tensor = 0.07,
     num_patches: int | None = 256,
     generator: torch.Generator | None = None,
     normalize: bool = True,
@@ -185,33 +156,31 @@ def patch_nce_loss(
         raise ValueError(f"num_patches must be a positive int or None; got {num_patches!r}")
     b, c, h, w = feat_q.shape
     where = sample_locations(b, h * w, num_patches, feat_q.device, generator)[..., None].expand(-1, -1, c)
-    queries = feat_q.flatten(2).transpose(1, 2).gather(1, where)
-    keys = feat_k.detach().flatten(2).transpose(1, 2).gather(1, where)
-    p = queries.shape[1]
-    labels = torch.arange(p, device=feat_q.device)
-    key_labels = labels
-    queued, _ = queue_contents(queue, queries)
-    if queued is not None:
-        key_labels = torch.cat([labels, torch.full((queued.shape[0],), p, device=feat_q.device)])
-    total = 0.0
-    # One image at a time: the negatives of a query are its own image's keys only.
-    for image in range(b):
-        image_keys = keys[image] if queued is None else torch.cat([keys[image], queued])
-        total = total + info_nce(
-            queries[image], image_keys, labels=labels, key_labels=key_labels, temperature=temperature,
-            normalize=normalize, denominator="all", reduction="sum", backend=backend,
-        )
-    return total / (b * p)
+    queries = feat_q.flatten(2).transpose(1, 2).gather(1, where).reshape(-1, c)
+    keys = feat_k.detach().flatten(2).transpose(1, 2).gather(1, where).reshape(-1, c)
+    # One call for the batch: each query's own location is its positive, the other sampled
+    # locations of its image (its group) and the queue's keys (shared by all) its negatives.
+    locations = torch.arange(queries.shape[0], device=feat_q.device)
+    images = torch.div(locations, queries.shape[0] // b, rounding_mode="floor")
+    keys, key_labels, key_groups = append_queue(queue, keys, locations, images, labels=locations)
+    total = info_nce(queries, keys, labels=locations, key_labels=key_labels, groups=images, key_groups=key_groups,
+                     temperature=temperature, normalize=normalize, denominator="all", reduction="sum",
+                     backend=backend)
+    return total / queries.shape[0]
 
 
-class NTXentLoss(nn.Module):
-    """Module form of :func:`nt_xent_loss`; ``forward(z1, z2, queue=None)``."""
+class NTXentLoss(TemperatureModule):
+    """Module form of :func:`nt_xent_loss`; ``forward(z1, z2, queue=None)``.
 
-    def __init__(self, temperature: float = 0.5, normalize: bool = True, reduction: str = "mean",
-                 gather_distributed: bool = False, backend: str = "auto"):
-        super().__init__()
-        self.temperature = v.check_temperature(temperature)
+    ``temperature`` may be a tensor, and ``learnable_temperature=True`` learns τ in log space
+    (see :class:`contrastkit.TemperatureModule`).
+    """
+
+    def __init__(self, temperature: float | torch.Tensor = 0.5, normalize: bool = True, reduction: str = "mean",
+                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False):
+        super().__init__(temperature, learnable_temperature)
         v.check_choice("reduction", reduction, v.REDUCTIONS)
+        v.check_choice("backend", backend, v.BACKENDS)
         self.normalize, self.reduction, self.backend = normalize, reduction, backend
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
@@ -221,19 +190,19 @@ class NTXentLoss(nn.Module):
                             queue=queue, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
+        return f"{self.temperature_repr()}, gather_distributed={self.gather_distributed}"
 
 
-class SupConLoss(nn.Module):
+class SupConLoss(TemperatureModule):
     """Module form of :func:`supcon_loss`; ``forward(features, labels=None, queue=None)``."""
 
-    def __init__(self, temperature: float = 0.1, denominator: str = "all", normalize: bool = True,
+    def __init__(self, temperature: float | torch.Tensor = 0.1, denominator: str = "all", normalize: bool = True,
                  ignore_index: int = -1, reduction: str = "mean", gather_distributed: bool = False,
-                 backend: str = "auto"):
-        super().__init__()
-        self.temperature = v.check_temperature(temperature)
+                 backend: str = "auto", learnable_temperature: bool = False):
+        super().__init__(temperature, learnable_temperature)
         v.check_choice("denominator", denominator, v.DENOMINATORS)
         v.check_choice("reduction", reduction, v.REDUCTIONS)
+        v.check_choice("backend", backend, v.BACKENDS)
         self.denominator, self.normalize, self.ignore_index = denominator, normalize, ignore_index
         self.reduction, self.backend = reduction, backend
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
@@ -245,19 +214,20 @@ class SupConLoss(nn.Module):
                            queue=queue, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, denominator={self.denominator!r}"
+        return f"{self.temperature_repr()}, denominator={self.denominator!r}"
 
 
-class PatchNCELoss(nn.Module):
+class PatchNCELoss(TemperatureModule):
     """Module form of :func:`patch_nce_loss`; ``forward(feat_q, feat_k, generator=None, queue=None)``."""
 
-    def __init__(self, temperature: float = 0.07, num_patches: int | None = 256, normalize: bool = True,
-                 gather_distributed: bool = False, backend: str = "auto"):
-        super().__init__()
-        self.temperature = v.check_temperature(temperature)
+    def __init__(self, temperature: float | torch.Tensor = 0.07, num_patches: int | None = 256,
+                 normalize: bool = True, gather_distributed: bool = False, backend: str = "auto",
+                 learnable_temperature: bool = False):
+        super().__init__(temperature, learnable_temperature)
         if num_patches is not None and (isinstance(num_patches, bool) or not isinstance(num_patches, int)
                                         or num_patches < 1):
             raise ValueError(f"num_patches must be a positive int or None; got {num_patches!r}")
+        v.check_choice("backend", backend, v.BACKENDS)
         self.num_patches, self.normalize, self.backend = num_patches, normalize, backend
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
@@ -268,4 +238,4 @@ class PatchNCELoss(nn.Module):
                               gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, num_patches={self.num_patches}"
+        return f"{self.temperature_repr()}, num_patches={self.num_patches}"

@@ -1,11 +1,18 @@
-"""The one operation under every loss: a masked InfoNCE over query and key embeddings."""
+"""The one operation under every loss: a masked InfoNCE over query and key embeddings, and
+the one place that picks the backend of every fused operation (``info_nce``, ``pool_patches``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
+from einops import reduce
 
 from . import _validation as v
-from ._chunked import default_chunk_size, info_nce_rows_chunked
+from ._chunked import chunked_rows
+from ._options import InfoNCEOptions, OpInputs
 from ._reference import dense_rows
 
 
@@ -17,7 +24,7 @@ def info_nce(
     key_labels: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
-    temperature: float = 0.1,
+    temperature: float | torch.Tensor = 0.1,
     normalize: bool = True,
     denominator: str = "all",
     weights: torch.Tensor | None = None,
@@ -47,10 +54,12 @@ def info_nce(
             ``key_labels[j] == labels[i]``. ``None`` with a ``key`` means paired views: N must
             equal M and key i is the one positive of query i.
         key_labels: (M,) class ids of the keys; defaults to ``labels`` in self-contrast.
-        groups, key_groups: (N,) and (M,) integer ids; a key is a candidate of a query only
-            when their groups are equal. ``key_groups`` defaults to ``groups`` in self-contrast
-            and for paired views.
-        temperature: τ > 0.
+        groups, key_groups: (N,) and (M,) non-negative integer ids; a key is a candidate of a
+            query only when their groups are equal. :data:`contrastkit.SHARED` (-1) on either side
+            matches every group: mark keys shared by all images (a memory queue's) this way.
+            ``key_groups`` defaults to ``groups`` in self-contrast and for paired views.
+        temperature: τ > 0, a number or a 0-dim floating tensor on the query's device; gradients
+            flow to a tensor τ on every backend (e.g. ``log_tau.exp()`` for a learnable τ).
         normalize: L2-normalise rows first, so that similarities are cosines.
         denominator: ``"all"``, ``"each_positive"`` or ``"negatives"`` (see above).
         weights: (N,) non-negative per-anchor weights, e.g. pseudo-label confidence. They are
@@ -72,8 +81,8 @@ def info_nce(
     and, for ``denominator="negatives"``, at least one negative.
 
     The loss is float32 for float32/bfloat16/float16 inputs (half inputs are accumulated in
-    float32) and float64 for float64 inputs. Value checks (NaN/Inf, negative labels) are
-    skipped while ``torch.compile`` traces the call.
+    float32) and float64 for float64 inputs. Value checks (NaN/Inf, negative labels or groups,
+    a tensor τ's value) are skipped while ``torch.compile`` traces the call.
     """
     n, dim = v.check_embeddings("query", query)
     self_contrast = key is None
@@ -84,13 +93,14 @@ def info_nce(
         v.check_pair(query, key, dim, key_dim)
     device = query.device
     temperature = v.check_temperature(temperature)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool; got {type(normalize).__name__}")
+    v.check_flag("normalize", normalize)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
     v.check_choice("denominator", denominator, v.DENOMINATORS)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_choice("backend", backend, v.BACKENDS)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
 
     labels = v.check_index_vector("labels", labels, n, device, "query")
     key_labels = v.check_index_vector("key_labels", key_labels, m, device, "key")
@@ -126,43 +136,19 @@ def info_nce(
             raise TypeError(f"self_key_offset must be an int or None; got {type(self_key_offset).__name__}")
         if not 0 <= self_key_offset <= m - n:
             raise ValueError(f"self_key_offset must lie in [0, M - N] = [0, {m - n}]; got {self_key_offset}")
+    tau = v.temperature_tensor(temperature, v.compute_dtype(query.dtype), device)
 
     if not torch.compiler.is_compiling():
-        v.check_values(query, key, labels, key_labels, ignore_index)
+        v.check_values(query, key, labels, key_labels, ignore_index, groups, key_groups,
+                       tau if isinstance(temperature, torch.Tensor) else None)
         if weights is not None:
             v.check_weight_values(weights)
 
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and _triton_available(query.dtype, dim) else "torch"
-    options = (self_key_offset, temperature, normalize, denominator, ignore_index)
-    if backend == "reference":
-        loss, valid = dense_rows(v.as_rows(query), v.as_rows(key), labels, key_labels, groups, key_groups, *options)
-    elif backend == "torch":
-        if chunk_size is None:
-            chunk_size = default_chunk_size(n, m)
-        elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-        loss, valid, _ = info_nce_rows_chunked(
-            v.as_rows(query), v.as_rows(key), labels, key_labels, groups, key_groups, *options, chunk_size
-        )
-    else:
-        from . import kernels
-
-        reason = kernels.unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run: {reason}")
-        # The kernels read (B, C, H, W) maps through their strides: no permuted copy.
-        loss, valid = kernels.info_nce_rows(
-            query, key, labels, key_labels, groups, key_groups, *options
-        )
+    options = InfoNCEOptions(denominator=denominator, normalize=normalize, ignore_index=ignore_index,
+                             self_key_offset=self_key_offset, chunk_size=chunk_size)
+    inputs = OpInputs(query, key, labels, key_labels, groups, key_groups, tau)
+    loss, valid = resolve_backend(backend, query, dim, "info_nce").info_nce_rows(inputs, options)
     return reduce_rows(loss, valid, weights, reduction)
-
-
-def _triton_available(dtype: torch.dtype, dim: int) -> bool:
-    from . import kernels
-
-    # float64 and very long rows stay on the torch path instead of failing in the kernels.
-    return kernels.available() and kernels.supports(dtype, dim)
 
 
 def reduce_rows(loss: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor | None, reduction: str):
@@ -179,3 +165,66 @@ def reduce_rows(loss: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor |
     count = count.sum()
     # An empty batch gives exactly 0 that is still attached to the graph (total is 0 then).
     return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), total)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+class Backend(NamedTuple):
+    """One implementation of every fused operation, and what it takes."""
+
+    name: str
+    supports: Callable[[str, torch.Tensor, int], bool]  # (operation, input, embedding size or channels)
+    info_nce_rows: Callable[[OpInputs, InfoNCEOptions], tuple[torch.Tensor, torch.Tensor]]
+    pool_patches: Callable[[torch.Tensor, int, int, bool], torch.Tensor]
+
+
+def _mean_pool(features: torch.Tensor, grid_h: int, grid_w: int, normalize: bool) -> torch.Tensor:
+    pooled = reduce(features, "b c (gh ph) (gw pw) -> b c gh gw", "mean", gh=grid_h, gw=grid_w)
+    return F.normalize(pooled, dim=1) if normalize else pooled
+
+
+def _any_input(operation: str, x: torch.Tensor, size: int) -> bool:
+    return True
+
+
+def _triton_supports(operation: str, x: torch.Tensor, size: int) -> bool:
+    """Kernels available for this device, dtype and size: float64 and over-long rows stay on torch."""
+    from . import kernels
+
+    if x.device.type != "cuda" or not kernels.available():
+        return False
+    return kernels.supports(x.dtype, size) if operation == "info_nce" else x.dtype in kernels.KERNEL_DTYPES
+
+
+def _triton(operation: str):
+    def run(*args):
+        from . import kernels
+
+        reason = kernels.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run: {reason}")
+        return getattr(kernels, operation)(*args)
+
+    return run
+
+
+BACKEND_TABLE = {
+    "reference": Backend("reference", _any_input, dense_rows, _mean_pool),
+    "torch": Backend("torch", _any_input, chunked_rows, _mean_pool),
+    "triton": Backend("triton", _triton_supports, _triton("info_nce_rows"), _triton("pool_patches")),
+}
+
+
+def resolve_backend(backend: str, x: torch.Tensor, size: int, operation: str) -> Backend:
+    """The backend that runs ``operation`` on ``x``: the named one, or for ``"auto"`` the Triton
+    kernels when they take ``x`` (CUDA, a kernel dtype, a supported size) and torch otherwise.
+
+    A backend named explicitly runs even where ``auto`` would not pick it, so its own errors
+    (e.g. the kernels' refusal of float64) reach the caller.
+    """
+    v.check_choice("backend", backend, v.BACKENDS)
+    if backend == "auto":
+        triton = BACKEND_TABLE["triton"]
+        return triton if triton.supports(operation, x, size) else BACKEND_TABLE["torch"]
+    return BACKEND_TABLE[backend]

@@ -30,7 +30,8 @@ from einops import rearrange
 from torch import nn
 
 from . import _validation as v
-from ._reference import compute_dtype
+from ._temperature import TemperatureModule
+from ._validation import compute_dtype
 from .core import info_nce
 from .distributed import gather_keys, rank_offset
 from .patches import as_grid, patchify, pool_patches
@@ -85,7 +86,7 @@ def cross_level_contrast(
     global_map: torch.Tensor,
     local_map: torch.Tensor,
     *,
-    temperature: float = 0.07,
+    temperature: float | torch.Tensor = 0.07,
     negatives: str = "image",
     detach_local: bool = True,
     symmetric: bool = False,
@@ -131,11 +132,12 @@ def cross_level_contrast(
     return loss
 
 
-class CrossLevelContrast(nn.Module):
+class CrossLevelContrast(TemperatureModule):
     r"""Contrast between the global (full-image) and local (per-patch) embeddings of each cell.
 
     Args:
-        temperature: τ; the original uses 0.07.
+        temperature: τ; the original uses 0.07. A number, a 0-dim tensor, or the starting value
+            of a learned τ with ``learnable_temperature=True`` (log-parametrised).
         negatives: ``"image"`` — the other cells of the same image (the original);
             ``"batch"`` — the other cells of every image in the batch.
         detach_local: no gradient reaches ``local_map`` (the original detaches the keys).
@@ -148,6 +150,7 @@ class CrossLevelContrast(nn.Module):
             negatives (:func:`contrastkit.gather_keys`); each rank returns the mean over its own
             cells. With ``negatives="image"`` all negatives are local and nothing is gathered.
         backend: the :func:`~contrastkit.info_nce` backend.
+        learnable_temperature: learn τ as exp(``log_temperature``), a parameter of the module.
 
     ``forward(global_map, local_map)``:
 
@@ -170,18 +173,17 @@ class CrossLevelContrast(nn.Module):
 
     def __init__(
         self,
-        temperature: float = 0.07,
+        temperature: float | torch.Tensor = 0.07,
         negatives: str = "image",
         detach_local: bool = True,
         symmetric: bool = False,
         normalize: bool = True,
         gather_distributed: bool = False,
         backend: str = "auto",
+        learnable_temperature: bool = False,
     ) -> None:
-        super().__init__()
-        v.check_temperature(temperature)
+        super().__init__(temperature, learnable_temperature)
         v.check_choice("negatives", negatives, NEGATIVES)
-        self.temperature = temperature
         self.negatives = negatives
         self.detach_local = detach_local
         self.symmetric = symmetric
@@ -204,7 +206,7 @@ class CrossLevelContrast(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, negatives={self.negatives!r}, "
+        return (f"{self.temperature_repr()}, negatives={self.negatives!r}, "
                 f"detach_local={self.detach_local}, symmetric={self.symmetric}, normalize={self.normalize}")
 
 

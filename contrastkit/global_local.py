@@ -7,14 +7,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import _validation as v
-from .classic import check_flag, check_same_maps
+from ._temperature import TemperatureModule
+from ._validation import check_flag, check_same_maps
 from .core import info_nce
 from .distributed import gather_keys, get_rank
 from .patches import as_grid, pool_patches
-from .queue import MemoryQueue, queue_contents
+from .queue import MemoryQueue, append_queue, queued_keys
 
 STRATEGIES = ("GR", "GD-", "GD")
 
@@ -81,7 +81,7 @@ def global_contrast(
     view_ids: torch.Tensor,
     *,
     strategy: str = "GD",
-    temperature: float = 0.1,
+    temperature: float | torch.Tensor = 0.1,
     normalize: bool = True,
     gather_distributed: bool = False,
     queue: MemoryQueue | None = None,
@@ -123,14 +123,11 @@ def global_contrast(
     else:
         gathered = z, volume_ids, partition_ids, ranks, 0
     keys, key_volumes, key_partitions, key_ranks, self_offset = gathered
-    queued, queued_partitions = queue_contents(
-        queue, z, need_labels=None if strategy == "GR" else f"GlobalContrast(strategy={strategy!r})"
-    )
     options = dict(temperature=temperature, normalize=normalize, denominator="each_positive", backend=backend)
 
     if strategy == "GD":
-        key_labels = key_partitions if queued is None else torch.cat([key_partitions, queued_partitions])
-        keys = keys if queued is None else torch.cat([keys, queued])
+        keys, key_labels, _ = append_queue(queue, keys, key_partitions, labels=partition_ids,
+                                           use_queue_labels="GlobalContrast(strategy='GD')")
         return info_nce(z, keys, labels=partition_ids, key_labels=key_labels, self_key_offset=self_offset,
                         **options)
 
@@ -138,26 +135,31 @@ def global_contrast(
                                  return_inverse=True)
     slices = key_slices[self_offset : self_offset + n]
     if strategy == "GR":
-        if queued is not None:
-            unused = torch.full((queued.shape[0],), int(key_slices.max()) + 1, device=z.device)
-            keys, key_slices = torch.cat([keys, queued]), torch.cat([key_slices, unused])
+        keys, key_slices, _ = append_queue(queue, keys, key_slices, labels=slices)
         return info_nce(z, keys, labels=slices, key_labels=key_slices, self_key_offset=self_offset, **options)
+    return _gd_minus(z, slices, partition_ids, keys, key_partitions, queue, options)
 
-    # GD-: which keys are negatives depends on both the volume and the partition of the anchor,
-    # which no single label/group equality expresses, so each slice is contrasted on its own.
-    total, contributing = 0.0, 0
-    for s in torch.unique(slices).tolist():
-        rows = (slices == s).nonzero().squeeze(1)
-        partition = partition_ids[rows[0]]
-        negatives = [keys[key_partitions != partition]]
-        if queued is not None:
-            negatives.append(queued[queued_partitions != partition])
-        slice_keys = torch.cat([keys[self_offset + rows], *negatives])
-        key_labels = (torch.arange(slice_keys.shape[0], device=z.device) >= rows.shape[0]).long()
-        total = total + info_nce(z[rows], slice_keys, labels=torch.zeros_like(rows), key_labels=key_labels,
-                                 self_key_offset=0, reduction="sum", **options)
-        contributing += rows.shape[0] if rows.shape[0] > 1 else 0
-    return total / max(contributing, 1)
+
+def _gd_minus(z, slices, partition_ids, keys, key_partitions, queue, options):
+    """GD-: an anchor's positives are the other views of its slice, its negatives every key of
+    another partition; keys of its partition in other volumes take no part.
+
+    Which keys are candidates depends on both the slice and the partition of the anchor, which
+    no single group equality expresses, so each slice is one group with its own copy of the
+    keys of the other partitions. The keys are this process's rows first (query i is key i: the
+    views of a slice always live on one process), then, per slice, the other-partition keys of
+    every process and of the queue; one core call for the batch.
+    """
+    keys, key_partitions, _ = append_queue(queue, keys, key_partitions, labels=partition_ids,
+                                           use_queue_labels="GlobalContrast(strategy='GD-')")
+    distinct, slice_of_row = torch.unique(slices, return_inverse=True)
+    slice_partition = partition_ids.new_empty(distinct.shape[0]).scatter_(0, slice_of_row, partition_ids)
+    slice_index, key_index = (key_partitions[None, :] != slice_partition[:, None]).nonzero(as_tuple=True)
+    rows = torch.zeros_like(slices)  # label 0: the own slice's views; 1: another partition's keys
+    copied = torch.ones_like(key_index)
+    return info_nce(z, torch.cat([z, keys[key_index]]), labels=rows, key_labels=torch.cat([rows, copied]),
+                    groups=slice_of_row, key_groups=torch.cat([slice_of_row, slice_index]), self_key_offset=0,
+                    **options)
 
 
 def local_contrast(
@@ -165,7 +167,7 @@ def local_contrast(
     f2: torch.Tensor,
     *,
     region_grid=4,
-    temperature: float = 0.1,
+    temperature: float | torch.Tensor = 0.1,
     negatives_per_region: int | None = None,
     normalize: bool = True,
     gather_distributed: bool = False,
@@ -188,7 +190,7 @@ def local_contrast(
     b = f1.shape[0]
     pooled = torch.cat([pool_patches(f1, grid).flatten(2), pool_patches(f2, grid).flatten(2)], dim=2)
     rows = pooled.transpose(1, 2)  # (B, 2R, C): view 1 regions, then view 2 regions
-    queued, _ = queue_contents(queue, rows)
+    queued, _ = queued_keys(queue, rows)
     extra = 0 if queued is None else queued.shape[0]
     if negatives_per_region is not None:
         available = 2 * regions - 2 + extra
@@ -196,56 +198,61 @@ def local_contrast(
                 or not 1 <= negatives_per_region <= available):
             raise ValueError(f"negatives_per_region must be None or an int in [1, {available}] "
                              f"(2R - 2 other regions + {extra} queue keys); got {negatives_per_region!r}")
+    # One core call for the batch: the regions of an image are one group; queue keys are shared.
     region = torch.arange(regions, device=f1.device).repeat(2)
-    partner = (torch.arange(2 * regions, device=f1.device) + regions) % (2 * regions)
+    labels = (torch.arange(b, device=f1.device)[:, None] * regions + region).reshape(-1)
+    images = torch.arange(b, device=f1.device).repeat_interleave(2 * regions)
+    flat = rows.reshape(b * 2 * regions, -1)
     options = dict(temperature=temperature, normalize=normalize, reduction="sum", backend=backend)
-    total = 0.0
-    for image in range(b):
-        candidates = rows[image] if queued is None else torch.cat([rows[image], queued])
-        if negatives_per_region is None:
-            key_labels = region if queued is None else torch.cat([region, region.new_full((extra,), regions)])
-            total = total + info_nce(rows[image], candidates, labels=region, key_labels=key_labels,
-                                     self_key_offset=0, **options)
-        else:
-            total = total + _nearest_negatives_loss(rows[image], candidates, partner, negatives_per_region,
-                                                    normalize, options)
+    if negatives_per_region is None:
+        keys, key_labels, key_groups = append_queue(queue, flat, labels, images, labels=labels)
+        total = info_nce(flat, keys, labels=labels, key_labels=key_labels, groups=images, key_groups=key_groups,
+                         self_key_offset=0, **options)
+    else:
+        total = _nearest_negatives_loss(rows, queued, negatives_per_region, normalize, options)
     return total / (b * 2 * regions)
 
 
-def _nearest_negatives_loss(queries, candidates, partner, k, normalize, options):
-    """InfoNCE of each query against its positive and its k most similar negatives."""
-    n = queries.shape[0]
+def _nearest_negatives_loss(rows, queued, k, normalize, options):
+    """InfoNCE of each region against its positive (the same region in the other view) and its k
+    most similar negatives among the other regions of its image and the queue, chosen without
+    gradient; one core call for the batch, each query its own group of 1 + k keys."""
+    b, count, dim = rows.shape
+    regions = count // 2
+    candidates = rows if queued is None else torch.cat([rows, queued.expand(b, -1, -1)], dim=1)
+    own = torch.arange(count, device=rows.device)
+    partner = (own + regions) % count
     with torch.no_grad():
-        dtype = torch.promote_types(queries.dtype, torch.float32)
-        q, c = queries.to(dtype), candidates.to(dtype)
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        q, c = rows.to(dtype), candidates.to(dtype)
         if normalize:
-            q, c = F.normalize(q, dim=1), F.normalize(c, dim=1)
-        similarity = q @ c.T
-        own = torch.arange(n, device=queries.device)
-        similarity[own, own] = float("-inf")
-        similarity[own, partner] = float("-inf")
-        nearest = similarity.topk(k, dim=1).indices
-    chosen = torch.cat([partner[:, None], nearest], dim=1)  # (n, 1 + k): positive first
-    keys = candidates[chosen.reshape(-1)]
-    owner = torch.arange(n, device=queries.device)
-    # Each query sees only its own 1 + k keys: groups tie keys to their query.
-    key_labels = (torch.arange(k + 1, device=queries.device) > 0).long().repeat(n)
+            q, c = F.normalize(q, dim=2), F.normalize(c, dim=2)
+        similarity = q @ c.transpose(1, 2)  # (B, 2R, 2R + Q)
+        similarity[:, own, own] = float("-inf")
+        similarity[:, own, partner] = float("-inf")
+        nearest = similarity.topk(k, dim=2).indices
+    chosen = torch.cat([partner[None, :, None].expand(b, -1, 1), nearest], dim=2)  # (B, 2R, 1 + k): positive first
+    keys = candidates.reshape(-1, dim)[(chosen + torch.arange(b, device=rows.device)[:, None, None]
+                                        * candidates.shape[1]).reshape(-1)]
+    queries = rows.reshape(-1, dim)
+    owner = torch.arange(queries.shape[0], device=rows.device)
+    key_labels = (torch.arange(k + 1, device=rows.device) > 0).long().repeat(queries.shape[0])
     return info_nce(queries, keys, labels=torch.zeros_like(owner), key_labels=key_labels,
                     groups=owner, key_groups=owner.repeat_interleave(k + 1), **options)
 
 
-class GlobalContrast(nn.Module):
+class GlobalContrast(TemperatureModule):
     """Module form of :func:`global_contrast`.
 
     ``forward(z, volume_ids, partition_ids, view_ids, queue=None)``.
     """
 
-    def __init__(self, strategy: str = "GD", temperature: float = 0.1, normalize: bool = True,
-                 gather_distributed: bool = False, backend: str = "auto"):
-        super().__init__()
+    def __init__(self, strategy: str = "GD", temperature: float | torch.Tensor = 0.1, normalize: bool = True,
+                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False):
+        super().__init__(temperature, learnable_temperature)
         v.check_choice("strategy", strategy, STRATEGIES)
-        self.strategy, self.temperature = strategy, v.check_temperature(temperature)
-        self.normalize, self.backend = normalize, backend
+        v.check_choice("backend", backend, v.BACKENDS)
+        self.strategy, self.normalize, self.backend = strategy, normalize, backend
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def forward(self, z, volume_ids, partition_ids, view_ids, queue: MemoryQueue | None = None):
@@ -254,22 +261,24 @@ class GlobalContrast(nn.Module):
                                gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"strategy={self.strategy!r}, temperature={self.temperature}"
+        return f"strategy={self.strategy!r}, {self.temperature_repr()}"
 
 
-class LocalContrast(nn.Module):
+class LocalContrast(TemperatureModule):
     """Module form of :func:`local_contrast`; ``forward(f1, f2, queue=None)``."""
 
-    def __init__(self, temperature: float = 0.1, region_grid=4, negatives_per_region: int | None = None,
-                 normalize: bool = True, gather_distributed: bool = False, backend: str = "auto"):
-        super().__init__()
-        self.temperature, self.region_grid = v.check_temperature(temperature), as_grid(region_grid)
+    def __init__(self, temperature: float | torch.Tensor = 0.1, region_grid=4,
+                 negatives_per_region: int | None = None, normalize: bool = True, gather_distributed: bool = False,
+                 backend: str = "auto", learnable_temperature: bool = False):
+        super().__init__(temperature, learnable_temperature)
+        self.region_grid = as_grid(region_grid)
         if negatives_per_region is not None and (isinstance(negatives_per_region, bool)
                                                  or not isinstance(negatives_per_region, int)
                                                  or negatives_per_region < 1):
             raise ValueError(
                 f"negatives_per_region must be None or a positive int; got {negatives_per_region!r}"
             )
+        v.check_choice("backend", backend, v.BACKENDS)
         self.negatives_per_region, self.normalize, self.backend = negatives_per_region, normalize, backend
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
@@ -279,5 +288,5 @@ class LocalContrast(nn.Module):
                               gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, region_grid={self.region_grid}, "
+        return (f"{self.temperature_repr()}, region_grid={self.region_grid}, "
                 f"negatives_per_region={self.negatives_per_region}")

@@ -6,7 +6,7 @@ import numbers
 
 import torch
 
-from ._reference import compute_dtype
+from ._validation import compute_dtype
 
 
 def check_label_map(name: str, labels, dims: int | None = None) -> torch.Tensor:

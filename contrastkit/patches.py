@@ -6,8 +6,10 @@ import numbers
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from einops import rearrange, reduce
+from einops import rearrange
+
+from ._validation import check_flag
+from .core import resolve_backend
 
 
 def _is_int(g) -> bool:
@@ -66,19 +68,16 @@ def unpatchify(patches: torch.Tensor, grid) -> torch.Tensor:
     return rearrange(patches, "(b gh gw) c ph pw -> b c (gh ph) (gw pw)", gh=gh, gw=gw)
 
 
-def pool_patches(features: torch.Tensor, grid, normalize: bool = False) -> torch.Tensor:
+def pool_patches(features: torch.Tensor, grid, normalize: bool = False, backend: str = "auto") -> torch.Tensor:
     """(B, C, H, W) -> (B, C, gh, gw): the mean over each grid cell, L2-normalised over C if asked.
 
-    On CUDA this runs the fused Triton kernel when it is available.
+    ``backend`` as for :func:`contrastkit.info_nce`: ``"auto"`` runs the fused Triton kernel on
+    CUDA maps of a kernel dtype and torch otherwise (``"reference"`` is the torch form too).
     """
     gh, gw = as_grid(grid)
     _check_map("features", features, (gh, gw))
     if not features.is_floating_point():
         raise TypeError(f"features must have a floating dtype; got {features.dtype}")
-    if features.is_cuda:
-        from . import kernels
-
-        if kernels.available() and hasattr(kernels, "pool_patches"):
-            return kernels.pool_patches(features, gh, gw, normalize)
-    pooled = reduce(features, "b c (gh ph) (gw pw) -> b c gh gw", "mean", gh=gh, gw=gw)
-    return F.normalize(pooled, dim=1) if normalize else pooled
+    check_flag("normalize", normalize)
+    return resolve_backend(backend, features, features.shape[1], "pool_patches").pool_patches(
+        features, gh, gw, normalize)

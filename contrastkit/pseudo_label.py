@@ -26,11 +26,12 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch import nn
 
 from . import _validation as v
-from ._reference import compute_dtype
+from ._temperature import TemperatureModule
+from ._validation import check_flag, compute_dtype
 from .core import info_nce
+from .distributed import gather_keys
 from .labels import check_label_map, downsample_labels, resize_nearest
 
 MODES = ("prototype", "pixel")
@@ -143,24 +144,30 @@ def sample_anchors(labels: torch.Tensor, usable: torch.Tensor, per_class: int,
     return mask.reshape(usable.shape)
 
 
-def _prototype_keys(rows, labels, usable, pair_index, num_classes):
-    """The class means of each image and of its pair, grouped by the anchor image."""
+def _prototype_keys(rows, labels, usable, pair_index, num_classes, ignore_index):
+    """The class means of each image and of its pair, grouped by the anchor image.
+
+    Every (image, class) slot is a key, so shapes never depend on the values (no host
+    synchronisation; ``torch.compile`` traces it): a class absent from an image, and the pair's
+    copy of a self-paired image's means, are labelled ``ignore_index`` and take no part.
+    """
     batch, pixels = labels.shape[0], labels[0].numel()
     image = torch.arange(batch, device=rows.device).repeat_interleave(pixels)
-    keep = usable.reshape(-1)
-    slot = (image * num_classes + labels.reshape(-1))[keep]
-    sums = rows.new_zeros(batch * num_classes, rows.shape[1]).index_add(0, slot, rows[keep])
-    counts = torch.bincount(slot, minlength=batch * num_classes)
-    means = sums / counts.clamp_min(1).to(rows.dtype)[:, None]
+    slot = image * num_classes + torch.where(usable, labels, 0).reshape(-1)
+    weight = usable.reshape(-1).to(rows.dtype)
+    sums = rows.new_zeros(batch * num_classes, rows.shape[1]).index_add(0, slot, rows * weight[:, None])
+    counts = rows.new_zeros(batch * num_classes).index_add(0, slot, weight)
+    means = (sums / counts.clamp_min(1)[:, None]).view(batch, num_classes, -1)
 
     own = torch.arange(batch, device=rows.device)
-    distinct = pair_index != own  # a self-paired image contributes its means once
-    source = torch.cat([own, pair_index[distinct]])
-    group = torch.cat([own, own[distinct]])
-    slots = source[:, None] * num_classes + torch.arange(num_classes, device=rows.device)
-    present = counts[slots] > 0
-    key_labels = torch.arange(num_classes, device=rows.device).expand_as(slots)[present]
-    return means[slots[present]], key_labels, group[:, None].expand_as(slots)[present]
+    classes = torch.arange(num_classes, device=rows.device).expand(batch, num_classes)
+    present = counts.view(batch, num_classes) > 0
+    own_labels = torch.where(present, classes, ignore_index)
+    pair_labels = torch.where(present[pair_index] & (pair_index != own)[:, None], classes, ignore_index)
+    keys = torch.cat([means, means[pair_index]]).reshape(2 * batch * num_classes, -1)
+    key_labels = torch.cat([own_labels, pair_labels]).reshape(-1)
+    key_groups = own.repeat_interleave(num_classes).repeat(2)
+    return keys, key_labels, key_groups
 
 
 def pseudo_label_contrast(
@@ -169,7 +176,7 @@ def pseudo_label_contrast(
     confidence: torch.Tensor | None = None,
     pair_index: torch.Tensor | None = None,
     *,
-    temperature: float = 0.1,
+    temperature: float | torch.Tensor = 0.1,
     mode: str = "prototype",
     anchors_per_class: int | None = None,
     include_background: bool = False,
@@ -177,6 +184,7 @@ def pseudo_label_contrast(
     confidence_threshold: float | None = None,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
+    gather_distributed: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Local pseudo-label contrast; see the module docstring for the formulas.
@@ -200,8 +208,14 @@ def pseudo_label_contrast(
         include_background: whether class 0 takes part (the original uses foreground only).
         ignore_index: label of pixels that take no part.
         confidence_threshold: None or a value in [0, 1]; used only when ``confidence`` is given.
-        num_classes: if given, labels must lie in [0, num_classes) or equal ``ignore_index``.
+        num_classes: if given, labels must lie in [0, num_classes) or equal ``ignore_index``. In
+            prototype mode it also spares a host synchronisation (the class count is otherwise
+            read from the labels), so ``torch.compile`` traces the whole loss.
         generator: random generator for the anchor sampling.
+        gather_distributed: pixel mode under DDP: the usable pixels of every process are keys
+            (:func:`contrastkit.gather_keys`); each process returns the mean over its own anchors.
+            Prototype mode contrasts each image with its pair's class means, which are local, so
+            nothing is gathered there.
         backend: passed to :func:`contrastkit.info_nce`.
 
     Returns:
@@ -213,6 +227,7 @@ def pseudo_label_contrast(
     _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
                    confidence_threshold, num_classes)
     _check_inputs(embeddings, labels, confidence, pair_index, generator)
+    check_flag("gather_distributed", gather_distributed)
     if mode == "pixel" and pair_index is not None:
         raise ValueError(
             "pair_index applies to mode='prototype' only; mode='pixel' contrasts the whole batch"
@@ -232,50 +247,57 @@ def pseudo_label_contrast(
     anchors = usable
     if anchors_per_class is not None:
         anchors = sample_anchors(labels, usable, anchors_per_class, generator)
-    if not bool(anchors.any()):
-        return (embeddings.to(compute_dtype(embeddings.dtype)) * 0).sum()
 
     weights = None if confidence is None else confidence.reshape(-1)
     options = dict(temperature=temperature, normalize=True, denominator="all",
                    ignore_index=ignore_index, backend=backend)
     if mode == "pixel":
+        if not bool(anchors.any()):
+            return (embeddings.to(compute_dtype(embeddings.dtype)) * 0).sum()
         # Gather the anchors (all usable pixels unless sampled) first: the core op's cost is
         # quadratic in its rows, and background alone is often > 90% of a slice.
         keep = anchors.reshape(-1)
         rows = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])[keep]
-        return info_nce(rows, labels=labels.reshape(-1)[keep],
-                        weights=None if weights is None else weights[keep], **options)
+        row_labels = labels.reshape(-1)[keep]
+        row_weights = None if weights is None else weights[keep]
+        if gather_distributed:
+            keys, key_labels, offset = gather_keys(rows, row_labels)
+            return info_nce(rows, keys, labels=row_labels, key_labels=key_labels, self_key_offset=offset,
+                            weights=row_weights, **options)
+        return info_nce(rows, labels=row_labels, weights=row_weights, **options)
 
+    # Prototype mode costs O(pixels x classes): every pixel is a query, the non-anchors ignored.
     rows = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
     rows = rows.to(compute_dtype(rows.dtype))  # class means of half inputs are summed in fp32
     if pair_index is None:
         pair_index = torch.arange(batch, device=labels.device)
-    total_classes = int(labels[usable].max()) + 1
-    keys, key_labels, key_groups = _prototype_keys(rows, labels, usable, pair_index.long(), total_classes)
-    keep = anchors.reshape(-1)
+    if num_classes is None:
+        num_classes = max(int(labels[usable].max()) + 1, 1) if bool(usable.any()) else 1
+    keys, key_labels, key_groups = _prototype_keys(rows, labels, usable, pair_index.long(), num_classes,
+                                                   ignore_index)
     image = torch.arange(batch, device=labels.device).repeat_interleave(height * width)
-    return info_nce(rows[keep], keys, labels=labels.reshape(-1)[keep], key_labels=key_labels,
-                    groups=image[keep], key_groups=key_groups,
-                    weights=None if weights is None else weights[keep], **options)
+    anchor_labels = torch.where(anchors, labels, ignore_index).reshape(-1)
+    return info_nce(rows, keys, labels=anchor_labels, key_labels=key_labels, groups=image, key_groups=key_groups,
+                    weights=weights, **options)
 
 
-class PseudoLabelContrast(nn.Module):
+class PseudoLabelContrast(TemperatureModule):
     """Module form of :func:`pseudo_label_contrast` (same arguments and formulas).
 
     Typical use is ``loss = seg_loss(logits_l, y_l) + 0.1 * contrast(emb, labels, confidence)``
     with ground truth on the labeled images and :func:`contrastkit.pseudo_labels` on the rest.
     """
 
-    def __init__(self, temperature: float = 0.1, mode: str = "prototype",
+    def __init__(self, temperature: float | torch.Tensor = 0.1, mode: str = "prototype",
                  anchors_per_class: int | None = None, include_background: bool = False,
                  ignore_index: int = -1,
                  confidence_threshold: float | None = None, num_classes: int | None = None,
-                 backend: str = "auto"):
-        super().__init__()
+                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False):
+        super().__init__(temperature, learnable_temperature)
         _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
                        confidence_threshold, num_classes)
         v.check_choice("backend", backend, v.BACKENDS)
-        self.temperature = float(temperature)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
         self.mode = mode
         self.anchors_per_class = anchors_per_class
         self.include_background = include_background
@@ -292,11 +314,11 @@ class PseudoLabelContrast(nn.Module):
             temperature=self.temperature, mode=self.mode, anchors_per_class=self.anchors_per_class,
             include_background=self.include_background, ignore_index=self.ignore_index,
             confidence_threshold=self.confidence_threshold, num_classes=self.num_classes,
-            generator=generator, backend=self.backend,
+            generator=generator, gather_distributed=self.gather_distributed, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, mode={self.mode!r}, "
+        return (f"{self.temperature_repr()}, mode={self.mode!r}, "
                 f"anchors_per_class={self.anchors_per_class}, "
                 f"include_background={self.include_background}, ignore_index={self.ignore_index}, "
                 f"confidence_threshold={self.confidence_threshold}, num_classes={self.num_classes}")

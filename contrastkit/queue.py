@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from . import _validation as v
+from ._options import SHARED
 from .distributed import gather_keys
 
 
@@ -23,9 +24,11 @@ class MemoryQueue(nn.Module):
     kept. Once a queue holds labels (or groups), every enqueue must give them, and vice versa,
     until :meth:`reset`.
 
-    Losses take it as ``queue=``; to use it with :func:`contrastkit.info_nce` directly, append
-    ``queue.keys`` to the keys (and ``queue.labels`` to the key labels) and pass the position
-    of the queries among the keys as ``self_key_offset``.
+    Losses take it as ``queue=`` and append its keys with :func:`append_queue`, one rule for
+    all: queue keys are shared by every group (``SHARED``), and they are positives by label when
+    the loss uses the queue's labels, otherwise negatives of every anchor. To use it with
+    :func:`contrastkit.info_nce` directly, call :func:`append_queue` on your keys and pass the
+    position of the queries among the keys as ``self_key_offset``.
     """
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, device=None):
@@ -122,8 +125,8 @@ class MemoryQueue(nn.Module):
         return f"size={self.size}, dim={self.dim}, filled={len(self)}"
 
 
-def queue_contents(queue: MemoryQueue | None, like: torch.Tensor, need_labels: str | None = None):
-    """The queue's keys cast to ``like``'s dtype, and its labels, for appending to a loss's keys.
+def queued_keys(queue: MemoryQueue | None, like: torch.Tensor, need_labels: str | None = None):
+    """The queue's keys cast to ``like``'s dtype, and its labels (None when it holds none).
 
     Returns ``(keys, labels)``; ``keys`` is None for no queue or an empty one. ``need_labels``
     names the loss that needs labels from the queue, for the error message.
@@ -144,3 +147,38 @@ def queue_contents(queue: MemoryQueue | None, like: torch.Tensor, need_labels: s
     if need_labels is not None and not queue.has_labels:
         raise ValueError(f"{need_labels} needs a queue that holds labels; enqueue keys with labels")
     return keys.to(like.dtype), queue.labels
+
+
+def append_queue(
+    queue: MemoryQueue | None,
+    keys: torch.Tensor,
+    key_labels: torch.Tensor,
+    key_groups: torch.Tensor | None = None,
+    *,
+    labels: torch.Tensor | None = None,
+    use_queue_labels: str | None = None,
+    ignore_index: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A loss's keys followed by the queue's keys, with their labels and groups: the one rule.
+
+    - Queue keys are shared by every group: their group is ``SHARED`` (when the loss has groups).
+    - Their labels are the queue's own when ``use_queue_labels`` names the loss that uses them
+      (the queue must then hold labels): positives of the anchors with that label, negatives of
+      the rest. Otherwise they all get one label that no query (``labels``) or key has and that
+      is not ``ignore_index``: negatives of every anchor.
+
+    Returns ``(keys, key_labels, key_groups)``, unchanged for no queue or an empty one.
+    """
+    queued, queued_labels = queued_keys(queue, keys, need_labels=use_queue_labels)
+    if queued is None:
+        return keys, key_labels, key_groups
+    if use_queue_labels is None:
+        # max + 1 as a tensor: no host synchronisation.
+        known = [key_labels.max(), key_labels.new_tensor(ignore_index)]
+        if labels is not None:
+            known.append(labels.max())
+        queued_labels = (torch.stack(known).max() + 1).expand(queued.shape[0])
+    keys, key_labels = torch.cat([keys, queued]), torch.cat([key_labels, queued_labels.to(key_labels.dtype)])
+    if key_groups is not None:
+        key_groups = torch.cat([key_groups, key_groups.new_full((queued.shape[0],), SHARED)])
+    return keys, key_labels, key_groups

@@ -40,12 +40,10 @@ def supports(dtype: torch.dtype, embedding_size: int) -> bool:
     return dtype in KERNEL_DTYPES and embedding_size <= MAX_EMBEDDING_SIZE[dtype]
 
 
-def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
-                  denominator, ignore_index):
+def info_nce_rows(inputs, options):
     from .info_nce import info_nce_rows as rows
 
-    return rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
-                denominator, ignore_index)
+    return rows(inputs, options)
 
 
 info_nce_rows.__doc__ = "Fused per-row masked InfoNCE; see ``contrastkit.kernels.info_nce.info_nce_rows``."

@@ -5,7 +5,9 @@ Logits are never stored: every kernel recomputes its (BLOCK_N, BLOCK_M) tile of
 the positive / negative masks from the labels, groups and the self offset. Rows are whole in
 registers, padded to ``D_PAD`` (a power of two >= 16) and masked, so inputs are never copied.
 
-Denominator codes: 0 = "all", 1 = "each_positive", 2 = "negatives".
+Denominator codes: 0 = "all", 1 = "each_positive", 2 = "negatives". The temperature is read
+from a one-element tensor (it may be a learnable parameter: no host synchronisation), and
+group id ``SHARED`` (-1) on either side of a pair matches every group.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import triton.language as tl
 
 # F.normalize divides by max(|x|, eps).
 NORM_EPS = tl.constexpr(1e-12)
+SHARED = tl.constexpr(-1)  # contrastkit._options.SHARED
+GROUP_MIN = tl.constexpr(-9223372036854775807)
+GROUP_MAX = tl.constexpr(9223372036854775807)
 DENOMINATOR_CODES = {"all": 0, "each_positive": 1, "negatives": 2}
 
 
@@ -72,10 +77,13 @@ def _load_ids(label_ptr, group_ptr, idx, count, ignore_index, HAS_GROUPS: tl.con
 
 @triton.jit
 def _group_range(group, idx, count):
-    """Smallest and largest group id among the valid entries of a tile."""
+    """Smallest and largest group id among the valid entries of a tile; every group when the
+    tile holds a SHARED entry."""
     inside = idx < count
-    return (tl.min(tl.where(inside, group, 9223372036854775807), axis=0),
-            tl.max(tl.where(inside, group, -9223372036854775807), axis=0))
+    shared = tl.max((inside & (group == SHARED)).to(tl.int32), axis=0) > 0
+    lo = tl.min(tl.where(inside, group, GROUP_MAX), axis=0)
+    hi = tl.max(tl.where(inside, group, GROUP_MIN), axis=0)
+    return tl.where(shared, GROUP_MIN, lo), tl.where(shared, GROUP_MAX, hi)
 
 
 @triton.jit
@@ -111,7 +119,8 @@ def _pair_masks(rows, cols, q_label, k_label, q_group, k_group, self_offset, ign
                 HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr):
     candidate = (q_label != ignore_index)[:, None] & (k_label != ignore_index)[None, :]
     if HAS_GROUPS:
-        candidate = candidate & (q_group[:, None] == k_group[None, :])
+        candidate = candidate & ((q_group[:, None] == k_group[None, :]) | (q_group == SHARED)[:, None]
+                                 | (k_group == SHARED)[None, :])
     if HAS_SELF:
         candidate = candidate & ((rows + self_offset)[:, None] != cols[None, :])
     positive = candidate & (q_label[:, None] == k_label[None, :])
@@ -179,7 +188,7 @@ def _normalize_grad(grad, x, norm, NORMALIZE: tl.constexpr):
 def info_nce_fwd_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr,
     tile_lo_ptr, tile_hi_ptr, loss_ptr, valid_ptr, lse_ptr, n_pos_ptr, pos_sigmoid_ptr,
-    n, m, D, self_offset, ignore_index, inv_tau,
+    n, m, D, self_offset, ignore_index, tau_ptr,
     q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
@@ -188,7 +197,7 @@ def info_nce_fwd_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
-    q_scale = _row_scale(q_norm_ptr, rows, n, inv_tau, NORMALIZE)
+    q_scale = _row_scale(q_norm_ptr, rows, n, 1.0 / tl.load(tau_ptr), NORMALIZE)
     q_label, q_group = _load_ids(q_label_ptr, q_group_ptr, rows, n, ignore_index, HAS_GROUPS)
     group_lo, group_hi = _group_range(q_group, rows, n)
 
@@ -253,17 +262,18 @@ def info_nce_fwd_kernel(
 @triton.jit
 def info_nce_bwd_query_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr,
-    tile_lo_ptr, tile_hi_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, dq_ptr,
-    n, m, D, self_offset, ignore_index, inv_tau,
+    tile_lo_ptr, tile_hi_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, dq_ptr, tau_rows_ptr,
+    n, m, D, self_offset, ignore_index, tau_ptr,
     q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
     dq_sB, dq_sD, dq_sH, dq_sW,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TAU_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """dq for one query tile: sum over key tiles of dL/ds (recomputed) times the keys."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inv_tau = 1.0 / tl.load(tau_ptr)
     q, q_scale, q_label, q_group, lse, exp_weight, pos_weight = _query_tile(
         q_ptr, q_norm_ptr, q_label_ptr, q_group_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, rows, n, D,
         q_HW, q_W, q_sB, q_sD, q_sH, q_sW, inv_tau, ignore_index, NORMALIZE, HAS_GROUPS, D_PAD)
@@ -279,6 +289,9 @@ def info_nce_bwd_query_kernel(
             grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
             grad_s = grad_s * k_scale[None, :]
             acc += _dot(grad_s.to(k.dtype), k, DOT_PRECISION, UPCAST)
+    if TAU_GRAD:
+        # acc_i = sum_j dL/ds_ij k_hat_j, so sum_j dL/ds_ij s_ij = q_scale_i <q_i, acc_i> (see info_nce.py).
+        tl.store(tau_rows_ptr + rows, q_scale * tl.sum(q.to(tl.float32) * acc, axis=1), mask=rows < n)
     acc = acc * inv_tau
     if NORMALIZE:
         q_norm = tl.load(q_norm_ptr + rows, mask=rows < n, other=1.0)
@@ -289,17 +302,18 @@ def info_nce_bwd_query_kernel(
 @triton.jit
 def info_nce_bwd_key_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr,
-    tile_lo_ptr, tile_hi_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, dk_ptr,
-    n, m, D, self_offset, ignore_index, inv_tau,
+    tile_lo_ptr, tile_hi_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, dk_ptr, tau_rows_ptr,
+    n, m, D, self_offset, ignore_index, tau_ptr,
     q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
     k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
     dk_sB, dk_sD, dk_sH, dk_sW,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TAU_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """dk for one key tile: sum over query tiles of dL/ds (recomputed) times the queries."""
     cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    inv_tau = 1.0 / tl.load(tau_ptr)
     k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
     k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
     k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
@@ -319,6 +333,9 @@ def info_nce_bwd_key_kernel(
             # q_scale already holds 1 / (|q_i| * tau): the gradient w.r.t. the unit-norm key.
             grad_s = grad_s * q_scale[:, None]
             acc += _dot(tl.trans(grad_s.to(q.dtype)), q, DOT_PRECISION, UPCAST)
+    if TAU_GRAD:
+        # acc_j = sum_i dL/ds_ij q_hat_i / tau, so sum_i dL/ds_ij s_ij = k_scale_j <k_j, acc_j>.
+        tl.store(tau_rows_ptr + cols, k_scale * tl.sum(k.to(tl.float32) * acc, axis=1), mask=cols < m)
     if NORMALIZE:
         k_norm = tl.load(k_norm_ptr + cols, mask=cols < m, other=1.0)
         acc = _normalize_grad(acc, k, k_norm, NORMALIZE)

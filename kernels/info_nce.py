@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .._options import SHARED, InfoNCEOptions, OpInputs, input_gradients, op_schema, split_op_args
 from . import _info_nce_kernels as K
 from ._layout import check_kernel_input, embedding_size, interpreting, layout, num_rows, padded_size
 
@@ -102,14 +103,18 @@ def _launch(kernel, kind: str, d_pad: int, element_size: int, grid_rows: int, by
 
 
 def tile_group_bounds(groups: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest and largest group id of each run of ``block`` consecutive rows (the last run may be short).
+    """Smallest and largest group id of each run of ``block`` consecutive rows (the last run may be
+    short); a run holding a ``SHARED`` row meets every group.
 
     The kernels skip a pair of tiles whose group ranges do not meet: no pair in it is a candidate.
     """
     pad = (-groups.numel()) % block
     padded = torch.cat([groups, groups[-1:].expand(pad)]) if pad else groups
     tiles = padded.view(-1, block)
-    return tiles.amin(1), tiles.amax(1)
+    shared = (tiles == SHARED).any(1)
+    lo = torch.where(shared, torch.iinfo(torch.int64).min + 1, tiles.amin(1))
+    hi = torch.where(shared, torch.iinfo(torch.int64).max, tiles.amax(1))
+    return lo, hi
 
 
 def _tile_bounds(groups, block, dummy):
@@ -135,128 +140,134 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups):
-    dummy = labels  # never read when the matching constexpr flag is off
-    return (query, key, q_norm, k_norm, labels, key_labels,
-            dummy if groups is None else groups, dummy if key_groups is None else key_groups)
+def _common_args(inputs: OpInputs, q_norm, k_norm):
+    dummy = inputs.labels  # never read when the matching constexpr flag is off
+    return (inputs.query, inputs.key, q_norm, k_norm, inputs.labels, inputs.key_labels,
+            dummy if inputs.groups is None else inputs.groups,
+            dummy if inputs.key_groups is None else inputs.key_groups)
 
 
-def _flags(query, groups, self_offset, normalize, denominator):
-    return dict(DENOM=K.DENOMINATOR_CODES[denominator], NORMALIZE=normalize, HAS_GROUPS=groups is not None,
-                HAS_SELF=self_offset is not None, DOT_PRECISION=_dot_precision(query.dtype),
-                UPCAST=interpreting() and query.dtype == torch.bfloat16)
+def _sizes(inputs: OpInputs, options: InfoNCEOptions, tau):
+    n, m, d = num_rows(inputs.query), num_rows(inputs.key), embedding_size(inputs.query)
+    return (n, m, d, options.self_key_offset or 0, options.ignore_index, tau,
+            *layout(inputs.query), *layout(inputs.key))
 
 
-@torch.library.custom_op("contrastkit::info_nce_rows_triton", mutates_args=())
-def info_nce_rows_triton(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    labels: torch.Tensor,
-    key_labels: torch.Tensor,
-    groups: torch.Tensor | None,
-    key_groups: torch.Tensor | None,
-    self_offset: int | None,
-    temperature: float,
-    normalize: bool,
-    denominator: str,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _flags(inputs: OpInputs, options: InfoNCEOptions):
+    query = inputs.query
+    return dict(DENOM=K.DENOMINATOR_CODES[options.denominator], NORMALIZE=options.normalize,
+                HAS_GROUPS=inputs.groups is not None, HAS_SELF=options.self_key_offset is not None,
+                DOT_PRECISION=_dot_precision(query.dtype), UPCAST=interpreting() and query.dtype == torch.bfloat16)
+
+
+def _kernel_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """τ as the one float32 element the kernels read (no host synchronisation)."""
+    return temperature.detach().to(torch.float32).reshape(1)
+
+
+def _forward(*args):
     """(loss, valid, lse, positive count, sum_p sigmoid(lse - s_ip), query norms, key norms)."""
+    _, inputs, _, options = split_op_args(args)
+    query, key = inputs.query, inputs.key
     n, m, d = num_rows(query), num_rows(key), embedding_size(query)
-    device = query.device
-    f32 = dict(dtype=torch.float32, device=device)
-    q_norm = row_norms(query) if normalize else torch.ones(n, **f32)
-    k_norm = row_norms(key) if normalize else torch.ones(m, **f32)
+    f32 = dict(dtype=torch.float32, device=query.device)
+    q_norm = row_norms(query) if options.normalize else torch.ones(n, **f32)
+    k_norm = row_norms(key) if options.normalize else torch.ones(m, **f32)
     loss, lse, pos_sigmoid = torch.empty(n, **f32), torch.empty(n, **f32), torch.zeros(n, **f32)
-    valid = torch.empty(n, dtype=torch.bool, device=device)
-    n_pos = torch.empty(n, dtype=torch.int32, device=device)
-    common = _common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups)
+    valid = torch.empty(n, dtype=torch.bool, device=query.device)
+    n_pos = torch.empty(n, dtype=torch.int32, device=query.device)
+    common = _common_args(inputs, q_norm, k_norm)
     rest = (loss, valid.view(torch.int8), lse, n_pos, pos_sigmoid,
-            n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key))
+            *_sizes(inputs, options, _kernel_temperature(inputs.temperature)))
     _launch(K.info_nce_fwd_kernel, "forward", padded_size(d), query.element_size(), n, True,
-            lambda block_n, block_m: (*common, *_tile_bounds(key_groups, block_m, labels), *rest),
-            _flags(query, groups, self_offset, normalize, denominator))
+            lambda block_n, block_m: (*common, *_tile_bounds(inputs.key_groups, block_m, inputs.labels), *rest),
+            _flags(inputs, options))
     return loss, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm
 
 
-@info_nce_rows_triton.register_fake
-def _(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
-      denominator, ignore_index):
-    n, m = num_rows(query), num_rows(key)
+def _forward_fake(*args):
+    _, inputs, _, _ = split_op_args(args)
+    n, m = num_rows(inputs.query), num_rows(inputs.key)
+    query = inputs.query
     rows = [query.new_empty(n, dtype=torch.float32) for _ in range(3)]
     return (rows[0], query.new_empty(n, dtype=torch.bool), rows[1], query.new_empty(n, dtype=torch.int32),
             rows[2], query.new_empty(n, dtype=torch.float32), query.new_empty(m, dtype=torch.float32))
 
 
-@torch.library.custom_op("contrastkit::info_nce_rows_triton_backward", mutates_args=())
-def info_nce_rows_triton_backward(
-    grad_loss: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    labels: torch.Tensor,
-    key_labels: torch.Tensor,
-    groups: torch.Tensor | None,
-    key_groups: torch.Tensor | None,
-    valid: torch.Tensor,
-    lse: torch.Tensor,
-    n_pos: torch.Tensor,
-    pos_sigmoid: torch.Tensor,
-    q_norm: torch.Tensor,
-    k_norm: torch.Tensor,
-    self_offset: int | None,
-    temperature: float,
-    normalize: bool,
-    denominator: str,
-    ignore_index: int,
-    need_query_grad: bool,
-    need_key_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+forward_op = torch.library.custom_op("contrastkit::info_nce_rows_triton", _forward, mutates_args=(),
+                                     schema=op_schema(returns="(" + ", ".join(["Tensor"] * 7) + ")"))
+forward_op.register_fake(_forward_fake)
+
+_SAVED = "Tensor valid, Tensor lse, Tensor n_pos, Tensor pos_sigmoid, Tensor q_norm, Tensor k_norm"
+
+
+def _backward(*args):
+    """(grad query, grad key, grad temperature).
+
+    The temperature's gradient is -(1/tau) sum_ij dL/ds_ij s_ij; one of the two kernels adds up
+    sum_j dL/ds_ij s_ij per row in its epilogue from its accumulator (dq's when it runs).
+    """
+    (grad_loss,), inputs, after, options = split_op_args(args, 1)
+    valid, lse, n_pos, pos_sigmoid, q_norm, k_norm, need_query, need_key, need_temperature = after
+    query, key = inputs.query, inputs.key
     n, m, d = num_rows(query), num_rows(key), embedding_size(query)
     grad_row = torch.where(valid, grad_loss.to(torch.float32), 0.0)
     pos_weight = grad_row / n_pos.clamp_min(1)
-    exp_weight = pos_weight * pos_sigmoid if denominator == "each_positive" else grad_row
+    exp_weight = pos_weight * pos_sigmoid if options.denominator == "each_positive" else grad_row
     # +inf makes exp(s - lse) vanish on rows that do not contribute, whatever their logits.
     lse = torch.where(valid, lse, float("inf"))
-    common = _common_args(query, key, q_norm, k_norm, labels, key_labels, groups, key_groups)
-    sizes = (n, m, d, self_offset or 0, ignore_index, 1.0 / temperature, *layout(query), *layout(key))
-    flags = _flags(query, groups, self_offset, normalize, denominator)
+    tau = _kernel_temperature(inputs.temperature)
+    common = _common_args(inputs, q_norm, k_norm)
+    sizes = _sizes(inputs, options, tau)
+    flags = _flags(inputs, options)
     d_pad, element_size = padded_size(d), query.element_size()
-    grad_query = torch.empty_like(query) if need_query_grad else torch.zeros_like(query)
-    grad_key = torch.empty_like(key) if need_key_grad else torch.zeros_like(key)
+    run_query = need_query or (need_temperature and not need_key)
+    grad_query = torch.empty_like(query) if run_query else torch.zeros_like(query)
+    grad_key = torch.empty_like(key) if need_key else torch.zeros_like(key)
+    tau_rows = torch.zeros(n if run_query else m, dtype=torch.float32, device=query.device)
     weights = (lse, exp_weight, pos_weight)
-    if need_query_grad:  # query tiles visit the key tiles whose groups meet theirs
+    if run_query:  # query tiles visit the key tiles whose groups meet theirs
         _launch(K.info_nce_bwd_query_kernel, "backward_query", d_pad, element_size, n, True,
-                lambda block_n, block_m: (*common, *_tile_bounds(key_groups, block_m, labels), *weights,
-                                          grad_query, *sizes, *layout(grad_query)[2:]), flags)
-    if need_key_grad:  # and key tiles the query tiles
+                lambda block_n, block_m: (*common, *_tile_bounds(inputs.key_groups, block_m, inputs.labels),
+                                          *weights, grad_query, tau_rows, *sizes, *layout(grad_query)[2:]),
+                {**flags, "TAU_GRAD": need_temperature})
+    if need_key:  # and key tiles the query tiles
         _launch(K.info_nce_bwd_key_kernel, "backward_key", d_pad, element_size, m, False,
-                lambda block_n, block_m: (*common, *_tile_bounds(groups, block_n, labels), *weights,
-                                          grad_key, *sizes, *layout(grad_key)[2:]), flags)
-    return grad_query, grad_key
+                lambda block_n, block_m: (*common, *_tile_bounds(inputs.groups, block_n, inputs.labels),
+                                          *weights, grad_key, tau_rows, *sizes, *layout(grad_key)[2:]),
+                {**flags, "TAU_GRAD": need_temperature and not run_query})
+    temperature = inputs.temperature
+    grad_temperature = (-tau_rows.sum() / tau[0]).to(temperature.dtype).reshape(temperature.shape)
+    return grad_query, grad_key, grad_temperature
 
 
-@info_nce_rows_triton_backward.register_fake
-def _(grad_loss, query, key, *args):
-    return torch.empty_like(query), torch.empty_like(key)
+def _backward_fake(*args):
+    _, inputs, _, _ = split_op_args(args, 1)
+    return torch.empty_like(inputs.query), torch.empty_like(inputs.key), torch.empty_like(inputs.temperature)
+
+
+backward_op = torch.library.custom_op(
+    "contrastkit::info_nce_rows_triton_backward", _backward, mutates_args=(),
+    schema=op_schema("Tensor grad_loss", _SAVED + ", bool need_query, bool need_key, bool need_temperature",
+                     "(Tensor, Tensor, Tensor)"))
+backward_op.register_fake(_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    (query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
-     denominator, ignore_index) = inputs
     _, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm = output
-    ctx.save_for_backward(query, key, labels, key_labels, groups, key_groups, valid, lse, n_pos,
-                          pos_sigmoid, q_norm, k_norm)
-    ctx.options = (self_offset, temperature, normalize, denominator, ignore_index)
+    ctx.save_for_backward(*inputs[:-1], valid, lse, n_pos, pos_sigmoid, q_norm, k_norm)
+    ctx.options = inputs[-1]
 
 
-def _backward(ctx, grad_loss, *_unused_grads):
-    need_query, need_key = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_query, grad_key = info_nce_rows_triton_backward(
-        grad_loss, *ctx.saved_tensors, *ctx.options, need_query, need_key)
-    return (grad_query if need_query else None, grad_key if need_key else None) + (None,) * 9
+def _autograd_backward(ctx, grad_loss, *_unused_grads):
+    need = dict(zip(OpInputs._fields, ctx.needs_input_grad, strict=False))
+    grad_query, grad_key, grad_temperature = backward_op(
+        grad_loss, *ctx.saved_tensors, need["query"], need["key"], need["temperature"], ctx.options)
+    return input_gradients(query=grad_query if need["query"] else None, key=grad_key if need["key"] else None,
+                           temperature=grad_temperature if need["temperature"] else None)
 
 
-info_nce_rows_triton.register_autograd(_backward, setup_context=_setup_context)
+forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -267,21 +278,20 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def info_nce_rows(query, key, labels, key_labels, groups, key_groups, self_offset, temperature, normalize,
-                  denominator, ignore_index):
+def info_nce_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row masked InfoNCE (float32, 0 where a row does not contribute) and the contributing mask.
 
     query and key are (N, D) / (M, D) rows or (B, C, H, W) maps, read in place through their
-    strides; in self-contrast key is query. Differentiable w.r.t. query and key.
+    strides; in self-contrast key is query. Differentiable w.r.t. query, key and a tensor temperature.
     """
-    for name, x in (("query", query), ("key", key)):
+    for name, x in (("query", inputs.query), ("key", inputs.key)):
         check_kernel_input(name, x)
         _check_device(x)
     # O(N) id vectors are made contiguous (groups int64, as the kernels compare them); the
     # embeddings are never copied.
-    labels, key_labels = labels.contiguous(), key_labels.contiguous()
-    groups, key_groups = (None if g is None else g.to(torch.int64).contiguous() for g in (groups, key_groups))
-    ids = (labels, key_labels, groups, key_groups)
-    loss, valid, *_ = info_nce_rows_triton(query, key, *ids, self_offset, float(temperature), normalize,
-                                           denominator, int(ignore_index))
+    inputs = inputs._replace(
+        labels=inputs.labels.contiguous(), key_labels=inputs.key_labels.contiguous(),
+        groups=None if inputs.groups is None else inputs.groups.to(torch.int64).contiguous(),
+        key_groups=None if inputs.key_groups is None else inputs.key_groups.to(torch.int64).contiguous())
+    loss, valid, *_ = forward_op(*inputs, options.encode())
     return loss, valid

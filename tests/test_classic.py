@@ -10,6 +10,7 @@ from contrastkit import (
     NTXentLoss,
     PatchNCELoss,
     SupConLoss,
+    info_nce,
     nt_xent_loss,
     patch_nce_loss,
     supcon_loss,
@@ -277,3 +278,36 @@ def test_gather_distributed_without_process_group_is_the_local_loss():
     gathered = supcon_loss(features, labels, gather_distributed=True)
     torch.testing.assert_close(gathered, supcon_loss(features, labels))
     torch.testing.assert_close(supcon_loss(features, gather_distributed=True), supcon_loss(features))
+
+
+# --- one core call for the batch, equal to v1's per-image loop --------------------------------------
+
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_patch_nce_is_one_call_equal_to_the_v1_loop(monkeypatch, with_queue):
+    import contrastkit.classic as module
+    import contrastkit.core
+
+    g = torch.Generator().manual_seed(12)
+    feat_q = torch.randn(3, 5, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    feat_k = torch.randn(3, 5, 4, 4, dtype=torch.float64, generator=g)
+    queue = None
+    if with_queue:
+        queue = MemoryQueue(6, 5, dtype=torch.float64)
+        queue.enqueue(torch.randn(6, 5, dtype=torch.float64, generator=g))
+    # v1: the same locations, one info_nce call per image, queue keys labelled P (negatives)
+    where = sample_locations(3, 16, 7, feat_q.device, torch.Generator().manual_seed(3))[..., None].expand(-1, -1, 5)
+    queries = feat_q.flatten(2).transpose(1, 2).gather(1, where)
+    keys = feat_k.flatten(2).transpose(1, 2).gather(1, where)
+    labels = torch.arange(7)
+    key_labels = labels if queue is None else torch.cat([labels, torch.full((6,), 7)])
+    want = sum(info_nce(queries[i], keys[i] if queue is None else torch.cat([keys[i], queue.keys]), labels=labels,
+                        key_labels=key_labels, temperature=0.07, reduction="sum") for i in range(3)) / 21
+
+    calls = []
+    original = contrastkit.core.info_nce
+    monkeypatch.setattr(module, "info_nce", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    got = patch_nce_loss(feat_q, feat_k, num_patches=7, generator=torch.Generator().manual_seed(3), queue=queue)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(torch.autograd.grad(got, feat_q)[0], torch.autograd.grad(want, feat_q)[0],
+                               rtol=1e-12, atol=1e-13)

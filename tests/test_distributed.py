@@ -23,6 +23,7 @@ from contrastkit import (
     global_contrast,
     info_nce,
     nt_xent_loss,
+    pseudo_label_contrast,
     supcon_loss,
 )
 from contrastkit.distributed import get_rank, get_world_size, is_distributed
@@ -52,6 +53,10 @@ def global_data():
         # (images, C, gh, gw) global and local cell embeddings, one image per sample
         "global_cells": torch.randn(n, DIM, 2, 3, dtype=torch.float64, generator=generator),
         "local_cells": torch.randn(n, DIM, 2, 3, dtype=torch.float64, generator=generator),
+        # (images, D, H, W) pixel embeddings, label maps with background and ignored pixels, confidence
+        "pixels": torch.randn(n, DIM, 3, 4, dtype=torch.float64, generator=generator),
+        "pixel_labels": torch.randint(-1, 3, (n, 3, 4), generator=generator),
+        "pixel_confidence": torch.rand(n, 3, 4, dtype=torch.float64, generator=generator),
     }
 
 
@@ -122,6 +127,11 @@ def worker(rank, port, out_dir):
                                         symmetric=symmetric, gather_distributed=True)
             loss.backward()
             result[f"cross_level_{symmetric}"] = (loss.detach(), global_cells.grad, local_cells.grad)
+        pixels = data["pixels"][mine].clone().requires_grad_(True)
+        loss = pseudo_label_contrast(pixels, data["pixel_labels"][mine], data["pixel_confidence"][mine],
+                                     mode="pixel", gather_distributed=True)
+        loss.backward()
+        result["pixel"] = (loss.detach(), pixels.grad)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -241,3 +251,22 @@ def test_cross_level_batch_negatives_match_single_process(results, symmetric):
         torch.testing.assert_close(loss, means[rank].detach())
         torch.testing.assert_close(global_grad, global_cells.grad[mine])
         torch.testing.assert_close(local_grad, local_cells.grad[mine])
+
+
+def test_pseudo_label_pixel_mode_matches_single_process(results):
+    # The usable pixels of every rank are keys; each rank: confidence-weighted mean over its anchors.
+    data = global_data()
+    pixels = data["pixels"].clone().requires_grad_(True)
+    labels, confidence = data["pixel_labels"], data["pixel_confidence"]
+    usable = ((labels != -1) & (labels != 0)).reshape(-1)
+    rows = pixels.permute(0, 2, 3, 1).reshape(-1, DIM)[usable]
+    weights = confidence.reshape(-1)[usable]
+    owner = torch.cat([torch.full((n * 12,), r) for r, n in enumerate(SAMPLES)])[usable]
+    per_row = info_nce(rows, labels=labels.reshape(-1)[usable], weights=weights, reduction="none")
+    valid = info_nce(rows, labels=labels.reshape(-1)[usable], reduction="none") != 0
+    means = [per_row[owner == r].sum() / weights[(owner == r) & valid].sum() for r in range(WORLD)]
+    sum(means).backward()
+    for rank, result in enumerate(results):
+        loss, grad = result["pixel"]
+        torch.testing.assert_close(loss, means[rank].detach())
+        torch.testing.assert_close(grad, pixels.grad[local_rows(rank)])

@@ -222,3 +222,110 @@ def test_local_contrast_half_precision_and_bad_input():
         local_contrast(f1, f2, region_grid=3)
     with pytest.raises(ValueError, match="same shape"):
         local_contrast(f1, f2[:1])
+
+
+# --- one core call for the batch, equal to v1's per-image loops ------------------------------------
+
+def v1_local_contrast(f1, f2, grid, tau, k=None, queued=None):
+    """v1's LocalContrast: one info_nce call per image (kept here as the oracle of the grouped call)."""
+    import torch.nn.functional as F
+
+    from contrastkit import info_nce, pool_patches
+
+    regions = grid[0] * grid[1]
+    b = f1.shape[0]
+    rows = torch.cat([pool_patches(f1, grid).flatten(2), pool_patches(f2, grid).flatten(2)], dim=2).transpose(1, 2)
+    extra = 0 if queued is None else queued.shape[0]
+    region = torch.arange(regions).repeat(2)
+    partner = (torch.arange(2 * regions) + regions) % (2 * regions)
+    total = 0.0
+    for image in range(b):
+        candidates = rows[image] if queued is None else torch.cat([rows[image], queued])
+        if k is None:
+            key_labels = region if queued is None else torch.cat([region, region.new_full((extra,), regions)])
+            total = total + info_nce(rows[image], candidates, labels=region, key_labels=key_labels,
+                                     self_key_offset=0, temperature=tau, reduction="sum")
+        else:
+            with torch.no_grad():
+                similarity = F.normalize(rows[image], dim=1) @ F.normalize(candidates, dim=1).T
+                own = torch.arange(2 * regions)
+                similarity[own, own] = float("-inf")
+                similarity[own, partner] = float("-inf")
+                nearest = similarity.topk(k, dim=1).indices
+            chosen = torch.cat([partner[:, None], nearest], dim=1)
+            owner = torch.arange(2 * regions)
+            total = total + info_nce(rows[image], candidates[chosen.reshape(-1)], labels=torch.zeros_like(owner),
+                                     key_labels=(torch.arange(k + 1) > 0).long().repeat(2 * regions),
+                                     groups=owner, key_groups=owner.repeat_interleave(k + 1), temperature=tau,
+                                     reduction="sum")
+    return total / (b * 2 * regions)
+
+
+def v1_gd_minus(z, volume, partition, tau, queued=None, queued_partitions=None):
+    """v1's GlobalContrast(strategy="GD-"): one info_nce call per slice."""
+    from contrastkit import info_nce
+
+    _, slices = torch.unique(torch.stack([volume, partition], 1), dim=0, return_inverse=True)
+    total, contributing = 0.0, 0
+    for s in torch.unique(slices).tolist():
+        rows = (slices == s).nonzero().squeeze(1)
+        negatives = [z[partition != partition[rows[0]]]]
+        if queued is not None:
+            negatives.append(queued[queued_partitions != partition[rows[0]]])
+        slice_keys = torch.cat([z[rows], *negatives])
+        key_labels = (torch.arange(slice_keys.shape[0]) >= rows.shape[0]).long()
+        total = total + info_nce(z[rows], slice_keys, labels=torch.zeros_like(rows), key_labels=key_labels,
+                                 self_key_offset=0, reduction="sum", temperature=tau, denominator="each_positive")
+        contributing += rows.shape[0] if rows.shape[0] > 1 else 0
+    return total / max(contributing, 1)
+
+
+def count_core_calls(monkeypatch, module):
+    import contrastkit.core
+
+    calls = []
+    original = contrastkit.core.info_nce
+    monkeypatch.setattr(module, "info_nce", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("k", [None, 3])
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_local_contrast_is_one_call_equal_to_the_v1_loop(monkeypatch, k, with_queue):
+    import contrastkit.global_local as module
+
+    g = torch.Generator().manual_seed(11)
+    f1 = torch.randn(3, 4, 6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    f2 = torch.randn(3, 4, 6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    queue = None
+    if with_queue:
+        queue = MemoryQueue(7, 4, dtype=torch.float64)
+        queue.enqueue(torch.randn(7, 4, dtype=torch.float64, generator=g))
+    want = v1_local_contrast(f1, f2, (3, 2), 0.2, k, None if queue is None else queue.keys)
+    calls = count_core_calls(monkeypatch, module)
+    got = local_contrast(f1, f2, region_grid=(3, 2), temperature=0.2, negatives_per_region=k, queue=queue)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    for a, b in zip(torch.autograd.grad(got, (f1, f2)), torch.autograd.grad(want, (f1, f2)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_gd_minus_is_one_call_equal_to_the_v1_loop(monkeypatch, with_queue):
+    import contrastkit.global_local as module
+
+    z, volume, partition, view = two_view_batch(seed=3)
+    z.requires_grad_(True)
+    queue, queued, queued_partitions = None, None, None
+    if with_queue:
+        queue = MemoryQueue(6, z.shape[1], dtype=torch.float64)
+        queued_partitions = torch.tensor([0, 1, 2, 0, 2, 2])
+        queue.enqueue(torch.randn(6, z.shape[1], dtype=torch.float64), labels=queued_partitions)
+        queued = queue.keys
+    want = v1_gd_minus(z, volume, partition, 0.1, queued, queued_partitions)
+    calls = count_core_calls(monkeypatch, module)
+    got = global_contrast(z, volume, partition, view, strategy="GD-", queue=queue)
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(torch.autograd.grad(got, z)[0], torch.autograd.grad(want, z)[0],
+                               rtol=1e-12, atol=1e-13)

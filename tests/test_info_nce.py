@@ -8,10 +8,11 @@ import zlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastkit import info_nce
+from contrastkit import SHARED, info_nce
 
 DENOMINATORS = ("all", "each_positive", "negatives")
 
@@ -34,7 +35,7 @@ def naive_info_nce(q, k, labels, key_labels, groups, key_groups, self_offset, ta
         cand = [
             j for j in range(m)
             if key_labels[j] != ignore_index
-            and (groups is None or groups[i] == key_groups[j])
+            and (groups is None or groups[i] == key_groups[j] or SHARED in (groups[i], key_groups[j]))
             and (self_offset is None or j != i + self_offset)
         ]
         pos = [j for j in cand if key_labels[j] == labels[i]]
@@ -67,7 +68,7 @@ def naive_info_nce(q, k, labels, key_labels, groups, key_groups, self_offset, ta
 
 
 def random_case(seed, n=9, m=11, d=5, classes=3, self_contrast=False, use_groups=False, ignore=False,
-                use_weights=False, paired=False):
+                use_weights=False, paired=False, shared=False):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, d, generator=g, dtype=torch.float64)
     if self_contrast or paired:
@@ -84,6 +85,12 @@ def random_case(seed, n=9, m=11, d=5, classes=3, self_contrast=False, use_groups
         groups = torch.randint(0, 2, (n,), generator=g)
         if not (self_contrast or paired):
             key_groups = torch.randint(0, 2, (m,), generator=g)
+        if shared:  # about a third of the keys (and, where they have their own, queries) in every group
+            target = groups if key_groups is None else key_groups
+            target[torch.rand(target.shape[0], generator=g) < 0.35] = SHARED
+            target[-1] = SHARED
+            if key_groups is not None:
+                groups[torch.rand(n, generator=g) < 0.2] = SHARED
     weights = torch.rand(n, generator=g, dtype=torch.float64) if use_weights else None
     return dict(query=q, key=k, labels=labels, key_labels=key_labels, groups=groups, key_groups=key_groups,
                 weights=weights)
@@ -242,6 +249,92 @@ def test_torch_path_gradcheck_without_normalisation_and_zero_rows(normalize):
     assert torch.autograd.gradcheck(fn, (q.requires_grad_(True), k.requires_grad_(True)))
 
 
+SHARED_FLAGS = [dict(flags, use_groups=True, shared=True) for flags in CASE_FLAGS if flags["use_groups"]]
+
+
+def _flag_id(flags):
+    return "-".join(k for k, v in flags.items() if v and k not in ("use_groups", "shared")) or "plain"
+
+
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+@pytest.mark.parametrize("flags", SHARED_FLAGS, ids=_flag_id)
+def test_shared_keys_match_naive_loop_and_torch_path(denominator, flags):
+    # SHARED keys (and queries) are candidates of every group; awkward sizes, chunks that split groups.
+    seed = stable_seed("shared", denominator, flags)
+    g = torch.Generator().manual_seed(seed)
+    n, m, d = (int(x) for x in torch.randint(2, 23, (3,), generator=g))
+    case = random_case(seed, n=n, m=n if flags["paired"] else m, d=d, classes=3, **flags)
+    if case["groups"] is not None:
+        assert (case["groups"] == SHARED).any() or (case["key_groups"] is not None
+                                                    and (case["key_groups"] == SHARED).any())
+    for reduction in ("none", "mean"):
+        got = info_nce(**case, denominator=denominator, reduction=reduction, backend="reference")
+        torch.testing.assert_close(got, naive_from_case(case, denominator, reduction), rtol=1e-10, atol=1e-12)
+        out = _both_backends(case, int(torch.randint(1, n + 2, (1,), generator=g)), denominator=denominator,
+                             reduction=reduction)
+        torch.testing.assert_close(out["torch"][0], out["reference"][0], rtol=1e-9, atol=1e-11)
+        for got, want in zip(out["torch"][1], out["reference"][1], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_shared_group_is_not_a_group_of_its_own():
+    # Two images, one shared key: without SHARED it would need a group id no query has.
+    q = torch.randn(4, 3, dtype=torch.float64)
+    keys = torch.cat([q, torch.randn(1, 3, dtype=torch.float64)])
+    labels, key_labels = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1, 0])
+    groups, key_groups = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 1, SHARED])
+    for backend in ("reference", "torch"):
+        got = info_nce(q, keys, labels=labels, key_labels=key_labels, groups=groups, key_groups=key_groups,
+                       self_key_offset=0, reduction="none", backend=backend)
+        # only the shared key is a positive of the label-0 queries; each image's other row a negative
+        for i in range(4):
+            image = [j for j in range(4) if groups[j] == groups[i] and j != i] + [4]
+            s = torch.stack([F.cosine_similarity(q[i], keys[j], dim=0) for j in image]) / 0.1
+            want = 0.0 if labels[i] == 1 else float(torch.logsumexp(s, 0) - s[-1])
+            assert float(got[i]) == pytest.approx(want, abs=1e-10), (backend, i)
+
+
+# --- tensor temperature -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+def test_tensor_temperature_equals_float_and_gradchecks(backend, denominator):
+    case = random_case(stable_seed("tau", backend, denominator), n=7, m=9, d=4, classes=2, use_groups=True,
+                       ignore=True, use_weights=True, shared=True)
+    q, k = case.pop("query").requires_grad_(True), case.pop("key").requires_grad_(True)
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    extra = {"chunk_size": 3} if backend == "torch" else {}
+    got = info_nce(q, k, **case, temperature=tau, denominator=denominator, backend=backend, **extra)
+    want = info_nce(q, k, **case, temperature=0.3, denominator=denominator, backend=backend, **extra)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    def fn(q, k, tau):
+        return info_nce(q, k, **case, temperature=tau, denominator=denominator, backend=backend, **extra)
+
+    assert torch.autograd.gradcheck(fn, (q, k, tau))
+    # tau alone (frozen embeddings, e.g. a probe): the torch path still computes its gradient
+    assert torch.autograd.gradcheck(lambda tau: fn(q.detach(), k.detach(), tau), (tau,))
+
+
+def test_tensor_temperature_gradient_matches_between_backends_in_self_contrast():
+    case = random_case(21, n=30, d=6, classes=3, self_contrast=True, use_groups=True, shared=True)
+    grads = {}
+    for backend in ("reference", "torch"):
+        tau = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+        loss = info_nce(**case, temperature=tau, backend=backend, **({"chunk_size": 7} if backend == "torch" else {}))
+        (grads[backend],) = torch.autograd.grad(loss, tau)
+    assert grads["reference"].abs() > 1e-3  # the loss does depend on tau here
+    torch.testing.assert_close(grads["torch"], grads["reference"], rtol=1e-10, atol=1e-12)
+
+
+def test_bad_tensor_temperature_is_rejected_like_a_number():
+    q, lab = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    for bad in (torch.tensor(0.0), torch.tensor(-0.1), torch.tensor(float("nan")), torch.tensor(float("inf"))):
+        _bad(ValueError, "temperature must be positive and finite", q, labels=lab, temperature=bad)
+    _bad(ValueError, "0-dim", q, labels=lab, temperature=torch.tensor([0.1]))
+    _bad(TypeError, "floating", q, labels=lab, temperature=torch.tensor(1))
+
+
 def test_feature_map_input_equals_rows():
     g = torch.Generator().manual_seed(0)
     fq = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64)
@@ -391,6 +484,10 @@ def test_bad_input_is_rejected_with_the_argument_named():
     _bad(ValueError, "groups", q, labels=lab, groups=torch.tensor([0, 1]))
     _bad(TypeError, "groups", q, labels=lab, groups=torch.zeros(4))
     _bad(ValueError, "key_groups", q, k, labels=lab, key_labels=klab, groups=torch.zeros(4, dtype=torch.long))
+    _bad(ValueError, "groups must be non-negative group ids or SHARED", q, labels=lab,
+         groups=torch.tensor([0, -2, 1, 1]))
+    _bad(ValueError, "key_groups", q, k, labels=lab, key_labels=klab, groups=torch.zeros(4, dtype=torch.long),
+         key_groups=torch.tensor([0, 0, -5, 1, 1]))
     _bad(ValueError, "denominator", q, labels=lab, denominator="some")
     _bad(ValueError, "reduction", q, labels=lab, reduction="avg")
     _bad(ValueError, "backend", q, labels=lab, backend="cuda")

@@ -109,3 +109,21 @@ def test_bad_input():
         unpatchify(torch.randn(4, 2, 2), 2)
     with pytest.raises(TypeError, match="torch.Tensor"):
         unpatchify([1, 2], 2)
+
+
+def test_pool_backends_agree_and_are_chosen_in_one_place(monkeypatch):
+    import contrastkit.core as core
+
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    want = pool_patches(x, (2, 3), normalize=True, backend="reference")
+    torch.testing.assert_close(pool_patches(x, (2, 3), normalize=True, backend="torch"), want)
+    chosen = []
+    original = core.resolve_backend
+    monkeypatch.setattr("contrastkit.patches.resolve_backend",
+                        lambda *a: chosen.append(a[0]) or original(*a))
+    pool_patches(x, 2)
+    assert chosen == ["auto"]  # the same resolver as info_nce: CPU float64 -> torch
+    with pytest.raises(ValueError, match="backend"):
+        pool_patches(x, 2, backend="gpu")
+    with pytest.raises(TypeError, match="normalize"):
+        pool_patches(x, 2, normalize=1)

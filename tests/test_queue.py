@@ -101,3 +101,29 @@ def test_empty_queue_is_no_queue():
     features, labels = torch.randn(5, 2, 3), torch.tensor([0, 1, 0, 2, 1])
     empty = MemoryQueue(4, 3)
     torch.testing.assert_close(supcon_loss(features, labels, queue=empty), supcon_loss(features, labels))
+
+
+def test_append_queue_is_one_rule_for_labels_and_groups():
+    from contrastkit import SHARED, append_queue
+
+    keys, key_labels, key_groups = torch.randn(4, 3), torch.tensor([0, 5, -1, 2]), torch.tensor([0, 0, 1, 1])
+    assert append_queue(None, keys, key_labels, key_groups) == (keys, key_labels, key_groups)
+    labeled = MemoryQueue(3, 3)
+    labeled.enqueue(torch.randn(3, 3), labels=torch.tensor([2, 7, 2]))
+    # The queue's labels when the loss uses them; groups SHARED: candidates of every group.
+    k, kl, kg = append_queue(labeled, keys, key_labels, key_groups, use_queue_labels="a loss")
+    torch.testing.assert_close(k, torch.cat([keys, labeled.keys]))
+    assert kl.tolist() == [0, 5, -1, 2, 2, 7, 2] and kg.tolist() == [0, 0, 1, 1, SHARED, SHARED, SHARED]
+    # Otherwise one label no query or key has, and never ignore_index: negatives of every anchor.
+    _, kl, kg = append_queue(labeled, keys, key_labels, None, labels=torch.tensor([9, 0]), ignore_index=12)
+    assert kl.tolist()[4:] == [13, 13, 13] and kg is None
+    _, kl, _ = append_queue(labeled, keys, key_labels, labels=torch.tensor([9, 0]))
+    assert kl.tolist()[4:] == [10, 10, 10]
+    unlabeled = MemoryQueue(2, 3)
+    unlabeled.enqueue(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="a loss needs a queue that holds labels"):
+        append_queue(unlabeled, keys, key_labels, use_queue_labels="a loss")
+    with pytest.raises(ValueError, match="dim"):
+        append_queue(labeled, torch.randn(4, 5), key_labels)
+    with pytest.raises(TypeError, match="MemoryQueue"):
+        append_queue("queue", keys, key_labels)

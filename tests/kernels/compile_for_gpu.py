@@ -29,23 +29,24 @@ FIXED_POINTERS = {"q_norm_ptr": "*fp32", "k_norm_ptr": "*fp32", "norm_ptr": "*fp
                   "k_label_ptr": "*i64", "q_group_ptr": "*i64", "k_group_ptr": "*i64", "loss_ptr": "*fp32",
                   "valid_ptr": "*i8", "lse_ptr": "*fp32", "n_pos_ptr": "*i32", "pos_sigmoid_ptr": "*fp32",
                   "exp_weight_ptr": "*fp32", "pos_weight_ptr": "*fp32",
-                  "tile_lo_ptr": "*i64", "tile_hi_ptr": "*i64"}
-FLOAT_ARGS = ("inv_tau",)
+                  "tile_lo_ptr": "*i64", "tile_hi_ptr": "*i64", "tau_ptr": "*fp32", "tau_rows_ptr": "*fp32"}
+FLOAT_ARGS = ()
 
-# (DENOM, NORMALIZE, HAS_GROUPS, HAS_SELF): every denominator, each flag both ways.
-INFO_NCE_FLAGS = [(0, True, False, True), (1, True, True, True), (2, False, True, False)]
+# (DENOM, NORMALIZE, HAS_GROUPS, HAS_SELF, TAU_GRAD): every denominator, each flag both ways.
+INFO_NCE_FLAGS = [(0, True, False, True, True), (1, True, True, True, False), (2, False, True, False, True)]
 INFO_NCE_KERNELS = {"forward": K.info_nce_fwd_kernel, "backward_query": K.info_nce_bwd_query_kernel,
                     "backward_key": K.info_nce_bwd_key_kernel}
 
 
 def info_nce_constexprs(dtype, flags, block_n, block_m, d_pad):
-    denom, normalize, groups, self_ = flags
-    return dict(DENOM=denom, NORMALIZE=normalize, HAS_GROUPS=groups, HAS_SELF=self_,
+    denom, normalize, groups, self_, tau_grad = flags
+    return dict(DENOM=denom, NORMALIZE=normalize, HAS_GROUPS=groups, HAS_SELF=self_, TAU_GRAD=tau_grad,
                 DOT_PRECISION="tf32x3" if dtype == "float32" else "tf32", UPCAST=False,
                 BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad)
 
 
 def signature(fn, dtype: str, constexprs: dict) -> ASTSource:
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}  # e.g. TAU_GRAD: backward only
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -87,7 +88,7 @@ def table_jobs():
     for element_size, dtype in ((2, "bfloat16"), (4, "float32")):
         for kind, table in GPU_BLOCKS[element_size].items():
             for d_pad, (block_n, block_m, warps, stages) in table.items():
-                constexprs = info_nce_constexprs(dtype, (1, True, True, True), block_n, block_m, d_pad)
+                constexprs = info_nce_constexprs(dtype, (1, True, True, True, True), block_n, block_m, d_pad)
                 yield INFO_NCE_KERNELS[kind].__name__, INFO_NCE_KERNELS[kind], dtype, constexprs, warps, stages
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contrastkit import info_nce
+from contrastkit import SHARED, InfoNCEOptions, info_nce
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,7 +27,8 @@ def float64_rows(q, k, labels, key_labels, groups, key_groups, self_offset, tau,
     n, m = s.shape
     cand = (labels[:, None] != IGNORE) & (key_labels[None, :] != IGNORE)
     if groups is not None:
-        cand &= groups[:, None] == key_groups[None, :]
+        cand &= ((groups[:, None] == key_groups[None, :]) | (groups[:, None] == SHARED)
+                 | (key_groups[None, :] == SHARED))
     if self_offset is not None:
         cand &= torch.arange(n)[:, None] + self_offset != torch.arange(m)[None, :]
     pos = cand & (labels[:, None] == key_labels[None, :])
@@ -69,7 +70,8 @@ def assert_close(actual, expected, tol, what):
     assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
 
 
-def make_case(mode, n, m, d, dtype, classes=4, ignore_frac=0.0, with_groups=False, offset=None, seed=0):
+def make_case(mode, n, m, d, dtype, classes=4, ignore_frac=0.0, with_groups=False, offset=None, seed=0,
+              shared=0.0):
     g = torch.Generator().manual_seed(seed)
 
     def ids(count, hi):
@@ -100,6 +102,10 @@ def make_case(mode, n, m, d, dtype, classes=4, ignore_frac=0.0, with_groups=Fals
             if with_groups:
                 case["key_groups"][offset:offset + n] = case["groups"]
             case["self_key_offset"] = offset
+    if shared:  # rows in every group, on whichever side has its own group ids
+        side = "groups" if case["key_groups"] is None else "key_groups"
+        case[side][torch.rand(case[side].shape[0], generator=g) < shared] = SHARED
+        case[side][-1] = SHARED
     return q, k, case
 
 
@@ -117,21 +123,26 @@ def expected_rows(q, k, case, tau, normalize, denominator):
     return float64_rows(qr, kr, labels, key_labels, groups, key_groups, offset, tau, normalize, denominator)
 
 
-def run_and_compare(q, k, case, dtype, denominator, tau=0.1, normalize=True):
-    """Per-row losses and the gradients of query and key (with a random upstream) vs float64."""
+def run_and_compare(q, k, case, dtype, denominator, tau=0.1, normalize=True, tensor_tau=False):
+    """Per-row losses and the gradients of query and key (with a random upstream) vs float64; with
+    ``tensor_tau`` the temperature is a leaf tensor and its gradient is compared too."""
     up = torch.rand(as_rows(q).shape[0], generator=torch.Generator().manual_seed(1)) + 0.5
     leaves = [q.detach().requires_grad_(True)] + ([] if k is None else [k.detach().requires_grad_(True)])
     dev = [x.to(DEVICE).detach().requires_grad_(True) for x in leaves]
     ids = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in case.items()}
-    rows = info_nce(dev[0], None if k is None else dev[1], **ids, temperature=tau, normalize=normalize,
+    tau_leaf = torch.tensor(tau, device=DEVICE, requires_grad=True) if tensor_tau else tau
+    rows = info_nce(dev[0], None if k is None else dev[1], **ids, temperature=tau_leaf, normalize=normalize,
                     denominator=denominator, reduction="none", backend="triton")
     assert rows.dtype == torch.float32
-    grads = torch.autograd.grad((rows * up.to(DEVICE)).sum(), dev, allow_unused=True)
+    grads = torch.autograd.grad((rows * up.to(DEVICE)).sum(), dev + ([tau_leaf] if tensor_tau else []),
+                                allow_unused=True)
 
     ref_leaves = [x.detach().double().requires_grad_(True) for x in leaves]
-    want, valid = expected_rows(ref_leaves[0], None if k is None else ref_leaves[1], case, tau, normalize,
+    ref_tau = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    want, valid = expected_rows(ref_leaves[0], None if k is None else ref_leaves[1], case, ref_tau, normalize,
                                 denominator)
-    ref_grads = torch.autograd.grad((want * up.double()).sum(), ref_leaves, allow_unused=True)
+    ref_grads = torch.autograd.grad((want * up.double()).sum(), ref_leaves + ([ref_tau] if tensor_tau else []),
+                                    allow_unused=True)
 
     loss_tol, grad_tol = TOL[dtype]
     assert_close(rows, want.detach(), loss_tol, "per-row loss")
@@ -139,6 +150,9 @@ def run_and_compare(q, k, case, dtype, denominator, tau=0.1, normalize=True):
     for name, leaf, got, ref in zip(("query", "key"), leaves, grads, ref_grads, strict=False):
         assert got.shape == leaf.shape and got.dtype == dtype
         assert_close(got, ref, grad_tol, f"grad of {name}")
+    if tensor_tau:
+        assert grads[-1].shape == () and ref_grads[-1].abs() > 1e-3
+        assert_close(grads[-1], ref_grads[-1], grad_tol, "grad of temperature")
     return rows, valid
 
 
@@ -158,13 +172,61 @@ CASES = [
     ("paired", 37, None, 130, torch.bfloat16, "all", {}),
     ("paired", 130, None, 3, torch.float16, "negatives", dict(with_groups=True)),
     ("paired", 1, None, 24, torch.float32, "each_positive", {}),
+    # keys shared by every group, and a learnable (tensor) temperature
+    ("qk", 130, 257, 24, torch.float32, "all", dict(with_groups=True, shared=0.2, tensor_tau=True)),
+    ("qk", 37, 53, 3, torch.bfloat16, "each_positive", dict(with_groups=True, shared=0.3, ignore_frac=0.2)),
+    ("self", 130, None, 24, torch.float32, "negatives", dict(with_groups=True, shared=0.1, tensor_tau=True)),
+    ("qk", 37, 257, 24, torch.float16, "each_positive", dict(offset=100, tensor_tau=True)),
+    ("paired", 37, None, 24, torch.float32, "all", dict(with_groups=True, shared=0.3, tensor_tau=True)),
 ]
 
 
 @pytest.mark.parametrize("mode,n,m,d,dtype,denominator,extra", CASES)
 def test_matches_float64(mode, n, m, d, dtype, denominator, extra):
+    extra = dict(extra)
+    tensor_tau = extra.pop("tensor_tau", False)
     q, k, case = make_case(mode, n, m, d, dtype, **extra)
-    run_and_compare(q, k, case, dtype, denominator)
+    run_and_compare(q, k, case, dtype, denominator, tau=0.2 if tensor_tau else 0.1, tensor_tau=tensor_tau)
+
+
+def test_temperature_gradient_from_the_key_kernel_alone():
+    # Queries frozen: only the dk kernel runs, and its epilogue gives the temperature's gradient.
+    q, k, case = make_case("qk", 37, 53, 24, torch.float32, with_groups=True, shared=0.2)
+    ids = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in case.items()}
+    grads = {}
+    for backend in ("triton", "reference"):
+        dtype = torch.float32 if backend == "triton" else torch.float64
+        kk = k.to(DEVICE, dtype).requires_grad_(True)
+        tau = torch.tensor(0.3, device=DEVICE, dtype=dtype, requires_grad=True)
+        loss = info_nce(q.to(DEVICE, dtype), kk, **ids, temperature=tau, backend=backend)
+        grads[backend] = torch.autograd.grad(loss, (kk, tau))
+    for got, want in zip(grads["triton"], grads["reference"], strict=True):
+        assert_close(got, want, 2e-4, "gradient")
+    # and only the temperature (embeddings frozen): the dq kernel runs for it
+    tau = torch.tensor(0.3, device=DEVICE, requires_grad=True)
+    loss = info_nce(q.to(DEVICE), k.to(DEVICE), **ids, temperature=tau, backend="triton")
+    assert_close(torch.autograd.grad(loss, tau)[0], grads["reference"][1], 2e-4, "gradient of tau alone")
+
+
+@pytest.mark.parametrize("field, value", [("denominator", "each_positive"), ("normalize", False),
+                                          ("ignore_index", 2), ("self_key_offset", 3)])
+def test_every_option_reaches_the_kernels(field, value):
+    assert {field for field, _ in [("chunk_size", None), ("denominator", 0), ("normalize", 0),
+                                   ("ignore_index", 0), ("self_key_offset", 0)]} == set(
+        InfoNCEOptions.__dataclass_fields__)
+    q, k, case = make_case("qk", 13, 17, 5, torch.float32, offset=3)
+    ids = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in case.items()}
+    if field != "self_key_offset":
+        ids["self_key_offset"] = None
+    ids["key_labels"][0] = 2
+    base = info_nce(q.double(), k.double(), **{**ids, "self_key_offset": None}, reduction="none",
+                    backend="reference")
+    want = info_nce(q.double(), k.double(), **{**ids, field: value} if field != "self_key_offset" else ids,
+                    reduction="none", backend="reference")
+    assert not torch.allclose(base, want)
+    got = info_nce(q.to(DEVICE), k.to(DEVICE), **{**ids, field: value} if field != "self_key_offset" else ids,
+                   reduction="none", backend="triton")
+    assert_close(got, want, 2e-5, field)
 
 
 @pytest.mark.parametrize("denominator", ["all", "each_positive", "negatives"])

@@ -1,0 +1,84 @@
+"""Masks, row preparation and the masked log-sum-exp: what the dense specification and the
+chunked path compute alike, kept apart so that ``_reference.py`` holds only the specification."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._options import SHARED
+from ._validation import compute_dtype
+
+
+def same_group(groups: torch.Tensor, key_groups: torch.Tensor) -> torch.Tensor:
+    """(rows, cols) mask of pairs in one group; ``SHARED`` on either side matches every group."""
+    return ((groups[:, None] == key_groups[None, :]) | (groups == SHARED)[:, None]
+            | (key_groups == SHARED)[None, :])
+
+
+def prepare(x: torch.Tensor, temperature: torch.Tensor | None, normalize: bool) -> torch.Tensor:
+    """Rows in the compute dtype, L2-normalised if asked, optionally pre-scaled by 1/temperature."""
+    x = x.to(compute_dtype(x.dtype))
+    if normalize:
+        x = F.normalize(x, dim=1)
+    if temperature is not None:
+        x = x / temperature
+    return x
+
+
+def pair_masks(
+    labels: torch.Tensor,
+    key_labels: torch.Tensor,
+    groups: torch.Tensor | None,
+    key_groups: torch.Tensor | None,
+    ignore_index: int,
+    row_start: int = 0,
+    self_offset: int | None = None,
+    key_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and negative masks for the query rows ``row_start .. row_start + len(labels)``.
+
+    ``key_index`` gives the key positions of the columns when they are a subset of the keys.
+
+    A key is a candidate of a query when it is not ignored, shares the query's group (if
+    groups are given; ``SHARED`` shares every group) and is not the query itself; candidates with the query's label are
+    positives, the rest negatives. Whether a query itself is ignored is decided per row by
+    :func:`contributing_rows`, not here.
+    """
+    rows, cols = labels.shape[0], key_labels.shape[0]
+    candidate = (key_labels != ignore_index)[None, :]
+    if groups is not None:
+        candidate = candidate & same_group(groups, key_groups)
+    else:
+        candidate = candidate.expand(rows, cols).clone()
+    if self_offset is not None:
+        # Query row r is key r + row_start + self_offset: clear that one entry per row.
+        own = torch.arange(rows, device=labels.device)
+        own_key = own + (row_start + self_offset)
+        if key_index is None:
+            inside = own_key < cols
+            candidate[own[inside], own_key[inside]] = False
+        else:
+            candidate &= own_key[:, None] != key_index[None, :]
+    positive = candidate & (labels[:, None] == key_labels[None, :])
+    return positive, candidate ^ positive
+
+
+def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-sum-exp over the masked entries: -inf for a row with none, with a finite gradient."""
+    masked = torch.where(mask, s, float("-inf"))
+    peak = masked.amax(dim=1, keepdim=True).detach()
+    has_any = torch.isfinite(peak)
+    total = (masked - torch.where(has_any, peak, 0.0)).exp().sum(dim=1, keepdim=True)
+    # Rows with no entry: log(1) keeps the gradient finite; the result is replaced by -inf.
+    lse = torch.where(has_any, total, 1.0).log() + torch.where(has_any, peak, 0.0)
+    return torch.where(has_any, lse, float("-inf")).squeeze(1)
+
+
+def contributing_rows(
+    labels: torch.Tensor, n_pos: torch.Tensor, n_neg: torch.Tensor, denominator: str, ignore_index: int
+) -> torch.Tensor:
+    valid = (labels != ignore_index) & (n_pos > 0)
+    if denominator == "negatives":
+        valid = valid & (n_neg > 0)
+    return valid
