@@ -1,7 +1,9 @@
 """NIfTI readers (official ACDC, MSD Task05 Prostate) on tiny files written with nibabel, plus real-data checks."""
 
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +19,13 @@ from contrastkit.data import (
     nifti_slice_names,
     nifti_split,
     patient_id,
+    predict_volume,
     shared_data_root,
     split_by_patient,
     synthetic_cardiac_slice,
 )
 from contrastkit.data import nifti as nifti_module
+from contrastkit.metrics import hd95
 
 nib = pytest.importorskip("nibabel", reason="the tiny NIfTI files need nibabel (contrastkit[examples])")
 
@@ -390,6 +394,60 @@ def test_volume_slices_keep_their_spacings(acdc):
     assert isinstance(head, NiftiVolumes) and len(head) == 2 and head.names == volumes.names[1:3]
     assert head.spacings == volumes.spacings[1:3] and head[0][0] == volumes.names[1]
     assert volumes[-1][0] == volumes.names[-1]
+
+
+# ----------------------------------------------------------------------------- the example script
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_pseudo_label.py"
+TINY = ["--image-size", "32", "--width", "4", "--depth", "2", "--labeled-patients", "1", "--batch", "4",
+        "--labeled-batch", "2", "--iterations", "2", "--rounds", "1", "--eval-every", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def script():
+    for extra in ("kornia", "matplotlib", "tqdm"):
+        pytest.importorskip(extra)
+    spec = importlib.util.spec_from_file_location("train_pseudo_label", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("layout, classes", [("acdc", ("RV", "Myo", "LV")), ("prostate", ("PZ", "TZ"))])
+def test_example_runs_on_each_nifti_layout_with_hd95_in_mm(script, request, tmp_path, layout, classes):
+    root, _ = request.getfixturevalue(layout)
+    out = tmp_path / "run"
+    result = script.main(TINY + ["--data", str(root), "--out", str(out)])
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    assert result["hd95_unit"] == "mm" and tuple(result["config"]["classes"]) == classes
+    test = NiftiVolumes(root, "test")
+    assert [v["name"] for v in result["per_volume"]] == test.names
+    for key in (*classes, "mean"):
+        assert result["test"][key]["hd95"]["n"] == len(test) and np.isfinite(result["test"][key]["hd95"]["mean"])
+    # HD95 recomputed from the best checkpoint with each volume's spacing from its header
+    model = script.UNet(1, len(classes) + 1, base_width=4, depth=2, proj_dim=32)
+    script.load_checkpoint(out / "best.pt", model)
+    model.eval()
+    for row, (name, image, label), spacing in zip(result["per_volume"], test, test.spacings, strict=True):
+        assert row["name"] == name
+        pred = predict_volume(model, image, 32)
+        for c, cls in enumerate(classes, 1):
+            assert row[cls]["hd95"] == pytest.approx(hd95(pred == c, label == c, spacing))
+    assert (out / "results.png").is_file()
+
+
+def test_example_stops_before_training_on_a_missing_label(script, acdc, tmp_path):
+    root, _ = acdc
+    (root / "training" / "patient005" / "patient005_frame01_gt.nii.gz").unlink()
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="patient005_frame01.nii.gz has no label"):
+        script.main(TINY + ["--data", str(root), "--out", str(out)])
+    assert not (out / "last.pt").exists()
+
+
+def test_example_names_the_layouts_for_a_wrong_folder(script, tmp_path):
+    with pytest.raises(FileNotFoundError, match="msd-prostate"):
+        script.parse_args(["--data", str(tmp_path)])
 
 
 # ----------------------------------------------------------------------------- real data (skip without a copy)
