@@ -2,14 +2,15 @@
 
     python examples/train_pseudo_label.py                      # synthetic hearts, a few minutes on a CPU
     python examples/train_pseudo_label.py --data ../shared/data/acdc --image-size 128 --labeled-patients 3
+    python examples/train_pseudo_label.py --data DIR   # official ACDC NIfTI (DIR/training/) or MSD Task05_Prostate
 
 Stage 1 trains a U-Net on the labeled patients with Dice + cross-entropy. Stage 2 adds
 λ · PseudoLabelContrast on the projection head, with ground truth on the labeled slices and
 pseudo-labels on the unlabeled ones; the pseudo-labels come from the best model so far (by
 validation Dice) and are refreshed every ``--refresh-every`` iterations, ``--rounds`` times.
 ``--method supervised`` is the baseline: stage 1 only, for the iterations of both stages.
-Test metrics are 3D Dice and HD95 per class at each volume's own size; HD95 is in voxels
-(the ACDC HDF5 files carry no spacing).
+Test metrics are 3D Dice and HD95 per class at each volume's own size; HD95 is in mm for NIfTI
+volumes (spacing from the headers) and in voxels otherwise (the ACDC HDF5 files carry no spacing).
 """
 
 import argparse
@@ -25,12 +26,16 @@ from contrastkit import PseudoLabelContrast, pseudo_labels
 from contrastkit.data import (
     ACDCSlices,
     ACDCVolumes,
+    NiftiSlices,
+    NiftiVolumes,
     PairedAugment,
     SyntheticCardiac,
     SyntheticCardiacVolumes,
     TwoStreamBatchSampler,
     acdc_patient_split,
+    detect_layout,
     fit_size,
+    nifti_patient_split,
     predict_volume,
     split_by_patient,
 )
@@ -41,13 +46,16 @@ from contrastkit.training import History, load_checkpoint, resume_run, save_chec
 from contrastkit.viz import training_figure
 
 CLASSES = ("RV", "Myo", "LV")  # label ids 1, 2, 3; 0 is background
+PROSTATE_CLASSES = ("PZ", "TZ")  # MSD Task05: 1 peripheral zone, 2 transition zone
 IGNORE = -1
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="synthetic", help="'synthetic' or the ACDC folder (e.g. ../shared/data/acdc)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a data folder: the ACDC HDF5 copy (e.g. "
+                   "../shared/data/acdc), official ACDC NIfTI (the folder holding training/) or MSD Task05_Prostate "
+                   "(imagesTr/, labelsTr/; T2 only)")
     p.add_argument("--method", choices=("supervised", "pseudo_label"), default="pseudo_label")
     p.add_argument("--mode", choices=("prototype", "pixel"), default="prototype")
     p.add_argument("--labeled-patients", type=int, default=3, help="labeled patients (synthetic: volumes)")
@@ -75,7 +83,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="runs/pseudo_label")
     p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.classes = class_names(args.data)
+    return args
+
+
+def class_names(data):
+    """Foreground class names (label ids 1, 2, ...) of ``--data``; an unknown folder fails here, before training."""
+    return PROSTATE_CLASSES if data != "synthetic" and detect_layout(data) == "msd-prostate" else CLASSES
 
 
 def load_data(args):
@@ -85,10 +100,14 @@ def load_data(args):
         labeled, unlabeled = split_by_patient(full.names, args.labeled_patients, seed=args.seed)
         make = lambda names: SyntheticCardiac(args.synthetic_volumes, 8, args.image_size, 0, names)  # noqa: E731
         val, test = SyntheticCardiacVolumes(4, 8, args.image_size, seed=2), SyntheticCardiacVolumes(8, 8, 96, seed=1)
-    else:  # SSL4MIS' labeled patients (seed=None), so numbers compare with published ones
+    elif detect_layout(args.data) == "acdc-h5":  # SSL4MIS' labeled patients (seed=None), to compare with papers
         labeled, unlabeled = acdc_patient_split(args.data, args.labeled_patients, seed=None)
         make = lambda names: ACDCSlices(args.data, names, size=args.image_size)  # noqa: E731
         val, test = ACDCVolumes(args.data, "val"), ACDCVolumes(args.data, "test")
+    else:  # NIfTI: nifti_split's patient split (70/10/20 for ACDC), labeled patients drawn with --seed
+        labeled, unlabeled = nifti_patient_split(args.data, args.labeled_patients, seed=args.seed)
+        make = lambda names: NiftiSlices(args.data, names, size=args.image_size)  # noqa: E731
+        val, test = NiftiVolumes(args.data, "val"), NiftiVolumes(args.data, "test")
     stacks = []
     for names in (labeled, unlabeled):
         images, labels = zip(*(item for item in make(names)), strict=True)
@@ -128,16 +147,22 @@ def validate(model, volumes, args):
     """Mean over volumes and classes of the 3D Dice (no HD95: it is only for model selection)."""
     preds = segment(model, volumes, args)
     return float(np.mean([dice(p == c, v[2] == c) for p, v in zip(preds, volumes, strict=True)
-                          for c in range(1, len(CLASSES) + 1)]))
+                          for c in range(1, len(args.classes) + 1)]))
+
+
+def hd95_unit(volumes):
+    """"mm" when the volumes carry their voxel spacing (NIfTI), else "voxel"."""
+    return "mm" if getattr(volumes, "spacings", None) else "voxel"
 
 
 def test_metrics(model, volumes, args):
-    """Per-volume Dice and HD95 (voxel units) per class and their mean, and the aggregate."""
+    """Per-volume Dice and HD95 (in ``hd95_unit(volumes)``) per class and their mean, and the aggregate."""
     per_volume = []
-    for (name, _, label), pred in zip(volumes, segment(model, volumes, args), strict=True):
-        scores = per_class_metrics(pred, label, len(CLASSES) + 1)
-        row = {CLASSES[c - 1]: {"dice": s["dice"], "hd95": s["hd95"]} for c, s in scores.items()}
-        row["mean"] = {k: float(np.mean([row[c][k] for c in CLASSES])) for k in ("dice", "hd95")}
+    spacings = getattr(volumes, "spacings", None) or [None] * len(volumes)
+    for (name, _, label), pred, spacing in zip(volumes, segment(model, volumes, args), spacings, strict=True):
+        scores = per_class_metrics(pred, label, len(args.classes) + 1, spacing=spacing)
+        row = {args.classes[c - 1]: {"dice": s["dice"], "hd95": s["hd95"]} for c, s in scores.items()}
+        row["mean"] = {k: float(np.mean([row[c][k] for c in args.classes])) for k in ("dice", "hd95")}
         per_volume.append({"name": name, **row})
     return aggregate([{k: v for k, v in r.items() if k != "name"} for r in per_volume]), per_volume
 
@@ -166,11 +191,11 @@ def main(argv=None):
     samplers = [TwoStreamBatchSampler.for_concat(n_lab, n_unl, args.labeled_batch, unlabeled, num_batches=1,
                                                  seed=args.seed) for unlabeled in (0, args.batch - args.labeled_batch)]
     augment = PairedAugment(p_flip=0.5, p_rot90=0.5)
-    model = UNet(1, len(CLASSES) + 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
-    teacher = UNet(1, len(CLASSES) + 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
+    model = UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
+    teacher = UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     contrast = PseudoLabelContrast(temperature=args.tau, mode=args.mode, anchors_per_class=args.anchors_per_class,
-                                   confidence_threshold=args.confidence_threshold, num_classes=len(CLASSES) + 1)
+                                   confidence_threshold=args.confidence_threshold, num_classes=len(args.classes) + 1)
 
     step, best, best_step, history, start, refreshed = 0, -1.0, 0, History(), time.time(), None
     if args.resume:
@@ -232,7 +257,7 @@ def main(argv=None):
     wall = time.time() - start
     result = {"config": vars(args), "iterations": {"stage1": stage1, "stage2": stage2, "total": total},
               "labeled_slices": n_lab, "unlabeled_slices": n_unl, "best_step": best_step, "best_val_dice": best,
-              "hd95_unit": "voxel", "test": summary, "per_volume": per_volume, "wall_time_s": wall,
+              "hd95_unit": hd95_unit(test), "test": summary, "per_volume": per_volume, "wall_time_s": wall,
               "threads": torch.get_num_threads()}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     history.save(out / "history.json")
@@ -243,7 +268,7 @@ def main(argv=None):
     fit = lambda arrays: np.concatenate([fit_size(a, args.image_size) for a in arrays])  # noqa: E731
     training_figure(history, fit([im[k:k + 1] for (_, im, _), k in zip(shown, mids, strict=True)]),
                     fit([lb[k:k + 1] for (_, _, lb), k in zip(shown, mids, strict=True)]), fit(preds),
-                    out / "results.png", class_names=list(CLASSES),
+                    out / "results.png", class_names=list(args.classes),
                     title=f"{args.method}, test mean Dice {summary['mean']['dice']['mean']:.3f}")
     print(f"wrote {out / 'metrics.json'} and {out / 'results.png'} ({wall:.0f} s)")
     return result

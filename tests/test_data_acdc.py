@@ -351,6 +351,23 @@ def test_predict_volume_recovers_labels(as_numpy):
     assert (pred == label).mean() > 0.97  # only block edges blur
 
 
+def test_predict_volume_takes_several_channels():
+    rng = np.random.default_rng(4)
+    label = np.kron(rng.integers(0, 4, (3, 5, 4)), np.ones((1, 3, 3), dtype=np.int64))  # (3, 15, 12)
+    image = np.stack([rng.random(label.shape), label / 3], 1).astype(np.float32)  # (Z, 2, H, W): noise, signal
+    seen = []
+
+    def model_fn(batch):
+        seen.append(tuple(batch.shape))
+        return _class_from_intensity(batch[:, 1:])
+
+    pred = predict_volume(model_fn, image, size=16, mode="pad", batch_size=2)
+    assert seen == [(2, 2, 16, 16), (1, 2, 16, 16)]
+    np.testing.assert_array_equal(pred, label)
+    with pytest.raises(ValueError, match="Z, M, H, W"):
+        predict_volume(model_fn, image[None], size=16)
+
+
 def test_predict_volume_errors():
     image = np.zeros((2, 10, 10), dtype=np.float32)
     with pytest.raises(ValueError, match=r"logits \(B, C, 16, 16\)"):

@@ -10,7 +10,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys
 
-    BLOCKED = ("PIL", "scipy", "kornia", "tqdm")
+    BLOCKED = ("PIL", "scipy", "kornia", "tqdm", "nibabel")
 
     class Block:
         def find_spec(self, name, path=None, target=None):
@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
 
     import numpy as np
     import contrastkit
-    from contrastkit.data import SegmentationFolder, SyntheticPolyps, make_split
+    from contrastkit.data import NiftiVolumes, SegmentationFolder, SyntheticPolyps, make_split
     from contrastkit.metrics import dice, hd95
 
     assert SyntheticPolyps(2, size=32)[1][1].shape == (1, 32, 32)

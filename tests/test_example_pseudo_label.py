@@ -98,6 +98,7 @@ def _check_outputs(out: Path):
     volume = result["per_volume"][0]
     assert volume["mean"]["dice"] == pytest.approx(np.mean([volume[c]["dice"] for c in ("RV", "Myo", "LV")]))
     assert result["wall_time_s"] > 0 and result["config"]["image_size"] == 48
+    assert result["hd95_unit"] == "voxel"  # synthetic volumes carry no spacing
     assert (out / "results.png").stat().st_size > 1000
     assert {"best.pt", "last.pt", "history.json"} <= {p.name for p in out.iterdir()}
     return result

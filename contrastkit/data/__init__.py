@@ -1,8 +1,9 @@
 """Data utilities for the segmentation examples: folders, splits, sampling, augmentation, synthetic data.
 
 Importing this package needs only the core dependencies; Pillow (SegmentationFolder),
-kornia (PairedAugment) and tqdm (download) are imported when first used, and raise an
-ImportError naming the ``contrastkit[examples]`` extra when missing. See docs/data.md.
+kornia (PairedAugment), tqdm (download), h5py (ACDC HDF5) and nibabel (NIfTI) are imported
+when first used, and raise an ImportError naming the ``contrastkit[examples]`` extra when
+missing. See docs/data.md.
 """
 
 from .acdc import (
@@ -20,6 +21,15 @@ from .acdc import (
 from .augment import PairedAugment
 from .download import REGISTRY, Archive, DatasetSource, download
 from .folder import IMAGE_EXTENSIONS, MASK_THRESHOLD, SegmentationFolder
+from .nifti import (
+    LAYOUTS,
+    NiftiSlices,
+    NiftiVolumes,
+    detect_layout,
+    nifti_patient_split,
+    nifti_slice_names,
+    nifti_split,
+)
 from .paths import shared_data_root
 from .sampler import TwoStreamBatchSampler
 from .splits import Split, make_split
@@ -40,6 +50,13 @@ __all__ = [
     "split_by_patient",
     "synthetic_cardiac_slice",
     "volume_id",
+    "LAYOUTS",
+    "NiftiSlices",
+    "NiftiVolumes",
+    "detect_layout",
+    "nifti_patient_split",
+    "nifti_slice_names",
+    "nifti_split",
     "IMAGE_EXTENSIONS",
     "MASK_THRESHOLD",
     "REGISTRY",

@@ -73,7 +73,12 @@ def read_list(root, split: str) -> list[str]:
     path = _as_root(root) / f"{split}.list"
     if not path.is_file():
         raise FileNotFoundError(f"split={split!r}: no list file {str(path)!r}")
-    names = [line.strip() for line in path.read_text().splitlines()]
+    return read_list_file(path)
+
+
+def read_list_file(path) -> list[str]:
+    """The non-empty lines of an SSL4MIS ``.list`` file, without ``.h5`` (no check of a data folder)."""
+    names = [line.strip() for line in Path(path).read_text().splitlines()]
     return [n[:-3] if n.endswith(".h5") else n for n in names if n]
 
 
@@ -257,20 +262,23 @@ def predict_volume(
     Each slice is brought to (size, size) with ``fit_size``; ``model_fn`` maps a float32 batch (B, 1, S, S)
     (on ``device`` when given) to logits (B, C, S, S). The logits are restored to (H, W) with
     ``restore_size`` (bilinear, or crop in pad mode) before the argmax. Put the model in eval mode first.
+    A volume of M channels (Z, M, H, W), e.g. two MRI modalities, gives batches (B, M, S, S).
     """
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
     volume, was_numpy = _as_tensor(image, "image")
-    if volume.dim() != 3:
-        raise ValueError(f"image must be a volume (Z, H, W); got shape {tuple(volume.shape)}")
+    if volume.dim() not in (3, 4):
+        raise ValueError(f"image must be a volume (Z, H, W) or (Z, M, H, W); got shape {tuple(volume.shape)}")
     size = _check_size(size)
     hw = tuple(volume.shape[-2:])
     fitted = fit_size(volume.float().cpu(), size, mode)
-    labels = torch.empty(volume.shape, dtype=torch.int64)
+    if volume.dim() == 3:
+        fitted = fitted[:, None]
+    labels = torch.empty((volume.shape[0], *hw), dtype=torch.int64)
     for start in range(0, volume.shape[0], batch_size):
-        batch = fitted[start : start + batch_size, None]
+        batch = fitted[start : start + batch_size]
         logits = model_fn(batch if device is None else batch.to(device))
         _check_logits(logits, batch.shape[0], size)
         labels[start : start + batch.shape[0]] = restore_size(logits.float().cpu(), hw, mode).argmax(1)
