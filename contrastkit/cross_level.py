@@ -23,6 +23,7 @@ separately, on every patch as an image of its own.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -340,17 +341,53 @@ def _logits_and_projection(out, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def cross_level_views(model: nn.Module, images: torch.Tensor, grid) -> CrossLevelViews:
+PATCH_BATCHNORM = ("batch", "batch_no_update", "running")
+
+
+@contextmanager
+def batchnorm_mode(model: nn.Module, mode: str):
+    """How the model's BatchNorm layers treat a pass over patches (see :func:`cross_level_views`)."""
+    v.check_choice("patch_batchnorm", mode, PATCH_BATCHNORM)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
+        if isinstance(model, nn.Module) else []
+    saved = [(m, m.training, m.momentum) for m in norms]
+    try:
+        for m in norms:
+            if mode == "running":
+                m.eval()  # normalise with the running (full-image) statistics; gradients still flow
+            elif mode == "batch_no_update" and m.training:
+                m.momentum = 0.0  # running <- (1 - 0) running + 0 batch: left as the full images made it
+        yield
+    finally:
+        for m, training, momentum in saved:
+            m.train(training)
+            m.momentum = momentum
+
+
+def cross_level_views(model: nn.Module, images: torch.Tensor, grid, patch_batchnorm: str = "batch") -> CrossLevelViews:
     """Run ``model`` on the full images and, as a separate batch, on their patches.
 
     ``model(x, return_features=True)`` must return logits and a dense projection map
     (as :class:`contrastkit.models.UNet` does). Both the full images and the patches must
     be sizes the model accepts (for a U-Net of depth d: multiples of 2^d).
+
+    ``patch_batchnorm`` says what BatchNorm layers do in the patch pass of a model in training
+    mode (the full-image pass is always an ordinary training pass):
+
+    - ``"batch"`` (the original code): patches are normalised with the patch batch's statistics,
+      which also enter the running statistics — so the running statistics used at test time mix
+      full images and patches (on Kvasir-SEG this shifts a trained model's test predictions:
+      see examples/README.md);
+    - ``"batch_no_update"``: patches normalised with their own batch statistics, running statistics
+      left to the full images;
+    - ``"running"``: patches normalised with the running statistics of the full images, as a
+      test-time pass would be (the affine parameters still train).
     """
     grid = as_grid(grid)
     patches = patchify(images, grid)
     full_logits, full_proj = _logits_and_projection(model(images, return_features=True), "full images")
-    patch_logits, patch_proj = _logits_and_projection(model(patches, return_features=True), "patches")
+    with batchnorm_mode(model, patch_batchnorm):
+        patch_logits, patch_proj = _logits_and_projection(model(patches, return_features=True), "patches")
     return CrossLevelViews(
         full_logits=full_logits,
         patch_logits=patch_logits,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from contrastkit import CrossLevelConsistency, CrossLevelContrast, cross_level_views
 from contrastkit.data import PairedAugment, SegmentationFolder, SyntheticPolyps, TwoStreamBatchSampler, make_split
-from contrastkit.metrics import aggregate, binary_metrics, dice, format_summary
+from contrastkit.metrics import aggregate, binary_metrics, dice, format_summary, precision, recall
 from contrastkit.models import UNet
 from contrastkit.segmentation import bce_dice_loss
 from contrastkit.training import History, load_checkpoint, resume_run, save_run, seed_everything
@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--consistency-weight", type=float, default=1.0,
                    help="times gh*gw: the original sums the per-patch mean over the cells")
     p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--patch-batchnorm", choices=("batch", "batch_no_update", "running"), default="batch",
+                   help="BatchNorm in the patch pass: its own statistics (also entering the running ones), its "
+                        "own without updating the running ones, or the full images' running statistics")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, sampler and augmentation")
     p.add_argument("--split-seed", type=int, default=0, help="seeds the train/val/test split")
@@ -132,7 +135,7 @@ def main(argv=None):
             images, masks = augment(images.to(args.device), masks.to(args.device))
             n = args.labeled_batch
             if cross_level:
-                views = cross_level_views(model, images, args.grid)
+                views = cross_level_views(model, images, args.grid, patch_batchnorm=args.patch_batchnorm)
                 losses = {"sup": bce_dice_loss(views.full_logits[:n], masks[:n])}
                 if args.schedule == "joint" or step < warmup:
                     losses["contrast"] = contrast(views.global_map, views.local_map)
@@ -154,8 +157,11 @@ def main(argv=None):
             if step >= iterations:
                 break
         pred, true = predict(model, val, args.device)
-        val_dice = sum(dice(p, t) for p, t in zip(pred, true, strict=True)) / len(pred)
-        history.append(step=step, **{f"{k}/loss": v / done for k, v in sums.items()}, **{"val/dice": val_dice})
+        scores = {name: sum(fn(p, t) for p, t in zip(pred, true, strict=True)) / len(pred)
+                  for name, fn in (("dice", dice), ("precision", precision), ("recall", recall))}
+        val_dice = scores["dice"]
+        history.append(step=step, **{f"{k}/loss": v / done for k, v in sums.items()},
+                       **{f"val/{k}": v for k, v in scores.items()})
         if val_dice > best:
             best, best_step = val_dice, step
             checkpoint(out / "best.pt")

@@ -103,3 +103,32 @@ def test_one_training_step(warm_up):
     # The contrast trains the projection head; the consistency (on logits) leaves it untouched.
     assert (head_grad is not None and head_grad.abs().sum() > 0) == warm_up
     assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+def test_patch_batchnorm_modes_control_the_running_statistics():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16) * 4 + 1  # patches and images with different statistics after pooling
+    running = {}
+    for mode in ("batch", "batch_no_update", "running"):
+        torch.manual_seed(1)
+        model = UNet(3, 1, base_width=4, depth=2, proj_dim=4)
+        full_only = UNet(3, 1, base_width=4, depth=2, proj_dim=4)
+        full_only.load_state_dict(model.state_dict())
+        views = cross_level_views(model, images, 2, patch_batchnorm=mode)
+        full_only(images, return_features=True)
+        bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        bn_full = [m for m in full_only.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        same = all(torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+                   for a, b in zip(bn, bn_full, strict=True))
+        running[mode] = same
+        assert all(m.training for m in bn) and all(m.momentum == 0.1 for m in bn)  # restored
+        if mode == "running":  # the patch pass is a test-time pass over the patches, with gradients
+            model.eval()
+            with torch.no_grad():
+                want = model(patchify(images, 2))
+            torch.testing.assert_close(views.patch_logits.detach(), want)
+            assert views.patch_logits.requires_grad
+    # only "batch" lets the patches into the running statistics
+    assert running == {"batch": False, "batch_no_update": True, "running": True}
+    with pytest.raises(ValueError, match="patch_batchnorm"):
+        cross_level_views(model, images, 2, patch_batchnorm="sync")
