@@ -289,8 +289,12 @@ def predict_volume(
 
 
 def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Image in 0..1 as float32, and labels. An integer image (a packed copy) is multiplied by its
+    ``scale`` attribute (1/255 when it has none)."""
     with _h5py().File(path, "r") as f:
-        return np.asarray(f["image"][()], dtype=np.float32), np.asarray(f["label"][()], dtype=np.int64)
+        image = f["image"]
+        scale = 1.0 if image.dtype.kind == "f" else float(image.attrs.get("scale", 1 / 255))
+        return np.asarray(image[()], dtype=np.float32) * np.float32(scale), np.asarray(f["label"][()], dtype=np.int64)
 
 
 def _existing(folder: Path, names: list[str], what: str) -> list[Path]:

@@ -1,0 +1,377 @@
+"""Seed studies of the example pipelines: run arms x seeds side by side, then one table with intervals.
+
+    python examples/study.py run kvasir-cpu --out runs/kvasir-cpu          # 2 runs at a time, 1 thread each
+    python examples/study.py run gpu --data-root PACK --budget-s 360       # every run at once on one GPU
+    python examples/study.py run tiny --out runs/tiny                      # the whole agenda in < 1 min, CPU
+    python examples/study.py summarize runs/kvasir-cpu --baseline supervised --out examples/results/kvasir-cpu
+
+A run is ``<arm>_s<seed>/`` under ``--out`` holding the training script's ``metrics.json``. The summary
+gives per arm the mean ± sample std over seeds of the test metrics, and per arm against the baseline
+the paired difference over the seeds both have: mean, 95% t-interval and t statistic. Checkpoints are
+chosen on validation by the training scripts; nothing here looks at the test split to choose anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUN_NAME = re.compile(r"^(?P<arm>.+)_s(?P<seed>\d+)$")
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    script: str  # train_cross_level.py or train_pseudo_label.py
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Arms x seeds with shared arguments; ``data`` names the folder under ``--data-root``."""
+
+    description: str
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...]
+    common: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per script
+    data: dict[str, str] = field(default_factory=dict)  # per script: folder under --data-root, or "synthetic"
+    jobs: int = 2
+    threads: int | None = 1
+    baseline: dict[str, str] = field(default_factory=dict)  # per script: the arm differences are taken against
+
+
+def _cross_level(name, *args):
+    return Arm(name, "train_cross_level.py", args)
+
+
+def _pseudo_label(name, *args):
+    return Arm(name, "train_pseudo_label.py", args)
+
+
+KVASIR_CPU = ("--labeled-fraction", "0.1", "--image-size", "128", "--grid", "4", "--width", "16", "--depth", "3",
+              "--iterations", "1200", "--eval-every", "100", "--lr-schedule", "poly")
+ACDC_CPU = ("--labeled-patients", "3", "--image-size", "128", "--width", "16", "--depth", "4", "--iterations",
+            "800", "--rounds", "2", "--eval-every", "200", "--val-volumes", "10", "--lr-schedule", "poly")
+TINY_POLYP = ("--synthetic-size", "40", "--image-size", "32", "--grid", "2", "--width", "4", "--depth", "2",
+              "--batch", "4", "--labeled-batch", "2", "--labeled-fraction", "0.25", "--iterations", "4",
+              "--eval-every", "2")
+TINY_CARDIAC = ("--synthetic-volumes", "6", "--labeled-patients", "2", "--image-size", "32", "--width", "4",
+                "--depth", "2", "--iterations", "2", "--rounds", "1", "--eval-every", "1", "--batch", "4",
+                "--labeled-batch", "2", "--val-volumes", "2")
+
+PLANS = {
+    "kvasir-cpu": Plan(
+        "Kvasir-SEG 10% labels, 128x128, 1200 iterations, poly LR: supervised vs cross-level, 5 seeds",
+        (_cross_level("supervised", "--method", "supervised"), _cross_level("cross_level", "--method", "cross_level")),
+        seeds=(0, 1, 2, 3, 4), common={"train_cross_level.py": KVASIR_CPU},
+        data={"train_cross_level.py": "kvasir-seg"}, baseline={"train_cross_level.py": "supervised"}),
+    "acdc-cpu": Plan(
+        "ACDC 3 labeled patients, 128x128, 800 + 800 iterations, poly LR: supervised vs prototype vs pixel, 3 seeds",
+        (_pseudo_label("supervised", "--method", "supervised"),
+         _pseudo_label("prototype", "--method", "pseudo_label", "--mode", "prototype"),
+         _pseudo_label("pixel", "--method", "pseudo_label", "--mode", "pixel", "--anchors-per-class", "128")),
+        seeds=(0, 1, 2), common={"train_pseudo_label.py": ACDC_CPU}, data={"train_pseudo_label.py": "acdc"},
+        baseline={"train_pseudo_label.py": "supervised"}),
+    "gpu": Plan(
+        "GPU agenda: the paper protocols shortened to the wall budget, every run at once on one GPU",
+        (_cross_level("kvasir_supervised", "--preset", "clcc-kvasir", "--image-size", "256", "--grid", "4",
+                      "--method", "supervised", "--amp", "bf16"),
+         _cross_level("kvasir_cross_level", "--preset", "clcc-kvasir", "--image-size", "256", "--grid", "4",
+                      "--method", "cross_level", "--amp", "bf16"),
+         _pseudo_label("acdc_supervised", "--preset", "ssl4mis-acdc", "--method", "supervised", "--amp", "bf16"),
+         _pseudo_label("acdc_prototype", "--preset", "ssl4mis-acdc", "--method", "pseudo_label", "--mode",
+                       "prototype", "--amp", "bf16"),
+         _pseudo_label("acdc_pixel", "--preset", "ssl4mis-acdc", "--method", "pseudo_label", "--mode", "pixel",
+                       "--anchors-per-class", "128", "--amp", "bf16"),
+         _pseudo_label("acdc_pixel_all", "--preset", "ssl4mis-acdc", "--method", "pseudo_label", "--mode", "pixel",
+                       "--amp", "bf16")),
+        seeds=(0, 1, 2), data={"train_cross_level.py": "kvasir-seg", "train_pseudo_label.py": "acdc"},
+        jobs=18, threads=None,
+        baseline={"train_cross_level.py": "kvasir_supervised", "train_pseudo_label.py": "acdc_supervised"}),
+    "tiny": Plan(
+        "the agenda's machinery on synthetic data in seconds (CI): both scripts, two arms each, two seeds",
+        (_cross_level("supervised", "--method", "supervised"), _cross_level("cross_level", "--method", "cross_level"),
+         _pseudo_label("cardiac_supervised", "--method", "supervised"),
+         _pseudo_label("cardiac_prototype", "--method", "pseudo_label")),
+        seeds=(0, 1), common={"train_cross_level.py": TINY_POLYP, "train_pseudo_label.py": TINY_CARDIAC},
+        data={"train_cross_level.py": "synthetic", "train_pseudo_label.py": "synthetic"},
+        baseline={"train_cross_level.py": "supervised", "train_pseudo_label.py": "cardiac_supervised"}),
+}
+
+
+def commands(plan: Plan, out: Path, data_root: Path | None, budget_s: float | None, device: str | None,
+             seeds=None) -> list[tuple[str, list[str]]]:
+    """(run folder name, argv) of every run of the plan, seeds outermost so that a cut-short study has
+    every arm at its first seeds."""
+    runs = []
+    for seed in seeds or plan.seeds:
+        for arm in plan.arms:
+            data = plan.data.get(arm.script, "synthetic")
+            if data != "synthetic":
+                if data_root is None:
+                    raise ValueError(f"the plan reads {data}/: give --data-root (the folder holding it) or set "
+                                     "$CONTRASTKIT_DATA")
+                data = str(data_root / data)
+            argv = [sys.executable, str(HERE / arm.script), *plan.common.get(arm.script, ()), *arm.args,
+                    "--data", data, "--seed", str(seed), "--out", str(out / f"{arm.name}_s{seed}")]
+            if plan.threads:
+                argv += ["--threads", str(plan.threads)]
+            if budget_s:
+                argv += ["--time-budget", str(budget_s)]
+            if device:
+                argv += ["--device", device]
+            runs.append((f"{arm.name}_s{seed}", argv))
+    return runs
+
+
+def run_plan(plan: Plan, out: Path, jobs: int, runs: list[tuple[str, list[str]]], deadline_s: float | None) -> list:
+    """Runs ``jobs`` at a time; a run still going at ``deadline_s`` (the scripts stop themselves at their
+    budget first) is ended. Returns (name, exit code, seconds) per run."""
+    out.mkdir(parents=True, exist_ok=True)
+    pending, running, done = list(runs), {}, []
+    start = time.monotonic()
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, argv = pending.pop(0)
+            if (out / name / "metrics.json").is_file():
+                done.append((name, 0, 0.0))  # finished in an earlier call: a study resumes where it stopped
+                continue
+            log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed when the run ends
+            running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, time.monotonic())
+            print(f"started {name}", flush=True)
+        for name, (process, log, began) in list(running.items()):
+            code = process.poll()
+            if code is None and deadline_s is not None and time.monotonic() - start > deadline_s:
+                process.kill()
+                code = process.wait()
+            if code is not None:
+                log.close()
+                del running[name]
+                done.append((name, code, time.monotonic() - began))
+                print(f"{'finished' if code == 0 else f'FAILED ({code})'} {name} in {done[-1][2]:.0f} s", flush=True)
+        time.sleep(0.5)
+    return done
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def t_quantile(p: float, dof: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(p, dof))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict:
+    """a - b over the seeds both have: mean, sample std, 95% t-interval, t statistic."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    if not diffs:
+        return {"seeds": [], "n": 0}
+    mean, std = _mean_std(diffs)
+    result = {"seeds": seeds, "n": len(diffs), "per_seed": diffs, "mean": mean, "std": std}
+    if len(diffs) >= 2 and std > 0:
+        half = t_quantile(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
+        result.update(ci95=[mean - half, mean + half], t=mean / (std / math.sqrt(len(diffs))))
+    return result
+
+
+def run_metrics(metrics: dict) -> dict[str, float]:
+    """The test numbers a study compares, from either script's metrics.json."""
+    test = metrics["test"]
+    if "mean" in test and isinstance(test["mean"], dict):  # cardiac: per class and their mean
+        out = {"dice": test["mean"]["dice"]["mean"], "hd95": test["mean"]["hd95"]["mean"]}
+        out.update({f"dice_{name}": value["dice"]["mean"] for name, value in test.items() if name != "mean"})
+        return out
+    return {name: test[name]["mean"] for name in ("dice", "iou", "precision", "recall", "hd95")}
+
+
+def collect(runs_dir: Path) -> dict[str, dict[int, dict]]:
+    """arm -> seed -> metrics.json of every finished run under ``runs_dir``."""
+    found: dict[str, dict[int, dict]] = {}
+    for path in sorted(runs_dir.glob("*/metrics.json")):
+        match = RUN_NAME.match(path.parent.name)
+        if match is None:
+            raise ValueError(f"{path.parent}: a run folder must be named <arm>_s<seed>")
+        found.setdefault(match["arm"], {})[int(match["seed"])] = json.loads(path.read_text())
+    if not found:
+        raise FileNotFoundError(f"no <arm>_s<seed>/metrics.json under {runs_dir}")
+    return found
+
+
+def summarize(runs_dir: Path, baseline: str | None, facts: dict | None = None) -> dict:
+    runs = collect(runs_dir)
+    if baseline is not None and baseline not in runs:
+        raise ValueError(f"baseline arm {baseline!r} has no finished run; arms: {sorted(runs)}")
+    arms = {}
+    for arm, by_seed in runs.items():
+        per_seed = {seed: run_metrics(m) for seed, m in by_seed.items()}
+        names = list(next(iter(per_seed.values())))
+        arms[arm] = {
+            "seeds": sorted(per_seed),
+            "metrics": {name: dict(zip(("mean", "std"), _mean_std([per_seed[s][name] for s in sorted(per_seed)]),
+                                       strict=True)) | {"per_seed": [per_seed[s][name] for s in sorted(per_seed)]}
+                        for name in names},
+            "wall_time_s": [by_seed[s].get("wall_time_s") for s in sorted(per_seed)],
+            "best_step": [by_seed[s].get("best_step") for s in sorted(per_seed)],
+            "config": {k: v for k, v in next(iter(by_seed.values()))["config"].items() if k not in ("seed", "out")},
+        }
+    differences = {}
+    if baseline is not None:
+        base = {s: run_metrics(m) for s, m in runs[baseline].items()}
+        for arm, by_seed in runs.items():
+            if arm == baseline:
+                continue
+            mine = {s: run_metrics(m) for s, m in by_seed.items()}
+            differences[arm] = {name: paired_difference({s: v[name] for s, v in mine.items()},
+                                                        {s: v[name] for s, v in base.items() if name in v})
+                                for name in next(iter(mine.values()))}
+    return {"facts": facts or {}, "baseline": baseline, "arms": arms, "differences": differences}
+
+
+def _fmt(value, scale=1.0, digits=3):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value * scale:.{digits}f}"
+
+
+def markdown(summary: dict, title: str) -> str:
+    lines = [f"# {title}", ""]
+    facts = summary["facts"]
+    if facts:
+        lines += [", ".join(f"{k}: {v}" for k, v in facts.items()), ""]
+    arms = summary["arms"]
+    names = list(next(iter(arms.values()))["metrics"])
+    lines += ["| arm | seeds | " + " | ".join(names) + " | wall time per run |",
+              "|---|---|" + "---|" * len(names) + "---|"]
+    for arm, data in arms.items():
+        cells = [f"{_fmt(m['mean'])} ± {_fmt(m['std'])}" for m in data["metrics"].values()]
+        walls = [w for w in data["wall_time_s"] if w]
+        wall = f"{sum(walls) / len(walls) / 60:.1f} min" if walls else "n/a"
+        lines.append(f"| {arm} | {len(data['seeds'])} | " + " | ".join(cells) + f" | {wall} |")
+    if summary["differences"]:
+        lines += ["", f"Paired differences against `{summary['baseline']}` (same seeds; 95% t-interval):", "",
+                  "| arm | metric | seeds | mean difference | 95% interval | t | per seed |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, by_metric in summary["differences"].items():
+            for name, d in by_metric.items():
+                if not d["n"]:
+                    continue
+                ci = d.get("ci95")
+                lines.append(f"| {arm} | {name} | {d['n']} | {d['mean']:+.3f} | "
+                             f"{'n/a' if ci is None else f'[{ci[0]:+.3f}, {ci[1]:+.3f}]'} | "
+                             f"{_fmt(d.get('t'), digits=2)} | {', '.join(f'{x:+.3f}' for x in d['per_seed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _facts() -> dict:
+    facts = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+             "cpus": os.cpu_count()}
+    try:
+        facts["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                         cwd=HERE, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        facts["commit"] = "unknown"
+    try:
+        import torch
+
+        facts["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            facts["device"] = torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return facts
+
+
+def write_summary(summary: dict, out: Path, title: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    out.with_suffix(".md").write_text(markdown(summary, title))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a plan's arms x seeds")
+    run.add_argument("plan", choices=sorted(PLANS))
+    run.add_argument("--out", type=Path, default=None, help="runs/<plan> by default")
+    run.add_argument("--data-root", type=Path, default=None,
+                     help="folder holding kvasir-seg/ and acdc/ (default: $CONTRASTKIT_DATA)")
+    run.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the plan's)")
+    run.add_argument("--seeds", type=int, nargs="+", default=None, help="a subset of the plan's seeds")
+    run.add_argument("--budget-s", type=float, default=None,
+                     help="wall-time budget of each run: it stops, evaluates its best checkpoint and writes metrics")
+    run.add_argument("--device", default=None)
+    run.add_argument("--dry-run", action="store_true", help="print the commands only")
+    summary = sub.add_parser("summarize", help="one table (JSON + Markdown) of a study's runs")
+    summary.add_argument("runs", type=Path)
+    summary.add_argument("--baseline", default=None, help="the arm paired differences are taken against")
+    summary.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    summary.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+
+    if args.command == "summarize":
+        result = summarize(args.runs, args.baseline, _facts())
+        write_summary(result, args.out, args.title or f"Study {args.runs.name}")
+        print(markdown(result, args.title or f"Study {args.runs.name}"))
+        return 0
+
+    plan = PLANS[args.plan]
+    out = args.out or Path("runs") / args.plan
+    root = args.data_root or (Path(os.environ["CONTRASTKIT_DATA"]) if os.environ.get("CONTRASTKIT_DATA") else None)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1; got {args.jobs}")
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive; got {args.budget_s}")
+    try:
+        runs = commands(plan, out, root, args.budget_s, args.device, args.seeds)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.dry_run:
+        print("\n".join(" ".join(argv) for _, argv in runs))
+        return 0
+    # The scripts stop at their own budget; the runner's deadline leaves them time to evaluate and write.
+    deadline = None if args.budget_s is None else args.budget_s * 1.5 + 120
+    done = run_plan(plan, out, args.jobs or plan.jobs, runs, deadline)
+    for script, baseline in plan.baseline.items():
+        arms = {arm.name for arm in plan.arms if arm.script == script}
+        part = out / Path(script).stem
+        part.mkdir(exist_ok=True)
+        for name in arms:  # one summary per script: link its runs into a folder of their own
+            for run_dir in out.glob(f"{name}_s*"):
+                link = part / run_dir.name
+                if run_dir.is_dir() and not link.exists():
+                    link.symlink_to(run_dir.resolve())
+        try:
+            write_summary(summarize(part, baseline, _facts()), out / f"summary-{Path(script).stem}",
+                          f"{plan.description} ({script})")
+        except FileNotFoundError as error:
+            print(f"no summary for {script}: {error}")
+    return 0 if all(code == 0 for _, code, _ in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

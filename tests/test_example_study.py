@@ -1,0 +1,100 @@
+"""examples/study.py: plans become the right commands; summaries give paired intervals that are right."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+stats = pytest.importorskip("scipy.stats")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script loads
+    spec.loader.exec_module(module)
+    return module
+
+
+def polyp_metrics(dice, seed):
+    test = {name: {"mean": value, "std": 0.1, "n": 10, "n_nan": 0}
+            for name, value in (("dice", dice), ("iou", dice / 2), ("precision", 0.5), ("recall", 0.6),
+                                ("hd95", 40.0))}
+    return {"config": {"seed": seed, "out": "x", "method": "m"}, "test": test, "wall_time_s": 60.0, "best_step": 10}
+
+
+def cardiac_metrics(dice, seed):
+    per_class = {name: {"dice": {"mean": dice + k / 100}, "hd95": {"mean": 5.0}} for k, name in
+                 enumerate(("RV", "Myo", "LV"))}
+    return {"config": {"seed": seed}, "test": {**per_class, "mean": {"dice": {"mean": dice}, "hd95": {"mean": 5.0}}}}
+
+
+def write_runs(root, arms, make=polyp_metrics):
+    for arm, values in arms.items():
+        for seed, value in values.items():
+            (root / f"{arm}_s{seed}").mkdir(parents=True)
+            (root / f"{arm}_s{seed}" / "metrics.json").write_text(json.dumps(make(value, seed)))
+
+
+def test_paired_difference_matches_a_paired_t_test(study, tmp_path):
+    base = {0: 0.45, 1: 0.48, 2: 0.41, 3: 0.50, 4: 0.47}
+    other = {0: 0.49, 1: 0.47, 2: 0.46, 3: 0.55, 4: 0.52, 5: 0.9}  # seed 5 has no pair: left out
+    write_runs(tmp_path, {"supervised": base, "cross_level": other})
+    summary = study.summarize(tmp_path, "supervised")
+    d = summary["differences"]["cross_level"]["dice"]
+    seeds = sorted(base)
+    a, b = [other[s] for s in seeds], [base[s] for s in seeds]
+    t, _ = stats.ttest_rel(a, b)
+    assert d["seeds"] == seeds and d["n"] == 5
+    assert d["t"] == pytest.approx(t, rel=1e-12)
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    interval = stats.t.interval(0.95, 4, loc=sum(diffs) / 5, scale=stats.sem(diffs))
+    assert d["ci95"] == pytest.approx(list(interval), rel=1e-12)
+    arm = summary["arms"]["supervised"]["metrics"]["dice"]
+    assert arm["mean"] == pytest.approx(sum(b) / 5) and arm["std"] == pytest.approx(stats.tstd(b))
+    md = study.markdown(summary, "t")
+    assert "| cross_level | dice | 5 |" in md and "| supervised | 5 |" in md
+
+
+def test_cardiac_runs_compare_the_mean_and_each_class(study, tmp_path):
+    write_runs(tmp_path, {"sup": {0: 0.4, 1: 0.5}, "proto": {0: 0.45, 1: 0.5}}, cardiac_metrics)
+    summary = study.summarize(tmp_path, "sup")
+    assert set(summary["arms"]["sup"]["metrics"]) == {"dice", "hd95", "dice_RV", "dice_Myo", "dice_LV"}
+    d = summary["differences"]["proto"]["dice_Myo"]
+    assert d["per_seed"] == pytest.approx([0.05, 0.0]) and "ci95" in d
+    one = tmp_path / "one"
+    write_runs(one, {"sup": {0: 0.4}, "proto": {0: 0.5}}, cardiac_metrics)
+    single = study.summarize(one, "sup")["differences"]["proto"]["dice"]
+    assert single["n"] == 1 and "ci95" not in single and math.isnan(single["std"])
+
+
+def test_summaries_refuse_what_they_cannot_read(study, tmp_path):
+    with pytest.raises(FileNotFoundError, match="arm"):
+        study.summarize(tmp_path, None)
+    write_runs(tmp_path, {"a": {0: 0.4}})
+    with pytest.raises(ValueError, match="baseline arm 'b'"):
+        study.summarize(tmp_path, "b")
+    (tmp_path / "oops").mkdir()
+    (tmp_path / "oops" / "metrics.json").write_text(json.dumps(polyp_metrics(0.1, 0)))
+    with pytest.raises(ValueError, match="<arm>_s<seed>"):
+        study.summarize(tmp_path, "a")
+
+
+def test_plans_become_commands(study, tmp_path):
+    plan = study.PLANS["kvasir-cpu"]
+    runs = study.commands(plan, tmp_path, Path("/data"), 300, None)
+    assert [name for name, _ in runs[:3]] == ["supervised_s0", "cross_level_s0", "supervised_s1"]
+    assert len(runs) == 10
+    argv = dict(runs)["cross_level_s3"]
+    assert argv[argv.index("--data") + 1] == "/data/kvasir-seg" and argv[argv.index("--seed") + 1] == "3"
+    assert argv[argv.index("--time-budget") + 1] == "300" and "--threads" in argv
+    with pytest.raises(ValueError, match="--data-root"):
+        study.commands(plan, tmp_path, None, None, None)
+    assert all("--data" in argv and "synthetic" in argv for _, argv in study.commands(
+        study.PLANS["tiny"], tmp_path, None, None, "cpu"))
