@@ -320,3 +320,43 @@ def test_prepare_model_single_process():
     with pytest.raises(TypeError, match="compile_backend"):
         prepare_model(model, compile_backend=True)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Figure colours
+
+
+def _has_colour(png, colour, tolerance=40, minimum=20):
+    """At least ``minimum`` pixels of the RGB image within ``tolerance`` of ``colour`` ("#rrggbb")."""
+    target = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    distance = np.abs(png[..., :3].astype(int) - target).max(-1)
+    return int((distance <= tolerance).sum()) >= minimum
+
+
+def test_ground_truth_and_prediction_have_their_own_colour_per_class(tmp_path):
+    from matplotlib.image import imread
+
+    from contrastkit.viz import CONTOUR_COLOURS, contour_colours
+
+    pairs = [contour_colours(c) for c in (1, 2, 3)]
+    assert len({colour for pair in pairs for colour in pair}) == 6  # 3 classes: 6 distinct colours
+    assert contour_colours(5) == CONTOUR_COLOURS[0]
+    with pytest.raises(ValueError, match="label"):
+        contour_colours(0)
+
+    history = History([{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5}])
+    images = np.full((2, 48, 48), 0.5)
+    target = np.zeros((2, 48, 48), dtype=int)
+    target[:, 4:20, 4:20], target[:, 26:44, 4:20], target[:, 4:20, 26:44] = 1, 2, 3
+    prediction = np.roll(target, 3, axis=1)
+    path = training_figure(history, images, target, prediction, tmp_path / "cardiac.png",
+                           class_names=["RV", "Myo", "LV"])
+    png = (imread(path) * 255).round().astype(np.uint8)
+    for truth, predicted in pairs:
+        assert _has_colour(png, truth) and _has_colour(png, predicted)
+    # Binary: the polyp's ground truth and prediction in the first pair; no other class colour.
+    binary = training_figure(history, images, (target == 1).astype(int), (prediction == 1).astype(int),
+                             tmp_path / "polyp.png", class_names=["polyp"])
+    png = (imread(binary) * 255).round().astype(np.uint8)
+    assert _has_colour(png, pairs[0][0]) and _has_colour(png, pairs[0][1])
+    assert not _has_colour(png, pairs[1][1], tolerance=25)
