@@ -289,3 +289,37 @@ def test_clcc_preset_builds_the_paper_config_and_trains(script, tmp_path):
     assert {"sup/loss", "consistency/loss"} <= set(history[0])  # warm-up of 1: contrast, then consistency
     # lr warm-up of a third of 2 iterations = 1 step at full rate, then cosine: the second step at 1e-3.
     assert history[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_preset_machinery_detects_explicit_flags(script):
+    import argparse
+
+    from presets import apply_preset, explicit_flags, flag
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--grid", type=int, default=2)
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--test-data", action="append", default=None)
+    parser.add_argument("-v", action="count", default=0)
+    # A flag given with its default value is still explicit; absent ones are not.
+    assert explicit_flags(parser, ["--lr", "3e-3"]) == {"lr"}
+    given = explicit_flags(parser, ["--fast", "--test-data", "a", "--test-data", "b", "-vv"])
+    assert given == {"fast", "test_data", "v"}
+    assert explicit_flags(parser, []) == set()
+    import presets
+
+    script_presets = {"p": {"script": "x", "source": "", "values": {"lr": 0.1, "grid": 5}}}
+    saved = dict(presets.PRESETS)
+    presets.PRESETS.update(script_presets)
+    try:
+        argv = ["--preset", "p", "--lr", "3e-3"]
+        args = apply_preset(parser, parser.parse_args(argv), argv)
+        assert (args.lr, args.grid, args.preset_values) == (3e-3, 5, ["grid"])
+        assert flag(args, "grid") == "--grid 5 (from --preset p)" and flag(args, "lr") == "--lr 0.003"
+    finally:
+        presets.PRESETS.clear()
+        presets.PRESETS.update(saved)
+    args = parser.parse_args([])
+    assert apply_preset(parser, args, []).preset_values == []

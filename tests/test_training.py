@@ -86,11 +86,13 @@ from contrastkit.training import (  # noqa: E402
     cleanup_distributed,
     derived_seed,
     init_distributed,
+    is_main_process,
     mean_over_ranks,
     prepare_model,
     resume_run,
     save_run,
     unwrap_model,
+    world_size_from_env,
 )
 
 
@@ -290,13 +292,17 @@ def test_single_process_context_and_helpers(monkeypatch):
     cleanup_distributed(context)  # nothing to end
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert init_distributed("cpu").world_size == 1
-    assert broadcast_object({"a": 1}) == {"a": 1}
+    assert broadcast_object({"a": 1}) == {"a": 1} and is_main_process() and world_size_from_env() == 1
     assert mean_over_ranks({"b": 2.0, "a": 1.0}) == {"b": 2.0, "a": 1.0}
     with pytest.raises(TypeError, match="values"):
         mean_over_ranks([1.0])
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's count, read before any group exists
+    assert world_size_from_env() == 4
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         init_distributed("cpu")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        world_size_from_env()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ValueError, match="RANK"):

@@ -23,6 +23,7 @@ from contrastkit.training import (
     broadcast_object,
     cleanup_distributed,
     init_distributed,
+    is_main_process,
     mean_over_ranks,
     prepare_model,
     save_checkpoint,
@@ -90,6 +91,7 @@ def worker(rank, port, out_dir):
         result["local_bce_dice"] = bce_dice_loss(data["binary_logits"][rows(rank)], data["binary_mask"][rows(rank)])
 
         result["mean"] = mean_over_ranks({"b": float(rank), "a": 10.0 * rank})
+        result["main"] = is_main_process()
         result["broadcast"] = broadcast_object({"from": rank}, src=1)
         sampler = TwoStreamBatchSampler(range(8), range(8, 20), 2, 1, seed=3)
         result["sampler"] = (sampler.rank, sampler.world_size, list(sampler))
@@ -159,7 +161,8 @@ def test_gathered_segmentation_losses_are_the_global_batch_loss(results, name):
 def test_rank_helpers_and_sampler_defaults_follow_the_group(results):
     single = TwoStreamBatchSampler(range(8), range(8, 20), 2 * WORLD, 1 * WORLD, seed=3, rank=0, world_size=1)
     for rank, result in enumerate(results):
-        assert result["mean"] == {"b": 0.5, "a": 5.0}
+        assert result["mean"] == {"b": 0.5, "a": 5.0} and list(result["mean"]) == ["b", "a"]
+        assert result["main"] is (rank == 0)
         assert result["broadcast"] == {"from": 1}
         sampler_rank, world, batches = result["sampler"]
         assert (sampler_rank, world) == (rank, WORLD) and len(batches) == 2  # 8 labeled // (2 x 2 ranks)
