@@ -110,3 +110,38 @@ def gather_keys(keys: torch.Tensor, *index_tensors: torch.Tensor | None):
         all_keys = _all_gather_rows(keys, sizes)
     gathered = [None if x is None else _all_gather_rows(x.detach(), sizes) for x in index_tensors]
     return (all_keys, *gathered, sum(sizes[: get_rank()]))
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        total = x.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss depends on the sum, hence on our x: sum their gradients.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``x`` over ranks, on every rank; ``x`` itself in a single process.
+
+    Differentiable with the convention of :func:`gather_keys`: the gradient reaching ``x`` on
+    a rank is that of the sum of all ranks' losses, so DDP's gradient averaging yields the
+    gradient of their mean. Use it for batch-level statistics such as a soft Dice's
+    intersection and union over the global batch. A collective: every rank must call it with
+    a tensor of the same shape and dtype.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if not is_distributed():
+        return x
+    if x.requires_grad:
+        return _SumOverRanks.apply(x)
+    total = x.detach().contiguous().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total

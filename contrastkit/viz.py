@@ -8,8 +8,18 @@ import numpy as np
 
 from .training import History
 
-# Ground truth in green-ish, prediction in red-ish; one pair per foreground class.
-CLASS_COLOURS = ["#00c853", "#2979ff", "#ffd600", "#ff6d00", "#d500f9"]
+# One (ground truth, prediction) colour pair per foreground class, from the Okabe-Ito palette
+# (distinguishable with the common colour-vision deficiencies): blue against orange, green
+# against vermillion, yellow against purple; classes beyond the fourth reuse the pairs.
+CONTOUR_COLOURS = [("#56B4E9", "#E69F00"), ("#009E73", "#D55E00"), ("#F0E442", "#CC79A7"),
+                   ("#FFFFFF", "#000000")]
+
+
+def contour_colours(label: int) -> tuple[str, str]:
+    """The (ground truth, prediction) contour colours of foreground class ``label`` (1, 2, …)."""
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 1:
+        raise ValueError(f"label must be a foreground class id >= 1; got {label!r}")
+    return CONTOUR_COLOURS[(int(label) - 1) % len(CONTOUR_COLOURS)]
 
 
 def _pyplot():
@@ -28,8 +38,9 @@ def training_figure(history: History, images, targets, predictions, path, class_
     """One PNG: a learning-curve panel per metric family, then image rows with contours.
 
     ``images`` (n, H, W) or (n, 3, H, W) / (n, H, W, 3) in [0, 1]; ``targets`` and
-    ``predictions`` (n, H, W) integer label maps (0 = background). Ground truth is drawn solid,
-    the prediction dashed, one colour per class.
+    ``predictions`` (n, H, W) integer label maps (0 = background). Each class has one colour
+    for its ground truth (solid) and another for the prediction (dashed), see
+    :func:`contour_colours`; the legend names both for every class shown.
     """
     plt = _pyplot()
     images, targets, predictions = (np.asarray(a) for a in (images, targets, predictions))
@@ -61,17 +72,22 @@ def training_figure(history: History, images, targets, predictions, path, class_
         ax = fig.add_subplot(grid[1 + k // cols, k % cols])
         ax.imshow(images[k], cmap="gray" if images[k].ndim == 2 else None, vmin=0, vmax=1)
         for c in classes:
-            colour = CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)]
-            for label_map, style in ((targets[k], "solid"), (predictions[k], "dashed")):
+            for label_map, colour, style in zip((targets[k], predictions[k]), contour_colours(c),
+                                                ("solid", "dashed"), strict=True):
                 if (label_map == c).any():
-                    ax.contour(label_map == c, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.2)
+                    ax.contour(label_map == c, levels=[0.5], colors=[colour], linestyles=style, linewidths=1.5)
         ax.set_axis_off()
-    handles = [plt.Line2D([], [], color="k", ls="solid", label="ground truth"),
-               plt.Line2D([], [], color="k", ls="dashed", label="prediction")]
-    if class_names:
-        handles += [plt.Line2D([], [], color=CLASS_COLOURS[(c - 1) % len(CLASS_COLOURS)],
-                               label=class_names[c - 1]) for c in classes if c - 1 < len(class_names)]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, bbox_to_anchor=(0.5, -0.02))
+    handles = []
+    for c in classes:
+        name = class_names[c - 1] if class_names and c - 1 < len(class_names) else f"class {c}"
+        truth, predicted = contour_colours(c)
+        handles += [plt.Line2D([], [], color=truth, ls="solid", lw=2, label=f"{name}: ground truth"),
+                    plt.Line2D([], [], color=predicted, ls="dashed", lw=2, label=f"{name}: prediction")]
+    if handles:
+        # Below the panels (the tight bounding box of savefig takes it in), on grey so that
+        # light and dark contour colours both show.
+        fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8,
+                   bbox_to_anchor=(0.5, 0.0), facecolor="#bbbbbb")
     if title:
         fig.suptitle(title)
     path = Path(path)

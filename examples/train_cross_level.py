@@ -2,11 +2,14 @@
 
     python examples/train_cross_level.py                       # synthetic polyps, a few minutes on a CPU
     python examples/train_cross_level.py --data ../shared/data/kvasir-seg --image-size 128 --grid 4
+    torchrun --nproc_per_node=2 examples/train_cross_level.py --preset clcc-kvasir --data DIR --amp bf16
 
 Each batch holds labeled and unlabeled images. The supervised loss (BCE + soft Dice) uses the
 labeled ones; the cross-level terms use all of them. ``--schedule sequential`` is the original:
 supervised + contrast during the warm-up, then supervised + consistency; ``joint`` uses all
 three terms all along. ``--method supervised`` trains on the labeled images alone (the baseline).
+Under torchrun every process takes an equal share of each batch (``--batch`` and
+``--labeled-batch`` count the whole step); rank 0 evaluates, prints and writes the files.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from presets import add_preset_argument, apply_preset, flag
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
@@ -23,14 +27,36 @@ from contrastkit.data import PairedAugment, SegmentationFolder, SyntheticPolyps,
 from contrastkit.metrics import aggregate, binary_metrics, dice, format_summary, precision, recall
 from contrastkit.models import UNet
 from contrastkit.segmentation import bce_dice_loss
-from contrastkit.training import History, load_checkpoint, resume_run, save_run, seed_everything
+from contrastkit.training import (
+    SCHEDULES,
+    History,
+    LRSchedule,
+    MixedPrecision,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    derived_seed,
+    init_distributed,
+    load_checkpoint,
+    mean_over_ranks,
+    prepare_model,
+    resume_run,
+    save_run,
+    seed_everything,
+    world_size_from_env,
+)
 from contrastkit.viz import training_figure
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_preset_argument(p, "train_cross_level")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a folder with images/ and masks/")
+    p.add_argument("--mask-suffix", default="", help="mask of image <id> is masks/<id><suffix>.* "
+                   "('_segmentation' for ISIC 2018); for --data and --test-data")
+    p.add_argument("--test-data", action="append", default=None, metavar="DIR",
+                   help="repeatable: after training, also test the best checkpoint on this images/ + masks/ folder")
     p.add_argument("--synthetic-size", type=int, default=400, help="number of synthetic images")
     p.add_argument("--labeled-fraction", type=float, default=0.1, help="labeled share of the training images")
     p.add_argument("--method", choices=("supervised", "cross_level"), default="cross_level")
@@ -46,7 +72,16 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K iterations")
     p.add_argument("--batch", type=int, default=8, help="images per batch")
     p.add_argument("--labeled-batch", type=int, default=4, help="labeled images per batch")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--lr", type=float, default=3e-3, help="base learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="poly",
+                   help="poly: lr·(1 − step/total)^0.9 (SSL4MIS); cosine; constant")
+    p.add_argument("--lr-warmup", type=float, default=0,
+                   help="linear learning-rate warm-up: a fraction of the iterations (< 1) or iterations (>= 1)")
+    p.add_argument("--negatives", choices=("image", "batch"), default="image",
+                   help="contrast negatives: the other patches of the image, or of the whole (global) batch")
     p.add_argument("--contrast-weight", type=float, default=0.1)
     p.add_argument("--consistency-weight", type=float, default=1.0,
                    help="times gh*gw: the original sums the per-patch mean over the cells")
@@ -54,13 +89,52 @@ def parse_args(argv=None):
     p.add_argument("--patch-batchnorm", choices=("batch", "batch_no_update", "running"), default="batch",
                    help="BatchNorm in the patch pass: its own statistics (also entering the running ones), its "
                         "own without updating the running ones, or the full images' running statistics")
+    p.add_argument("--norm", choices=("batch", "group"), default="batch", help="U-Net normalisation layers")
+    p.add_argument("--sync-bn", action="store_true", help="torchrun on GPUs: BatchNorm statistics over all ranks")
+    p.add_argument("--no-augment", action="store_true", help="no flips or rotations")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision: autocast to bfloat16, or float16 with gradient scaling")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and inputs")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model for training (backend inductor unless given)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds the model, sampler and augmentation")
     p.add_argument("--split-seed", type=int, default=0, help="seeds the train/val/test split")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="runs/cross_level")
     p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
-    return p.parse_args(argv)
+    args = apply_preset(p, p.parse_args(argv), argv)
+    check_args(p, args, world_size_from_env())
+    return args
+
+
+def check_args(parser, args, world):
+    """Flag combinations that cannot train, reported before anything is loaded."""
+    if args.image_size % args.grid:
+        parser.error(f"{flag(args, 'grid')} does not divide {flag(args, 'image_size')}")
+    patch = args.image_size // args.grid
+    if patch % 2**args.depth:
+        parser.error(f"patches of {patch} pixels (--image-size / --grid) are not a multiple of 2^{args.depth} = "
+                     f"{2**args.depth}, which {flag(args, 'depth')} requires; given {flag(args, 'image_size')}, "
+                     f"{flag(args, 'grid')}")
+    unlabeled = args.batch - args.labeled_batch if args.method == "cross_level" else 0
+    if args.labeled_batch < 1 or unlabeled < 0:
+        parser.error(f"need 1 <= {flag(args, 'labeled_batch')} <= {flag(args, 'batch')}")
+    if world > args.labeled_batch:
+        parser.error(f"{world} processes but {flag(args, 'labeled_batch')}: every process needs at least "
+                     "one labeled image per batch (raise --labeled-batch or lower torchrun's --nproc_per_node)")
+    for dest, count in (("labeled_batch", args.labeled_batch), ("batch", unlabeled)):
+        if count % world:
+            what = flag(args, dest) if dest == "labeled_batch" else f"the {unlabeled} unlabeled images per batch"
+            parser.error(f"{what} cannot be split evenly over {world} processes")
+    if args.sync_bn and (args.norm != "batch" or (world > 1 and not args.device.startswith("cuda"))):
+        parser.error("--sync-bn needs --norm batch and, under torchrun, CUDA devices")
+    for folder in ([] if args.data == "synthetic" else [args.data]) + (args.test_data or []):
+        try:
+            SegmentationFolder(folder, mask_suffix=args.mask_suffix)
+        except (OSError, ValueError) as err:
+            option = "--data" if folder == args.data else "--test-data"
+            parser.error(f"{option} {folder}: {err}")
 
 
 def load_data(args):
@@ -70,61 +144,95 @@ def load_data(args):
         ids = [str(i) for i in range(len(source))]
         load = lambda part: [source[int(i)] for i in part]  # noqa: E731
     else:
-        ids = SegmentationFolder(args.data).ids
+        ids = SegmentationFolder(args.data, mask_suffix=args.mask_suffix).ids
         def load(part):
-            folder = SegmentationFolder(args.data, size=args.image_size, ids=part)
+            folder = SegmentationFolder(args.data, size=args.image_size, ids=part, mask_suffix=args.mask_suffix)
             return [folder[i] for i in range(len(folder))]
     split = make_split(ids, seed=args.split_seed, val=0.1, test=0.1, labeled=args.labeled_fraction)
     parts = (split.train_labeled, split.train_unlabeled, split.val, split.test)
     return [TensorDataset(*(torch.stack(t) for t in zip(*load(part), strict=True))) for part in parts]
 
 
-def make_loader(args, labeled, unlabeled):
-    """Batches of ``--labeled-batch`` labeled images then unlabeled ones; one sampler epoch per evaluation."""
+def make_loader(args, labeled, unlabeled, context):
+    """Batches of labeled images then unlabeled ones (this process's share); one sampler epoch per evaluation."""
     # The baseline sees the same labeled images per step and nothing else.
     unlabeled_batch = args.batch - args.labeled_batch if args.method == "cross_level" else 0
-    sampler = TwoStreamBatchSampler.for_concat(len(labeled), len(unlabeled), args.labeled_batch, unlabeled_batch,
-                                               num_batches=args.eval_every, seed=args.seed)
+    world = context.world_size
+    sampler = TwoStreamBatchSampler.for_concat(len(labeled), len(unlabeled), args.labeled_batch // world,
+                                               unlabeled_batch // world, num_batches=args.eval_every, seed=args.seed,
+                                               rank=context.rank, world_size=world)
     return sampler, DataLoader(ConcatDataset([labeled, unlabeled]), batch_sampler=sampler)
 
 
+def steps(value, iterations):
+    """A fraction of the iterations (< 1) or a number of iterations (>= 1)."""
+    return round(value * iterations) if value < 1 else int(value)
+
+
 @torch.no_grad()
-def predict(model, dataset, device, batch=16):
+def predict(model, dataset, device, amp, channels_last=False, batch=16):
+    """Binary predictions and masks (N, H, W) of a dataset of (image, mask) pairs, in batches."""
     model.eval()
-    images, masks = dataset.tensors
-    logits = torch.cat([model(images[i:i + batch].to(device)).cpu() for i in range(0, len(images), batch)])
+    preds, masks = [], []
+    for images, mask in DataLoader(dataset, batch_size=batch):
+        images = images.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        with amp.autocast():
+            preds.append((model(images) > 0)[:, 0].cpu())
+        masks.append(mask[:, 0] > 0.5)
     model.train()
-    return (logits > 0)[:, 0].numpy(), masks[:, 0].numpy().astype(bool)
+    return torch.cat(preds).numpy(), torch.cat(masks).numpy()
 
 
 def main(argv=None):
     args = parse_args(argv)
+    context = init_distributed(args.device)
+    try:
+        return train(args, context)
+    finally:
+        cleanup_distributed(context)
+
+
+def train(args, context):
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    main_process, gather, device = context.is_main, context.distributed, context.device
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
     labeled, unlabeled, val, test = load_data(args)
     per_epoch = max(1, len(labeled) // args.labeled_batch)
     iterations = args.iterations or (args.epochs * per_epoch if args.epochs else 300)
-    warmup = int(args.warmup * iterations) if args.warmup < 1 else int(args.warmup)
+    warmup = steps(args.warmup, iterations)
     cross_level = args.method == "cross_level"
-    sampler, loader = make_loader(args, labeled, unlabeled)
-    augment = PairedAugment(p_flip=0.5, p_rot90=0.5)
-    model = UNet(3, 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    contrast, consistency = CrossLevelContrast(temperature=args.temperature), CrossLevelConsistency()
+    sampler, loader = make_loader(args, labeled, unlabeled, context)
+    augment = None if args.no_augment else PairedAugment(p_flip=0.5, p_rot90=0.5)
+    net = UNet(3, 1, base_width=args.width, depth=args.depth, proj_dim=32, norm=args.norm)
+    net, model = prepare_model(net, context, channels_last=args.channels_last, compile_backend=args.compile,
+                               sync_batchnorm=args.sync_bn)
+    optimizer = (torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+                 if args.optimizer == "sgd" else
+                 torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay))
+    schedule = LRSchedule(optimizer, iterations, args.lr_schedule, warmup_steps=steps(args.lr_warmup, iterations))
+    amp = MixedPrecision(args.amp, device)
+    # Per-image negatives have nothing to gather: each image's cells only meet each other.
+    contrast = CrossLevelContrast(temperature=args.temperature, negatives=args.negatives,
+                                  gather_distributed=gather and args.negatives == "batch")
+    consistency = CrossLevelConsistency()
     consistency_weight = args.consistency_weight * args.grid**2
+    n = args.labeled_batch // context.world_size  # labeled images in this process's share of a batch
 
     step, best, best_step, history, start = 0, -1.0, 0, History(), time.time()
     if args.resume:
-        step, best, best_step, history, start = resume_run(args.resume, model, optimizer, args.device)
+        step, best, best_step, history, start = resume_run(args.resume, net, optimizer, device,
+                                                           scheduler=schedule, scaler=amp)
 
     def checkpoint(path):
-        save_run(path, model, optimizer, step=step, best=best, best_step=best_step, history=history, started=start,
-                 config=vars(args))
+        save_run(path, net, optimizer, step=step, best=best, best_step=best_step, history=history, started=start,
+                 scheduler=schedule, scaler=amp, config=vars(args))
 
-    bar = tqdm(total=iterations, initial=step, desc=f"{args.method}/{args.schedule}", dynamic_ncols=True)
+    bar = tqdm(total=iterations, initial=step, desc=f"{args.method}/{args.schedule}", dynamic_ncols=True,
+               disable=not main_process)
     while step < iterations:
         # One sampler epoch per evaluation period, so a checkpoint's step fixes the sampler position.
         sampler.set_epoch(step // args.eval_every)
@@ -132,22 +240,29 @@ def main(argv=None):
         for i, (images, masks) in enumerate(loader):
             if i < step % args.eval_every:  # resuming mid-period: skip the batches already trained on
                 continue
-            images, masks = augment(images.to(args.device), masks.to(args.device))
-            n = args.labeled_batch
-            if cross_level:
-                views = cross_level_views(model, images, args.grid, patch_batchnorm=args.patch_batchnorm)
-                losses = {"sup": bce_dice_loss(views.full_logits[:n], masks[:n])}
-                if args.schedule == "joint" or step < warmup:
-                    losses["contrast"] = contrast(views.global_map, views.local_map)
-                if args.schedule == "joint" or step >= warmup:
-                    losses["consistency"] = consistency(views.patch_logits, views.full_logits)
-            else:
-                losses = {"sup": bce_dice_loss(model(images), masks)}
-            weights = {"sup": 1.0, "contrast": args.contrast_weight, "consistency": consistency_weight}
-            total = sum(weights[k] * v for k, v in losses.items())
+            torch.manual_seed(derived_seed(args.seed, step, context.rank))  # augmentation: a function of the step
+            images, masks = images.to(device), masks.to(device)
+            if augment is not None:
+                images, masks = augment(images, masks)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with amp.autocast():
+                if cross_level:
+                    views = cross_level_views(model, images, args.grid, patch_batchnorm=args.patch_batchnorm)
+                    losses = {"sup": bce_dice_loss(views.full_logits[:n], masks[:n], gather_distributed=gather)}
+                    if args.schedule == "joint" or step < warmup:
+                        losses["contrast"] = contrast(views.global_map, views.local_map)
+                    if args.schedule == "joint" or step >= warmup:
+                        losses["consistency"] = consistency(views.patch_logits, views.full_logits)
+                else:
+                    losses = {"sup": bce_dice_loss(model(images), masks, gather_distributed=gather)}
+                weights = {"sup": 1.0, "contrast": args.contrast_weight, "consistency": consistency_weight}
+                total = sum(weights[k] * v for k, v in losses.items())
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            amp.backward(total)
+            amp.step(optimizer)
+            lr = schedule.get_last_lr()[0]  # the rate of the step just taken
+            schedule.step()
             step += 1
             for k, v in {**losses, "total": total}.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
@@ -156,26 +271,42 @@ def main(argv=None):
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
             if step >= iterations:
                 break
-        pred, true = predict(model, val, args.device)
-        scores = {name: sum(fn(p, t) for p, t in zip(pred, true, strict=True)) / len(pred)
-                  for name, fn in (("dice", dice), ("precision", precision), ("recall", recall))}
+        # Rank 0 validates; every rank learns the score so that all keep the same best step.
+        means = mean_over_ranks({k: v / done for k, v in sums.items()})
+        if main_process:
+            pred, true = predict(net, val, device, amp, args.channels_last)
+            scores = {name: sum(fn(p, t) for p, t in zip(pred, true, strict=True)) / len(pred)
+                      for name, fn in (("dice", dice), ("precision", precision), ("recall", recall))}
+        scores = broadcast_object(scores if main_process else None)
         val_dice = scores["dice"]
-        history.append(step=step, **{f"{k}/loss": v / done for k, v in sums.items()},
+        history.append(step=step, **{f"{k}/loss": v for k, v in means.items()}, lr=lr,
                        **{f"val/{k}": v for k, v in scores.items()})
         if val_dice > best:
             best, best_step = val_dice, step
-            checkpoint(out / "best.pt")
-        checkpoint(out / "last.pt")
-        bar.write(f"step {step}: val dice {val_dice:.4f} (best {best:.4f} at {best_step})")
+            if main_process:
+                checkpoint(out / "best.pt")
+        if main_process:
+            checkpoint(out / "last.pt")
+            bar.write(f"step {step}: val dice {val_dice:.4f} (best {best:.4f} at {best_step})")
+        barrier()  # no rank runs ahead of the checkpoint it may have to resume from
     bar.close()
+    if not main_process:
+        return None
 
-    load_checkpoint(out / "best.pt", model)
-    pred, true = predict(model, test, args.device)
+    load_checkpoint(out / "best.pt", net)
+    pred, true = predict(net, test, device, amp, args.channels_last)
     summary = aggregate(binary_metrics(p, t) for p, t in zip(pred, true, strict=True))
     print(f"test, best checkpoint (step {best_step}, val dice {best:.4f}):\n{format_summary(summary)}")
+    extra = {}
+    for folder in args.test_data or []:
+        dataset = SegmentationFolder(folder, size=args.image_size, mask_suffix=args.mask_suffix)
+        p, t = predict(net, dataset, device, amp, args.channels_last)
+        extra[folder] = aggregate(binary_metrics(a, b) for a, b in zip(p, t, strict=True))
+        print(f"test on {folder} ({len(dataset)} images), best checkpoint:\n{format_summary(extra[folder])}")
     wall = time.time() - start
     result = {"config": vars(args), "iterations": iterations, "best_step": best_step, "best_val_dice": best,
-              "test": summary, "wall_time_s": wall, "threads": torch.get_num_threads()}
+              "test": summary, "test_data": extra, "wall_time_s": wall, "threads": torch.get_num_threads(),
+              "world_size": context.world_size}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     history.save(out / "history.json")
     shown = slice(0, 8)

@@ -3,6 +3,7 @@
     python examples/train_pseudo_label.py                      # synthetic hearts, a few minutes on a CPU
     python examples/train_pseudo_label.py --data ../shared/data/acdc --image-size 128 --labeled-patients 3
     python examples/train_pseudo_label.py --data DIR   # official ACDC NIfTI (DIR/training/) or MSD Task05_Prostate
+    torchrun --nproc_per_node=2 examples/train_pseudo_label.py --preset ssl4mis-acdc --data ../shared/data/acdc
 
 Stage 1 trains a U-Net on the labeled patients with Dice + cross-entropy. Stage 2 adds
 λ · PseudoLabelContrast on the projection head, with ground truth on the labeled slices and
@@ -11,6 +12,8 @@ validation Dice) and are refreshed every ``--refresh-every`` iterations, ``--rou
 ``--method supervised`` is the baseline: stage 1 only, for the iterations of both stages.
 Test metrics are 3D Dice and HD95 per class at each volume's own size; HD95 is in mm for NIfTI
 volumes (spacing from the headers) and in voxels otherwise (the ACDC HDF5 files carry no spacing).
+Under torchrun every process takes an equal share of each batch (``--batch`` and
+``--labeled-batch`` count the whole step); rank 0 validates, prints and writes the files.
 """
 
 import argparse
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from presets import add_preset_argument, apply_preset, flag
 from tqdm import tqdm
 
 from contrastkit import PseudoLabelContrast, pseudo_labels
@@ -42,7 +46,25 @@ from contrastkit.data import (
 from contrastkit.metrics import aggregate, dice, format_summary, per_class_metrics
 from contrastkit.models import UNet
 from contrastkit.segmentation import dice_ce_loss
-from contrastkit.training import History, load_checkpoint, resume_run, save_checkpoint, save_run, seed_everything
+from contrastkit.training import (
+    SCHEDULES,
+    History,
+    LRSchedule,
+    MixedPrecision,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    derived_seed,
+    init_distributed,
+    load_checkpoint,
+    mean_over_ranks,
+    prepare_model,
+    resume_run,
+    save_checkpoint,
+    save_run,
+    seed_everything,
+    world_size_from_env,
+)
 from contrastkit.viz import training_figure
 
 CLASSES = ("RV", "Myo", "LV")  # label ids 1, 2, 3; 0 is background
@@ -53,6 +75,7 @@ IGNORE = -1
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_preset_argument(p, "train_pseudo_label")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a data folder: the ACDC HDF5 copy (e.g. "
                    "../shared/data/acdc), official ACDC NIfTI (the folder holding training/) or MSD Task05_Prostate "
                    "(imagesTr/, labelsTr/; T2 only)")
@@ -69,7 +92,14 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K iterations")
     p.add_argument("--batch", type=int, default=8, help="slices per stage-2 batch")
     p.add_argument("--labeled-batch", type=int, default=4, help="labeled slices per batch (all of a stage-1 batch)")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--lr", type=float, default=2e-3, help="base learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="poly",
+                   help="over both stages: poly lr·(1 − step/total)^0.9 (SSL4MIS); cosine; constant")
+    p.add_argument("--lr-warmup", type=float, default=0,
+                   help="linear learning-rate warm-up: a fraction of all iterations (< 1) or iterations (>= 1)")
     p.add_argument("--lam", type=float, default=0.1, help="weight λ of the contrastive term")
     p.add_argument("--tau", type=float, default=0.1, help="contrastive temperature")
     p.add_argument("--confidence-threshold", type=float, default=0.9,
@@ -78,12 +108,21 @@ def parse_args(argv=None):
     p.add_argument("--synthetic-volumes", type=int, default=20, help="synthetic training volumes")
     p.add_argument("--val-volumes", type=int, default=None, help="use only the first N validation volumes")
     p.add_argument("--test-volumes", type=int, default=None, help="use only the first N test volumes")
+    p.add_argument("--norm", choices=("batch", "group"), default="batch", help="U-Net normalisation layers")
+    p.add_argument("--sync-bn", action="store_true", help="torchrun on GPUs: BatchNorm statistics over all ranks")
+    p.add_argument("--no-augment", action="store_true", help="no flips or rotations")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision: autocast to bfloat16, or float16 with gradient scaling")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and inputs")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model for training (backend inductor unless given)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="runs/pseudo_label")
     p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
-    args = p.parse_args(argv)
+    args = apply_preset(p, p.parse_args(argv), argv)
+    check_args(p, args, world_size_from_env())
     args.classes = class_names(args.data)
     return args
 
@@ -91,6 +130,25 @@ def parse_args(argv=None):
 def class_names(data):
     """Foreground class names (label ids 1, 2, ...) of ``--data``; an unknown folder fails here, before training."""
     return PROSTATE_CLASSES if data != "synthetic" and detect_layout(data) == "msd-prostate" else CLASSES
+
+
+def check_args(parser, args, world):
+    """Flag combinations that cannot train, reported before anything is loaded."""
+    if args.image_size % 2**args.depth:
+        parser.error(f"{flag(args, 'image_size')} is not a multiple of 2^{args.depth} = {2**args.depth}, "
+                     f"which {flag(args, 'depth')} requires")
+    unlabeled = args.batch - args.labeled_batch if args.method == "pseudo_label" else 0
+    if args.labeled_batch < 1 or unlabeled < 0:
+        parser.error(f"need 1 <= {flag(args, 'labeled_batch')} <= {flag(args, 'batch')}")
+    if world > args.labeled_batch:
+        parser.error(f"{world} processes but {flag(args, 'labeled_batch')}: every process needs at least "
+                     "one labeled slice per batch (raise --labeled-batch or lower torchrun's --nproc_per_node)")
+    for dest, count in (("labeled_batch", args.labeled_batch), ("batch", unlabeled)):
+        if count % world:
+            what = flag(args, dest) if dest == "labeled_batch" else f"the {unlabeled} unlabeled slices per batch"
+            parser.error(f"{what} cannot be split evenly over {world} processes")
+    if args.sync_bn and (args.norm != "batch" or (world > 1 and not args.device.startswith("cuda"))):
+        parser.error("--sync-bn needs --norm batch and, under torchrun, CUDA devices")
 
 
 def load_data(args):
@@ -131,7 +189,9 @@ def training_batch(images, masks, sampler, step, augment, device):
     """Batch ``step``: images, labels (ground truth, pseudo-label or IGNORE) and confidences."""
     sampler.set_epoch(step)  # one batch per sampler epoch: the step alone fixes the batch (resume)
     index = next(iter(sampler))
-    x, m = augment(images[index].to(device), masks[index].to(device))
+    x, m = images[index].to(device), masks[index].to(device)
+    if augment is not None:
+        x, m = augment(x, m)
     return x, m[:, 0].round().long(), m[:, 1]
 
 
@@ -169,11 +229,21 @@ def test_metrics(model, volumes, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    context = init_distributed(args.device)
+    try:
+        return train(args, context)
+    finally:
+        cleanup_distributed(context)
+
+
+def train(args, context):
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    main_process, gather, world = context.is_main, context.distributed, context.world_size
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
     (lab_images, lab_labels), unl_images, val, test = load_data(args)
     n_lab, n_unl = len(lab_images), len(unl_images)
     stage1 = args.iterations
@@ -188,83 +258,110 @@ def main(argv=None):
     masks = torch.zeros(n_lab + n_unl, 2, *images.shape[-2:])
     masks[:n_lab, 0], masks[:n_lab, 1] = lab_labels.float(), 1.0
     masks[n_lab:, 0] = IGNORE
-    samplers = [TwoStreamBatchSampler.for_concat(n_lab, n_unl, args.labeled_batch, unlabeled, num_batches=1,
-                                                 seed=args.seed) for unlabeled in (0, args.batch - args.labeled_batch)]
-    augment = PairedAugment(p_flip=0.5, p_rot90=0.5)
-    model = UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
-    teacher = UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32).to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    n = args.labeled_batch // world  # labeled slices in this process's share of a batch
+    samplers = [TwoStreamBatchSampler.for_concat(n_lab, n_unl, n, unlabeled // world, num_batches=1, seed=args.seed,
+                                                 rank=context.rank, world_size=world)
+                for unlabeled in (0, args.batch - args.labeled_batch)]
+    augment = None if args.no_augment else PairedAugment(p_flip=0.5, p_rot90=0.5)
+    net = UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32, norm=args.norm)
+    net, model = prepare_model(net, context, channels_last=args.channels_last, compile_backend=args.compile,
+                               sync_batchnorm=args.sync_bn)
+    teacher = UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32,
+                   norm=args.norm).to(context.device)
+    optimizer = (torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+                 if args.optimizer == "sgd" else
+                 torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay))
+    warmup = round(args.lr_warmup * total) if args.lr_warmup < 1 else int(args.lr_warmup)
+    schedule = LRSchedule(optimizer, total, args.lr_schedule, warmup_steps=warmup)
+    amp = MixedPrecision(args.amp, context.device)
+    # Pixel mode under torchrun: the usable pixels of every process are keys. Prototype mode contrasts
+    # within an image pair: nothing to gather.
     contrast = PseudoLabelContrast(temperature=args.tau, mode=args.mode, anchors_per_class=args.anchors_per_class,
-                                   confidence_threshold=args.confidence_threshold, num_classes=len(args.classes) + 1)
+                                   confidence_threshold=args.confidence_threshold, num_classes=len(args.classes) + 1,
+                                   gather_distributed=gather and args.mode == "pixel")
 
     step, best, best_step, history, start, refreshed = 0, -1.0, 0, History(), time.time(), None
     if args.resume:
-        step, best, best_step, history, start = resume_run(args.resume, model, optimizer, args.device)
+        step, best, best_step, history, start = resume_run(args.resume, net, optimizer, context.device,
+                                                           scheduler=schedule, scaler=amp)
 
     def checkpoint(path):
-        save_run(path, model, optimizer, step=step, best=best, best_step=best_step, history=history, started=start,
-                 config=vars(args))
+        save_run(path, net, optimizer, step=step, best=best, best_step=best_step, history=history, started=start,
+                 scheduler=schedule, scaler=amp, config=vars(args))
 
     bar = tqdm(total=total, initial=step, desc=args.method + (f"/{args.mode}" if contrastive else ""),
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not main_process)
     sums = {}
     while step < total:
         in_stage2 = contrastive and step >= stage1
         round_start = stage1 + (step - stage1) // refresh_every * refresh_every
         if in_stage2 and refreshed != round_start:
             teacher_path = out / f"teacher_{round_start}.pt"
-            if step == round_start:  # a new round: the teacher is the best model so far
+            if step == round_start and main_process:  # a new round: the teacher is the best model so far
                 load_checkpoint(out / "best.pt", teacher)
                 save_checkpoint(teacher_path, teacher)
-            else:  # resumed mid-round: the same teacher as before the interruption
-                load_checkpoint(teacher_path, teacher)
+            barrier()
+            load_checkpoint(teacher_path, teacher)  # resumed mid-round: the same teacher as before the interruption
             labels, confidence = refresh_pseudo_labels(teacher, unl_images, args.confidence_threshold,
-                                                       device=args.device)
+                                                       device=context.device)
             masks[n_lab:, 0], masks[n_lab:, 1] = labels.float(), confidence
             refreshed = round_start
             kept = (labels != IGNORE).float().mean().item()
-            bar.write(f"step {step}: pseudo-labels from the model of step {best_step} ({kept:.1%} of pixels kept)")
-        x, y, conf = training_batch(images, masks, samplers[in_stage2], step, augment, args.device)
-        output = model(x, return_features=True)
-        losses = {"seg": dice_ce_loss(output.logits[:args.labeled_batch], y[:args.labeled_batch])}
-        if in_stage2:
-            losses["contrast"] = contrast(output.projection, y, conf)
-        total_loss = losses["seg"] + args.lam * losses.get("contrast", 0.0)
+            if main_process:
+                bar.write(f"step {step}: pseudo-labels from the model of step {best_step} ({kept:.1%} of pixels kept)")
+        torch.manual_seed(derived_seed(args.seed, step, context.rank))  # augmentation: a function of the step
+        x, y, conf = training_batch(images, masks, samplers[in_stage2], step, augment, context.device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp.autocast():
+            output = model(x, return_features=True)
+            losses = {"seg": dice_ce_loss(output.logits[:n], y[:n], gather_distributed=gather)}
+            if in_stage2:
+                losses["contrast"] = contrast(output.projection, y, conf)
+            total_loss = losses["seg"] + args.lam * losses.get("contrast", 0.0)
         optimizer.zero_grad(set_to_none=True)
-        total_loss.backward()
-        optimizer.step()
+        amp.backward(total_loss)
+        amp.step(optimizer)
+        lr = schedule.get_last_lr()[0]  # the rate of the step just taken
+        schedule.step()
         step += 1
         for k, v in {**losses, "total": total_loss}.items():
             sums.setdefault(k, []).append(v.item())
         bar.update()
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
         if step % args.eval_every == 0 or step == total or step == stage1:
-            val_dice = validate(model, val, args)
-            history.append(step=step, **{f"{k}/loss": float(np.mean(v)) for k, v in sums.items()},
-                           **{"val/dice": val_dice})
+            # Rank 0 validates; every rank learns the score so that all keep the same best step.
+            means = mean_over_ranks({k: float(np.mean(v)) for k, v in sums.items()})
+            val_dice = broadcast_object(validate(net, val, args) if main_process else None)
+            history.append(step=step, **{f"{k}/loss": v for k, v in means.items()}, lr=lr, **{"val/dice": val_dice})
             sums = {}
             if val_dice > best:
                 best, best_step = val_dice, step
-                checkpoint(out / "best.pt")
-            checkpoint(out / "last.pt")
-            bar.write(f"step {step}: val dice {val_dice:.4f} (best {best:.4f} at {best_step})")
+                if main_process:
+                    checkpoint(out / "best.pt")
+            if main_process:
+                checkpoint(out / "last.pt")
+                bar.write(f"step {step}: val dice {val_dice:.4f} (best {best:.4f} at {best_step})")
+            barrier()  # the next round's teacher and a resume read what rank 0 wrote
     bar.close()
+    if not main_process:
+        return None
 
-    load_checkpoint(out / "best.pt", model)
-    summary, per_volume = test_metrics(model, test, args)
+    load_checkpoint(out / "best.pt", net)
+    summary, per_volume = test_metrics(net, test, args)
     print(f"test ({len(test)} volumes), best checkpoint (step {best_step}, val dice {best:.4f}):\n"
           f"{format_summary(summary)}")
     wall = time.time() - start
     result = {"config": vars(args), "iterations": {"stage1": stage1, "stage2": stage2, "total": total},
               "labeled_slices": n_lab, "unlabeled_slices": n_unl, "best_step": best_step, "best_val_dice": best,
               "hd95_unit": hd95_unit(test), "test": summary, "per_volume": per_volume, "wall_time_s": wall,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "world_size": world}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     history.save(out / "history.json")
     # Middle slice of up to 8 test volumes spread over the list, at the training size for a regular grid.
     shown = [test[int(i)] for i in np.unique(np.linspace(0, len(test) - 1, min(8, len(test))).round())]
     mids = [len(v[1]) // 2 for v in shown]
-    preds = segment(model, [(n, im[k:k + 1], lb[k:k + 1]) for (n, im, lb), k in zip(shown, mids, strict=True)], args)
+    preds = segment(net, [(n, im[k:k + 1], lb[k:k + 1]) for (n, im, lb), k in zip(shown, mids, strict=True)], args)
     fit = lambda arrays: np.concatenate([fit_size(a, args.image_size) for a in arrays])  # noqa: E731
     training_figure(history, fit([im[k:k + 1] for (_, im, _), k in zip(shown, mids, strict=True)]),
                     fit([lb[k:k + 1] for (_, _, lb), k in zip(shown, mids, strict=True)]), fit(preds),

@@ -140,3 +140,44 @@ def test_sampler_argument_errors():
     with pytest.raises(ValueError, match="no full batch"):
         TwoStreamBatchSampler(range(2), range(2, 8), 3, 1)
     assert [len(b) for b in TwoStreamBatchSampler(range(4), [], 2, 0)] == [2, 2]
+
+
+def test_ranks_split_each_global_batch_disjointly():
+    # 3 ranks x (2 labeled + 3 unlabeled) against one process drawing the global 6 + 9.
+    labeled, unlabeled = range(12), range(12, 40)
+    single = TwoStreamBatchSampler(labeled, unlabeled, 6, 9, seed=4, rank=0, world_size=1)
+    ranks = [TwoStreamBatchSampler(labeled, unlabeled, 2, 3, seed=4, rank=r, world_size=3) for r in range(3)]
+    assert len(single) == 2 and all(len(s) == 2 for s in ranks)  # 12 labeled // (2 x 3)
+    for epoch in (0, 1, 5):
+        single.set_epoch(epoch)
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        for batch, *shares in zip(single, *ranks, strict=True):
+            assert all(len(share) == 5 for share in shares)
+            assert sum((share[:2] for share in shares), []) == batch[:6]  # labeled parts, rank by rank
+            assert sum((share[2:] for share in shares), []) == batch[6:]  # unlabeled parts
+            assert len(set(batch[:6])) == 6  # within a pass the shares never overlap
+    # Without a process group the defaults are one process: the former behaviour exactly.
+    default = TwoStreamBatchSampler(labeled, unlabeled, 6, 9, seed=4)
+    assert (default.rank, default.world_size) == (0, 1) and list(default) == list(
+        TwoStreamBatchSampler(labeled, unlabeled, 6, 9, seed=4, rank=0, world_size=1))
+
+
+def test_ranks_supervised_only_and_resume():
+    ranks = [TwoStreamBatchSampler(range(10), [], 1, 0, num_batches=3, seed=2, rank=r, world_size=2)
+             for r in range(2)]
+    single = TwoStreamBatchSampler(range(10), [], 2, 0, num_batches=3, seed=2, world_size=1)
+    for sampler in (*ranks, single):
+        sampler.set_epoch(3)
+    assert [a + b for a, b in zip(*ranks, strict=True)] == list(single)
+
+
+def test_rank_argument_errors():
+    with pytest.raises(ValueError, match="rank"):
+        TwoStreamBatchSampler(range(8), range(8, 12), 1, 1, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="rank"):
+        TwoStreamBatchSampler(range(8), range(8, 12), 1, 1, rank=-1, world_size=2)
+    with pytest.raises(ValueError, match="world_size"):
+        TwoStreamBatchSampler(range(8), range(8, 12), 1, 1, rank=0, world_size=0)
+    with pytest.raises(ValueError, match="world_size 4"):  # 3 labeled make no global batch of 4
+        TwoStreamBatchSampler(range(3), range(3, 12), 1, 1, rank=0, world_size=4)

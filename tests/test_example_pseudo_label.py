@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_pseudo_label.
 
 @pytest.fixture(scope="module")
 def script():
+    if str(SCRIPT.parent) not in sys.path:  # the scripts import examples/presets.py from beside them
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("train_pseudo_label", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -174,3 +177,42 @@ def test_real_acdc_batch_and_volume(script, monkeypatch):
     assert set(np.unique(pred)) <= {0, 1, 2, 3}
     summary, per_volume = script.test_metrics(model, [test[0]], args)
     assert per_volume[0]["name"] == name and summary["mean"]["dice"]["n"] == 1
+
+
+def _error(script, capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_ssl4mis_preset_builds_the_protocol_and_trains(script, tmp_path, capsys, monkeypatch):
+    from presets import PRESETS
+
+    args = script.parse_args(["--preset", "ssl4mis-acdc", "--labeled-patients", "7"])
+    expected = {**PRESETS["ssl4mis-acdc"]["values"], "labeled_patients": 7}
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert (args.image_size, args.batch, args.labeled_batch, args.optimizer, args.lr) == (256, 24, 12, "sgd", 0.01)
+    assert args.iterations + args.rounds * args.refresh_every == 30000
+    # Bad combinations name the flag and the preset, before anything is loaded.
+    message = _error(script, capsys, ["--preset", "ssl4mis-acdc", "--depth", "9"])
+    assert "--image-size 256 (from --preset ssl4mis-acdc) is not a multiple of 2^9 = 512, which --depth 9 requires" \
+        in message
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    message = _error(script, capsys, ["--preset", "ssl4mis-acdc"])
+    assert "--labeled-batch 12 (from --preset ssl4mis-acdc) cannot be split evenly over 5 processes" in message
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert "16 processes but --labeled-batch 12" in _error(script, capsys, ["--preset", "ssl4mis-acdc"])
+    monkeypatch.delenv("WORLD_SIZE")
+    # Two iterations (one per stage) at a reduced size, with the preset's optimizer and schedule,
+    # in bf16 autocast and channels-last memory.
+    result = script.main(TINY + ["--preset", "ssl4mis-acdc", "--iterations", "1", "--rounds", "1", "--refresh-every",
+                                 "1", "--eval-every", "1", "--amp", "bf16", "--channels-last", "--out", str(tmp_path)])
+    config = result["config"]
+    assert (config["optimizer"], config["momentum"], config["weight_decay"], config["lr_schedule"]) == (
+        "sgd", 0.9, 1e-4, "poly")
+    assert (config["amp"], config["channels_last"], config["image_size"], result["world_size"]) == ("bf16", True, 48, 1)
+    history = json.loads((tmp_path / "history.json").read_text())
+    # Poly over both stages (T = 2): step 0 at 0.01, step 1 at 0.01 · (1 − 1/2)^0.9.
+    assert [r["lr"] for r in history] == pytest.approx([0.01, 0.01 * 0.5**0.9])
+    assert "contrast/loss" in history[1] and np.isfinite(history[1]["contrast/loss"])

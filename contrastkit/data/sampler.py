@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from ..distributed import get_rank, get_world_size
+
 
 def _check_count(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -51,6 +53,16 @@ class TwoStreamBatchSampler(Sampler[list[int]]):
     Randomness: pass ``k`` of a stream uses NumPy ``Generator(PCG64((seed, stream, k)))``,
     so batches depend only on the seed and the epoch number. The epoch counter advances at
     each ``iter()``; call :meth:`set_epoch` to pin it (e.g. when resuming).
+
+    Multi-process training (``rank``, ``world_size``; by default those of the running
+    ``torch.distributed`` process group, or 0 and 1): the batch sizes are per rank. Every
+    rank draws the same *global* batch of ``world_size · labeled_batch_size`` labeled and
+    ``world_size · unlabeled_batch_size`` unlabeled indices from the streams and keeps its
+    own slice of each part (rank r: positions ``r · size`` to ``(r + 1) · size − 1``). So the
+    ranks' shares of a batch are disjoint (within a pass), their union is exactly the batch a
+    single process draws with the global batch sizes and the same seed, and a run can resume
+    with another number of processes. The default epoch length counts global batches:
+    ``len(labeled_indices) // (world_size · labeled_batch_size)``.
     """
 
     def __init__(
@@ -62,7 +74,13 @@ class TwoStreamBatchSampler(Sampler[list[int]]):
         *,
         num_batches: int | None = None,
         seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
+        self.world_size = _check_count("world_size", get_world_size() if world_size is None else world_size, 1)
+        self.rank = _check_count("rank", get_rank() if rank is None else rank, 0)
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}); got {self.rank}")
         self.labeled_batch_size = _check_count("labeled_batch_size", labeled_batch_size, 1)
         self.unlabeled_batch_size = _check_count("unlabeled_batch_size", unlabeled_batch_size, 0)
         self.labeled = np.asarray(list(labeled_indices), dtype=np.int64)
@@ -75,12 +93,14 @@ class TwoStreamBatchSampler(Sampler[list[int]]):
         if overlap.size:
             raise ValueError(f"labeled and unlabeled indices overlap, e.g. {overlap[:3].tolist()}")
         if num_batches is None:
-            if len(self.labeled) < self.labeled_batch_size:
+            global_labeled = self.labeled_batch_size * self.world_size
+            if len(self.labeled) < global_labeled:
                 raise ValueError(
-                    f"{len(self.labeled)} labeled indices make no full batch of {self.labeled_batch_size}; "
+                    f"{len(self.labeled)} labeled indices make no full batch of {global_labeled} "
+                    f"(labeled_batch_size {self.labeled_batch_size} x world_size {self.world_size}); "
                     "lower labeled_batch_size or pass num_batches"
                 )
-            self.num_batches = len(self.labeled) // self.labeled_batch_size
+            self.num_batches = len(self.labeled) // global_labeled
         else:
             self.num_batches = _check_count("num_batches", num_batches, 1)
         self.seed = _check_count("seed", seed, 0)
@@ -107,13 +127,16 @@ class TwoStreamBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        labeled = _stream(self.labeled, self.seed, 0, epoch * self.num_batches * self.labeled_batch_size)
+        world, rank = self.world_size, self.rank
+        labeled = _stream(self.labeled, self.seed, 0, epoch * self.num_batches * self.labeled_batch_size * world)
         unlabeled = (
-            _stream(self.unlabeled, self.seed, 1, epoch * self.num_batches * self.unlabeled_batch_size)
+            _stream(self.unlabeled, self.seed, 1, epoch * self.num_batches * self.unlabeled_batch_size * world)
             if self.unlabeled_batch_size
             else iter(())
         )
         for _ in range(self.num_batches):
-            batch = [next(labeled) for _ in range(self.labeled_batch_size)]
-            batch += [next(unlabeled) for _ in range(self.unlabeled_batch_size)]
+            batch = []
+            for stream, size in ((labeled, self.labeled_batch_size), (unlabeled, self.unlabeled_batch_size)):
+                part = [next(stream) for _ in range(size * world)]  # the global batch's part
+                batch += part[rank * size:(rank + 1) * size]
             yield batch

@@ -1,0 +1,102 @@
+"""Presets for the example scripts: the training protocols of published papers, as flag values.
+
+``--preset NAME`` sets every flag of the preset; flags given on the command line override it
+(``--preset ssl4mis-acdc --labeled-patients 7``). Both scripts import this module: copy it
+along with the script.
+
+Sources (see examples/README.md for what each preset keeps and what it cannot):
+
+* ``clcc-kvasir`` — Zhao et al., "Cross-level contrastive learning and consistency
+  constraint for semi-supervised medical image segmentation", ISBI 2022, and its code
+  (github.com/ShinkaiZ/CLCC-semi, ``expconfigs/exp_kvasir_pct10.yaml`` and ``config.py``):
+  320×320 images, a 5×5 grid of 64×64 patches, batches of 8 with 4 labeled, 10% labels,
+  300 epochs (an epoch is a pass over the labeled images) of which the first 100 train
+  supervised + contrast and the rest supervised + consistency, both weighted 1.0; AdamW,
+  learning rate 1e-3, weight decay 1e-2, cosine schedule after a 100-epoch linear warm-up;
+  U-Net with ``FEATURE_SCALE`` 4, i.e. widths 16…256 (base width 16, depth 4).
+* ``ssl4mis-acdc`` — Luo et al., SSL4MIS (github.com/HiLab-git/SSL4MIS, ACDC 2D scripts):
+  256×256 slices, batches of 24 with 12 labeled, 30,000 iterations, SGD with learning rate
+  0.01, momentum 0.9 and weight decay 1e-4, poly schedule ``lr·(1 − iter/30000)^0.9``,
+  validation every 200 iterations, 3 or 7 labeled patients (3 here; ``--labeled-patients 7``),
+  U-Net widths 16…256. Here the 30,000 iterations are 15,000 supervised (stage 1) and 3
+  pseudo-label rounds of 5,000 (stage 2); ``--method supervised`` trains all 30,000 supervised.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+PRESETS = {
+    "clcc-kvasir": {
+        "script": "train_cross_level",
+        "source": "Zhao et al., ISBI 2022 (CLCC-semi); github.com/ShinkaiZ/CLCC-semi exp_kvasir_pct10.yaml",
+        "values": {
+            "method": "cross_level", "schedule": "sequential", "labeled_fraction": 0.1,
+            "image_size": 320, "grid": 5, "width": 16, "depth": 4,
+            "batch": 8, "labeled_batch": 4, "epochs": 300, "warmup": 1 / 3,
+            "contrast_weight": 1.0, "consistency_weight": 1.0, "temperature": 0.07,
+            "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-2,
+            "lr_schedule": "cosine", "lr_warmup": 1 / 3, "eval_every": 100,
+        },
+    },
+    "ssl4mis-acdc": {
+        "script": "train_pseudo_label",
+        "source": "Luo et al., SSL4MIS (github.com/HiLab-git/SSL4MIS), ACDC 2D protocol",
+        "values": {
+            "image_size": 256, "width": 16, "depth": 4, "labeled_patients": 3,
+            "batch": 24, "labeled_batch": 12, "iterations": 15000, "rounds": 3, "refresh_every": 5000,
+            "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
+            "lr_schedule": "poly", "lr_warmup": 0, "eval_every": 200,
+        },
+    },
+}
+
+_UNSET = object()
+
+
+def add_preset_argument(parser: argparse.ArgumentParser, script: str) -> None:
+    """``--preset`` with the presets of ``script`` (the file name without ``.py``) as choices."""
+    names = sorted(name for name, preset in PRESETS.items() if preset["script"] == script)
+    parser.add_argument("--preset", choices=names, default=None,
+                        help="a published protocol's settings; flags given explicitly override them "
+                             "(sources in examples/README.md)")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations of the flags ``argv`` sets explicitly (whatever value they give).
+
+    Parses ``argv`` into a namespace whose attributes are already set to a marker (argparse
+    then applies no defaults): an attribute that changed was given. Accumulating actions
+    (append, count) build on the attribute's value, so their marker is None.
+    """
+    accumulating = (argparse._AppendAction, argparse._CountAction)
+    markers = {a.dest: None if isinstance(a, accumulating) else _UNSET
+               for a in parser._actions if a.dest != argparse.SUPPRESS}
+    parsed = parser.parse_args(argv, namespace=argparse.Namespace(**markers))
+    return {dest for dest, value in vars(parsed).items() if value is not markers.get(dest, _UNSET)}
+
+
+def apply_preset(parser: argparse.ArgumentParser, args: argparse.Namespace, argv) -> argparse.Namespace:
+    """Sets ``args.preset``'s values on ``args`` except for flags ``argv`` gave explicitly.
+
+    Records the destinations the preset set in ``args.preset_values`` (empty without a preset).
+    """
+    args.preset_values = []
+    if args.preset is None:
+        return args
+    explicit = explicit_flags(parser, argv)
+    for dest, value in PRESETS[args.preset]["values"].items():
+        if not hasattr(args, dest):
+            raise KeyError(f"preset {args.preset!r} sets {dest!r}, which this script has no flag for")
+        if dest not in explicit:
+            setattr(args, dest, value)
+            args.preset_values.append(dest)
+    return args
+
+
+def flag(args: argparse.Namespace, dest: str) -> str:
+    """``--flag-name VALUE`` for error messages, noting a value that came from the preset."""
+    text = f"--{dest.replace('_', '-')} {getattr(args, dest)}"
+    if dest in getattr(args, "preset_values", ()):
+        text += f" (from --preset {args.preset})"
+    return text
