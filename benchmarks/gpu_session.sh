@@ -10,6 +10,12 @@
 #   smoke        a one-size slice of the benchmark sweep (checks the GPU harness quickly)
 #   bench        the core of the GPU benchmark sweep (SupCon bf16, D = 128, every N; roofline; targets)
 #   bench-more   more of it (fp32, cross-level, pseudo-label pixels at the largest sizes)
+#   evidence-kvasir, evidence-acdc
+#                the real-data training agenda of examples/study.py (plans gpu-kvasir, gpu-acdc): every
+#                run of a plan at once on the GPU, each stopped at $BUDGET s (default 170), then one
+#                table with paired intervals. The data come packed (examples/pack_data.py) under
+#                $EVIDENCE_DATA (default runs/pack), one data set per device call: each copy nearly
+#                fills what a call carries. Needs kornia and h5py on the GPU image (or their wheels in .whl/).
 #
 # The whole log goes to $OUT/session.log and results beside it (default /tmp/contrastkit-gpu). Python wheels missing from the GPU
 # image (pytorch-metric-learning for the benchmarks' peers) are installed from .whl/ when present.
@@ -70,6 +76,12 @@ for step in $STEPS; do
         # The results file when the part completed, else the rows it measured before its limit.
         cp benchmarks/results/*-"$(date -u +%F)".json "$OUT/$step.json" 2>/dev/null ||
             cp benchmarks/results/*-partial-*.jsonl "$OUT/$step-partial.jsonl" 2>/dev/null
+        ;;
+    evidence-kvasir | evidence-acdc)
+        budget=${BUDGET:-170}
+        TAIL=30 run_step "$step" $((budget * 3 / 2 + 180)) $PY examples/study.py run "gpu-${step#evidence-}" \
+            --data-root "${EVIDENCE_DATA:-runs/pack}" --budget-s "$budget" --out "$OUT/$step"
+        cat "$OUT/$step"/summary-*.md 2>/dev/null
         ;;
     *)
         echo "unknown step $step" >&2

@@ -435,6 +435,33 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: means[k] for k in values}
 
 
+class TimeBudget:
+    """A wall-time budget for a training loop: ``expired()`` turns True, on every process at the same
+    step, once ``seconds`` have passed since the budget was made (this process's run, not a resumed
+    run's total). ``None`` never expires.
+
+    Under torchrun rank 0's clock decides and the answer is shared, so no rank stops a step before
+    another; the processes agree only every ``check_every`` steps, so that a GPU is not made to wait
+    for the host at every step.
+    """
+
+    def __init__(self, seconds: float | None, check_every: int = 10):
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or not seconds > 0):
+            raise ValueError(f"seconds must be a positive number or None; got {seconds!r}")
+        self.seconds, self.check_every = seconds, _check_int("check_every", check_every, 1)
+        self.started, self.calls, self.stopped = time.monotonic(), 0, False
+
+    def expired(self) -> bool:
+        if self.seconds is None or self.stopped:
+            return self.stopped
+        self.calls += 1
+        if self.calls % self.check_every and is_distributed():
+            return False
+        self.stopped = bool(broadcast_object(time.monotonic() - self.started > self.seconds))
+        return self.stopped
+
+
 def prepare_model(model: torch.nn.Module, context: DistributedContext | None = None, *,
                   channels_last: bool = False, compile_backend: str | None = None,
                   sync_batchnorm: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:

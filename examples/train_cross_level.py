@@ -32,6 +32,7 @@ from contrastkit.training import (
     History,
     LRSchedule,
     MixedPrecision,
+    TimeBudget,
     barrier,
     broadcast_object,
     cleanup_distributed,
@@ -103,6 +104,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="runs/cross_level")
     p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop after this wall time: validate, keep the best checkpoint, test it, write metrics")
     args = apply_preset(p, p.parse_args(argv), argv)
     check_args(p, args, world_size_from_env())
     return args
@@ -110,6 +113,8 @@ def parse_args(argv=None):
 
 def check_args(parser, args, world):
     """Flag combinations that cannot train, reported before anything is loaded."""
+    if args.time_budget is not None and not args.time_budget > 0:
+        parser.error(f"--time-budget must be a positive number of seconds; got {args.time_budget}")
     if args.image_size % args.grid:
         parser.error(f"{flag(args, 'grid')} does not divide {flag(args, 'image_size')}")
     patch = args.image_size // args.grid
@@ -233,7 +238,8 @@ def train(args, context):
 
     bar = tqdm(total=iterations, initial=step, desc=f"{args.method}/{args.schedule}", dynamic_ncols=True,
                disable=not main_process)
-    while step < iterations:
+    budget = TimeBudget(args.time_budget)
+    while step < iterations and not budget.stopped:
         # One sampler epoch per evaluation period, so a checkpoint's step fixes the sampler position.
         sampler.set_epoch(step // args.eval_every)
         sums, done = {}, 0
@@ -269,7 +275,7 @@ def train(args, context):
             done += 1
             bar.update()
             bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
-            if step >= iterations:
+            if step >= iterations or budget.expired():
                 break
         # Rank 0 validates; every rank learns the score so that all keep the same best step.
         means = mean_over_ranks({k: v / done for k, v in sums.items()})
@@ -304,7 +310,8 @@ def train(args, context):
         extra[folder] = aggregate(binary_metrics(a, b) for a, b in zip(p, t, strict=True))
         print(f"test on {folder} ({len(dataset)} images), best checkpoint:\n{format_summary(extra[folder])}")
     wall = time.time() - start
-    result = {"config": vars(args), "iterations": iterations, "best_step": best_step, "best_val_dice": best,
+    result = {"config": vars(args), "iterations": iterations, "iterations_done": step,
+              "stopped_at_time_budget": budget.stopped, "best_step": best_step, "best_val_dice": best,
               "test": summary, "test_data": extra, "wall_time_s": wall, "threads": torch.get_num_threads(),
               "world_size": context.world_size}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))

@@ -51,6 +51,7 @@ from contrastkit.training import (
     History,
     LRSchedule,
     MixedPrecision,
+    TimeBudget,
     barrier,
     broadcast_object,
     cleanup_distributed,
@@ -121,6 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="runs/pseudo_label")
     p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop after this wall time: validate, keep the best checkpoint, test it, write metrics")
     args = apply_preset(p, p.parse_args(argv), argv)
     check_args(p, args, world_size_from_env())
     args.classes = class_names(args.data)
@@ -134,6 +137,8 @@ def class_names(data):
 
 def check_args(parser, args, world):
     """Flag combinations that cannot train, reported before anything is loaded."""
+    if args.time_budget is not None and not args.time_budget > 0:
+        parser.error(f"--time-budget must be a positive number of seconds; got {args.time_budget}")
     if args.image_size % 2**args.depth:
         parser.error(f"{flag(args, 'image_size')} is not a multiple of 2^{args.depth} = {2**args.depth}, "
                      f"which {flag(args, 'depth')} requires")
@@ -292,7 +297,8 @@ def train(args, context):
     bar = tqdm(total=total, initial=step, desc=args.method + (f"/{args.mode}" if contrastive else ""),
                dynamic_ncols=True, disable=not main_process)
     sums = {}
-    while step < total:
+    budget = TimeBudget(args.time_budget)
+    while step < total and not budget.stopped:
         in_stage2 = contrastive and step >= stage1
         round_start = stage1 + (step - stage1) // refresh_every * refresh_every
         if in_stage2 and refreshed != round_start:
@@ -329,7 +335,7 @@ def train(args, context):
             sums.setdefault(k, []).append(v.item())
         bar.update()
         bar.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
-        if step % args.eval_every == 0 or step == total or step == stage1:
+        if step % args.eval_every == 0 or step == total or step == stage1 or budget.expired():
             # Rank 0 validates; every rank learns the score so that all keep the same best step.
             means = mean_over_ranks({k: float(np.mean(v)) for k, v in sums.items()})
             val_dice = broadcast_object(validate(net, val, args) if main_process else None)
@@ -353,6 +359,7 @@ def train(args, context):
           f"{format_summary(summary)}")
     wall = time.time() - start
     result = {"config": vars(args), "iterations": {"stage1": stage1, "stage2": stage2, "total": total},
+              "iterations_done": step, "stopped_at_time_budget": budget.stopped,
               "labeled_slices": n_lab, "unlabeled_slices": n_unl, "best_step": best_step, "best_val_dice": best,
               "hd95_unit": hd95_unit(test), "test": summary, "per_volume": per_volume, "wall_time_s": wall,
               "threads": torch.get_num_threads(), "world_size": world}

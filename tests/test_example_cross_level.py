@@ -328,3 +328,18 @@ def test_preset_machinery_detects_explicit_flags(script):
         presets.PRESETS.update(saved)
     args = parser.parse_args([])
     assert apply_preset(parser, args, []).preset_values == []
+
+
+def test_time_budget_stops_validates_and_tests_the_best_checkpoint(script, tmp_path, monkeypatch):
+    import contrastkit.training as training
+
+    ticks = iter(range(0, 10_000, 10))  # every clock read is 10 s later: the 25 s budget ends at step 2
+    monkeypatch.setattr(training.time, "monotonic", lambda: float(next(ticks)))
+    result = run(script, tmp_path, "--iterations", "50", "--eval-every", "20", "--time-budget", "25")
+    assert result["stopped_at_time_budget"] and result["iterations_done"] < 50
+    history = records(tmp_path)
+    assert history[-1]["step"] == result["iterations_done"]  # the cut period was validated
+    assert result["best_step"] == max(history, key=lambda r: r["val/dice"])["step"]
+    assert (tmp_path / "best.pt").is_file() and result["test"]["dice"]["n"] == 4
+    with pytest.raises(SystemExit):
+        run(script, tmp_path / "bad", "--time-budget", "0")

@@ -216,3 +216,15 @@ def test_ssl4mis_preset_builds_the_protocol_and_trains(script, tmp_path, capsys,
     # Poly over both stages (T = 2): step 0 at 0.01, step 1 at 0.01 · (1 − 1/2)^0.9.
     assert [r["lr"] for r in history] == pytest.approx([0.01, 0.01 * 0.5**0.9])
     assert "contrast/loss" in history[1] and np.isfinite(history[1]["contrast/loss"])
+
+
+def test_time_budget_stops_the_cardiac_run_cleanly(script, tmp_path, monkeypatch):
+    import contrastkit.training as training
+
+    ticks = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(training.time, "monotonic", lambda: float(next(ticks)))
+    result = script.main(TINY + ["--iterations", "20", "--rounds", "1", "--eval-every", "10", "--time-budget", "25",
+                                 "--out", str(tmp_path)])
+    assert result["stopped_at_time_budget"] and result["iterations_done"] < 40
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["step"] == result["iterations_done"]
+    assert (tmp_path / "metrics.json").is_file()

@@ -98,3 +98,21 @@ def test_plans_become_commands(study, tmp_path):
         study.commands(plan, tmp_path, None, None, None)
     assert all("--data" in argv and "synthetic" in argv for _, argv in study.commands(
         study.PLANS["tiny"], tmp_path, None, None, "cpu"))
+
+
+def test_the_tiny_agenda_runs_end_to_end(tmp_path):
+    # The CPU dry run of the GPU agenda's machinery: both scripts, parallel runs, budgets, summaries.
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(SCRIPT), "run", "tiny", "--seeds", "0", "--out", str(tmp_path),
+                           "--device", "cpu", "--budget-s", "120"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for script, arms in (("train_cross_level", ("supervised", "cross_level")),
+                         ("train_pseudo_label", ("cardiac_supervised", "cardiac_prototype"))):
+        summary = json.loads((tmp_path / f"summary-{script}.json").read_text())
+        assert sorted(summary["arms"]) == sorted(arms) and summary["facts"]["cpus"] >= 1
+        assert all(data["seeds"] == [0] for data in summary["arms"].values())
+        assert list(summary["differences"]) == [arms[1]]
+        assert (tmp_path / f"summary-{script}.md").read_text().startswith("# ")
+    metrics = json.loads((tmp_path / "cross_level_s0" / "metrics.json").read_text())
+    assert metrics["config"]["time_budget"] == 120 and not metrics["stopped_at_time_budget"]

@@ -366,3 +366,22 @@ def test_ground_truth_and_prediction_have_their_own_colour_per_class(tmp_path):
     png = (imread(binary) * 255).round().astype(np.uint8)
     assert _has_colour(png, pairs[0][0]) and _has_colour(png, pairs[0][1])
     assert not _has_colour(png, pairs[1][1], tolerance=25)
+
+
+def test_time_budget_expires_after_its_seconds(monkeypatch):
+    import contrastkit.training as training
+
+    clock = [100.0]
+    monkeypatch.setattr(training.time, "monotonic", lambda: clock[0])
+    budget = training.TimeBudget(5.0)
+    assert not budget.expired() and not budget.stopped
+    clock[0] = 104.9
+    assert not budget.expired()
+    clock[0] = 105.1
+    assert budget.expired() and budget.stopped
+    clock[0] = 0.0  # once stopped, it stays stopped
+    assert budget.expired()
+    assert not training.TimeBudget(None).expired()
+    for bad in (0, -1.0, "5", True):
+        with pytest.raises(ValueError, match="seconds"):
+            training.TimeBudget(bad)
