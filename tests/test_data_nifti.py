@@ -407,6 +407,8 @@ TINY = ["--image-size", "32", "--width", "4", "--depth", "2", "--labeled-patient
 def script():
     for extra in ("kornia", "matplotlib", "tqdm"):
         pytest.importorskip(extra)
+    if str(SCRIPT.parent) not in sys.path:  # the scripts import examples/presets.py from beside them
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("train_pseudo_label", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
