@@ -1,8 +1,9 @@
-"""Presets for the example scripts: the training protocols of published papers, as flag values.
+"""What the two example scripts share: presets of published protocols, and the run flags.
 
 ``--preset NAME`` sets every flag of the preset; flags given on the command line override it
-(``--preset ssl4mis-acdc --labeled-patients 7``). Both scripts import this module: copy it
-along with the script.
+(``--preset ssl4mis-acdc --labeled-patients 7``). :func:`add_run_arguments` adds the flags of how
+a run trains (optimiser, schedule, precision, devices, resume, time budget), the same in both
+scripts. Both scripts import this module: copy it along with the script.
 
 Sources (see examples/README.md for what each preset keeps and what it cannot):
 
@@ -25,6 +26,8 @@ Sources (see examples/README.md for what each preset keeps and what it cannot):
 from __future__ import annotations
 
 import argparse
+
+import torch
 
 PRESETS = {
     "clcc-kvasir": {
@@ -100,3 +103,40 @@ def flag(args: argparse.Namespace, dest: str) -> str:
     if dest in getattr(args, "preset_values", ()):
         text += f" (from --preset {args.preset})"
     return text
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, lr: float, out: str) -> None:
+    """The flags of how a run trains, shared by both scripts (``lr`` and ``out`` are their defaults)."""
+    from contrastkit.training import SCHEDULES
+
+    p = parser
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--lr", type=float, default=lr, help="base learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="poly",
+                   help="over all iterations: poly lr·(1 − step/total)^0.9 (SSL4MIS); cosine; constant")
+    p.add_argument("--lr-warmup", type=float, default=0,
+                   help="linear learning-rate warm-up: a fraction of the iterations (< 1) or iterations (>= 1)")
+    p.add_argument("--norm", choices=("batch", "group"), default="batch", help="U-Net normalisation layers")
+    p.add_argument("--sync-bn", action="store_true", help="torchrun on GPUs: BatchNorm statistics over all ranks")
+    p.add_argument("--no-augment", action="store_true", help="no flips or rotations")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="mixed precision: autocast to bfloat16, or float16 with gradient scaling")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and inputs")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model for training (backend inductor unless given)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the model, sampler and augmentation")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=out)
+    p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop after this wall time: validate, keep the best checkpoint, test it, write metrics")
+
+
+def make_optimizer(args: argparse.Namespace, parameters) -> torch.optim.Optimizer:
+    """``--optimizer`` with ``--lr``, ``--momentum`` (SGD) and ``--weight-decay``."""
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)

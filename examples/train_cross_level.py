@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from presets import add_preset_argument, apply_preset, flag
+from presets import add_preset_argument, add_run_arguments, apply_preset, flag, make_optimizer
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
@@ -28,7 +28,6 @@ from contrastkit.metrics import aggregate, binary_metrics, dice, format_summary,
 from contrastkit.models import UNet
 from contrastkit.segmentation import bce_dice_loss
 from contrastkit.training import (
-    SCHEDULES,
     History,
     LRSchedule,
     MixedPrecision,
@@ -73,14 +72,6 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K iterations")
     p.add_argument("--batch", type=int, default=8, help="images per batch")
     p.add_argument("--labeled-batch", type=int, default=4, help="labeled images per batch")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    p.add_argument("--lr", type=float, default=3e-3, help="base learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--lr-schedule", choices=SCHEDULES, default="poly",
-                   help="poly: lr·(1 − step/total)^0.9 (SSL4MIS); cosine; constant")
-    p.add_argument("--lr-warmup", type=float, default=0,
-                   help="linear learning-rate warm-up: a fraction of the iterations (< 1) or iterations (>= 1)")
     p.add_argument("--negatives", choices=("image", "batch"), default="image",
                    help="contrast negatives: the other patches of the image, or of the whole (global) batch")
     p.add_argument("--contrast-weight", type=float, default=0.1)
@@ -90,22 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--patch-batchnorm", choices=("batch", "batch_no_update", "running"), default="batch",
                    help="BatchNorm in the patch pass: its own statistics (also entering the running ones), its "
                         "own without updating the running ones, or the full images' running statistics")
-    p.add_argument("--norm", choices=("batch", "group"), default="batch", help="U-Net normalisation layers")
-    p.add_argument("--sync-bn", action="store_true", help="torchrun on GPUs: BatchNorm statistics over all ranks")
-    p.add_argument("--no-augment", action="store_true", help="no flips or rotations")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="mixed precision: autocast to bfloat16, or float16 with gradient scaling")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and inputs")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model for training (backend inductor unless given)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0, help="seeds the model, sampler and augmentation")
     p.add_argument("--split-seed", type=int, default=0, help="seeds the train/val/test split")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default="runs/cross_level")
-    p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop after this wall time: validate, keep the best checkpoint, test it, write metrics")
+    add_run_arguments(p, lr=3e-3, out="runs/cross_level")
     args = apply_preset(p, p.parse_args(argv), argv)
     check_args(p, args, world_size_from_env())
     return args
@@ -215,9 +192,7 @@ def train(args, context):
     net = UNet(3, 1, base_width=args.width, depth=args.depth, proj_dim=32, norm=args.norm)
     net, model = prepare_model(net, context, channels_last=args.channels_last, compile_backend=args.compile,
                                sync_batchnorm=args.sync_bn)
-    optimizer = (torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-                 if args.optimizer == "sgd" else
-                 torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay))
+    optimizer = make_optimizer(args, net.parameters())
     schedule = LRSchedule(optimizer, iterations, args.lr_schedule, warmup_steps=steps(args.lr_warmup, iterations))
     amp = MixedPrecision(args.amp, device)
     # Per-image negatives have nothing to gather: each image's cells only meet each other.

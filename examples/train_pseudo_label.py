@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from presets import add_preset_argument, apply_preset, flag
+from presets import add_preset_argument, add_run_arguments, apply_preset, flag, make_optimizer
 from tqdm import tqdm
 
 from contrastkit import PseudoLabelContrast, pseudo_labels
@@ -47,7 +47,6 @@ from contrastkit.metrics import aggregate, dice, format_summary, per_class_metri
 from contrastkit.models import UNet
 from contrastkit.segmentation import dice_ce_loss
 from contrastkit.training import (
-    SCHEDULES,
     History,
     LRSchedule,
     MixedPrecision,
@@ -93,14 +92,6 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K iterations")
     p.add_argument("--batch", type=int, default=8, help="slices per stage-2 batch")
     p.add_argument("--labeled-batch", type=int, default=4, help="labeled slices per batch (all of a stage-1 batch)")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    p.add_argument("--lr", type=float, default=2e-3, help="base learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--lr-schedule", choices=SCHEDULES, default="poly",
-                   help="over both stages: poly lr·(1 − step/total)^0.9 (SSL4MIS); cosine; constant")
-    p.add_argument("--lr-warmup", type=float, default=0,
-                   help="linear learning-rate warm-up: a fraction of all iterations (< 1) or iterations (>= 1)")
     p.add_argument("--lam", type=float, default=0.1, help="weight λ of the contrastive term")
     p.add_argument("--tau", type=float, default=0.1, help="contrastive temperature")
     p.add_argument("--confidence-threshold", type=float, default=0.9,
@@ -109,21 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--synthetic-volumes", type=int, default=20, help="synthetic training volumes")
     p.add_argument("--val-volumes", type=int, default=None, help="use only the first N validation volumes")
     p.add_argument("--test-volumes", type=int, default=None, help="use only the first N test volumes")
-    p.add_argument("--norm", choices=("batch", "group"), default="batch", help="U-Net normalisation layers")
-    p.add_argument("--sync-bn", action="store_true", help="torchrun on GPUs: BatchNorm statistics over all ranks")
-    p.add_argument("--no-augment", action="store_true", help="no flips or rotations")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                   help="mixed precision: autocast to bfloat16, or float16 with gradient scaling")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format for weights and inputs")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the model for training (backend inductor unless given)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", default="runs/pseudo_label")
-    p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop after this wall time: validate, keep the best checkpoint, test it, write metrics")
+    add_run_arguments(p, lr=2e-3, out="runs/pseudo_label")
     args = apply_preset(p, p.parse_args(argv), argv)
     check_args(p, args, world_size_from_env())
     args.classes = class_names(args.data)
@@ -273,9 +250,7 @@ def train(args, context):
                                sync_batchnorm=args.sync_bn)
     teacher = UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32,
                    norm=args.norm).to(context.device)
-    optimizer = (torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-                 if args.optimizer == "sgd" else
-                 torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay))
+    optimizer = make_optimizer(args, net.parameters())
     warmup = round(args.lr_warmup * total) if args.lr_warmup < 1 else int(args.lr_warmup)
     schedule = LRSchedule(optimizer, total, args.lr_schedule, warmup_steps=warmup)
     amp = MixedPrecision(args.amp, context.device)
