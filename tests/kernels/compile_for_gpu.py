@@ -24,18 +24,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-ROW_POINTERS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr")
-FIXED_POINTERS = {"q_norm_ptr": "*fp32", "k_norm_ptr": "*fp32", "norm_ptr": "*fp32", "q_label_ptr": "*i64",
-                  "k_label_ptr": "*i64", "q_group_ptr": "*i64", "k_group_ptr": "*i64", "loss_ptr": "*fp32",
-                  "valid_ptr": "*i8", "lse_ptr": "*fp32", "n_pos_ptr": "*i32", "pos_sigmoid_ptr": "*fp32",
-                  "exp_weight_ptr": "*fp32", "pos_weight_ptr": "*fp32",
-                  "tile_lo_ptr": "*i64", "tile_hi_ptr": "*i64", "tau_ptr": "*fp32", "tau_rows_ptr": "*fp32"}
+ROW_POINTERS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "dx_ptr", "x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr")
+ID_POINTERS = ("q_label", "k_label", "q_group", "k_group", "self_col", "label", "group")
+FIXED_POINTERS = {"perm_ptr": "*i64", "order_ptr": "*i32", "counts_ptr": "*i32", "valid_ptr": "*i8",
+                  "n_pos_ptr": "*i32", **{f"{name}_ptr": "*i32" for name in ID_POINTERS}}
+# Every other pointer is float32: norms, per-row statistics and weights, scales, the temperature.
 FLOAT_ARGS = ()
 
 # (DENOM, NORMALIZE, HAS_GROUPS, HAS_SELF, TAU_GRAD): every denominator, each flag both ways.
 INFO_NCE_FLAGS = [(0, True, False, True, True), (1, True, True, True, False), (2, False, True, False, True)]
 INFO_NCE_KERNELS = {"forward": K.info_nce_fwd_kernel, "backward_query": K.info_nce_bwd_query_kernel,
-                    "backward_key": K.info_nce_bwd_key_kernel}
+                    "backward_key": K.info_nce_bwd_key_kernel, "backward_symmetric": K.info_nce_bwd_symmetric_kernel}
 
 
 def info_nce_constexprs(dtype, flags, block_n, block_m, d_pad):
@@ -55,6 +54,8 @@ def signature(fn, dtype: str, constexprs: dict) -> ASTSource:
             sig[name] = "*" + TRITON_TYPES[dtype]
         elif name in FIXED_POINTERS:
             sig[name] = FIXED_POINTERS[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
         else:
@@ -75,7 +76,9 @@ def _all_jobs(block, d_pad, dtypes):
             constexprs = info_nce_constexprs(dtype, flags, block, block, d_pad)
             for kernel in INFO_NCE_KERNELS.values():
                 yield kernel.__name__, kernel, dtype, constexprs, 4, 2
-        yield "row_norm_kernel", K.row_norm_kernel, dtype, dict(BLOCK=block, D_PAD=d_pad), 4, 1
+        for normalize in (False, True):
+            yield ("gather_rows_kernel", K.gather_rows_kernel, dtype, dict(NORMALIZE=normalize, BLOCK=block,
+                                                                           D_PAD=d_pad), 4, 1)
         for normalize in (False, True):
             for kernel in (P.pool_fwd_kernel, P.pool_bwd_kernel):
                 yield kernel.__name__, kernel, dtype, dict(NORMALIZE=normalize, C_PAD=d_pad, BLOCK_P=block), 4, 1
