@@ -16,14 +16,20 @@ every group). The kernels compare them with one 32-bit compare each.
 **Tile categories.** For a pair of a query tile and a key tile:
 
 - *skip*: no pair in it is a candidate (no valid row on a side, or groups that cannot meet);
-- *clean*: every pair is a candidate, and none is a positive or a query with its own key: every
-  key valid, one group (or SHARED) on both sides, label ranges apart, no diagonal element. The
-  kernels run these through a loop without any mask;
-- *masked*: the rest, run through a loop that rebuilds the masks element by element.
+- *clean*: every pair is a candidate and none is a positive: every key valid, one group (or
+  SHARED) on both sides, no query's own key in it, label ranges apart. The kernels run these
+  through a loop without any mask;
+- *positive*: every pair is a candidate, and positives may be among them (label ranges overlap):
+  one label compare per element;
+- *masked*: the rest (ignored or padding keys, a group boundary, a query's own key), run through a
+  loop that rebuilds every mask element by element.
 
 Per program (a tile of the side the kernel owns) the other side's tiles are listed clean first,
-then masked (``order``), with their two counts (``counts``); the kernels loop over those lists, so
-no branch surrounds a load and skipped tiles cost nothing.
+then positive, then masked (``order``), with the three counts (``counts``); the kernels loop over
+those lists, so no branch surrounds a load and skipped tiles cost nothing.
+
+**Counts.** Positive and candidate counts per query come from histograms of the sorted keys
+(``pair_counts``), not from the tile loop.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import torch
 from .._options import SHARED
 
 ROW_PAD = 128  # rows of the gathered copies are padded to a multiple of the largest tile side
-SKIP, MASKED, CLEAN = 0, 1, 2
+SKIP, MASKED, POSITIVE, CLEAN = 0, 1, 2, 3
 # Symmetric backward: largest spread of log2-sum-exp (in log2 units) inside a clean tile pair (see
 # docs/kernels.md: one exponential per element is exact as long as 2**-(24 + SPREAD) stays a normal
 # float32 and the row weights times 2**SPREAD stay finite).
@@ -156,56 +162,113 @@ def tile_stats(label: torch.Tensor, group: torch.Tensor | None, block: int) -> T
 
 
 def categories(plan: Plan, block_n: int, block_m: int, both_valid: bool = False) -> torch.Tensor:
-    """(query tiles, key tiles) int8: SKIP, MASKED or CLEAN for tiles of block_n queries and block_m keys.
+    """(query tiles, key tiles) int8: SKIP, MASKED, POSITIVE or CLEAN for tiles of block_n queries and
+    block_m keys.
 
-    ``both_valid``: a clean tile also needs every query valid (the symmetric backward uses each
-    pair in both directions)."""
+    ``both_valid``: clean and positive tiles also need every query valid (the symmetric backward
+    uses each pair in both directions)."""
     q = tile_stats(plan.q.label, plan.q.group, block_n)
     k = tile_stats(plan.k.label, plan.k.group, block_m)
     col = lambda x: x[None, :]  # noqa: E731
     row = lambda x: x[:, None]  # noqa: E731
     meets = row(q.any_valid) & col(k.any_valid)
-    clean = col(k.all_valid) & ((row(q.label_hi) < col(k.label_lo)) | (col(k.label_hi) < row(q.label_lo)))
+    unmasked = col(k.all_valid)
     if both_valid:
-        clean &= row(q.all_valid)
+        unmasked = unmasked & row(q.all_valid)
     if q.group_lo is not None:
         overlap = (row(q.group_lo) <= col(k.group_hi)) & (col(k.group_lo) <= row(q.group_hi))
         meets &= row(q.any_shared) | col(k.any_shared) | overlap
         lo = torch.minimum(row(q.group_lo), col(k.group_lo))
         hi = torch.maximum(row(q.group_hi), col(k.group_hi))
-        clean &= ~row(q.any_grouped) | ~col(k.any_grouped) | (lo == hi)
+        unmasked = unmasked & (~row(q.any_grouped) | ~col(k.any_grouped) | (lo == hi))
     if plan.self_col is not None:
         owns = plan.self_col >= 0
         tiles = torch.arange(plan.self_col.numel(), device=owns.device) // block_n
         diagonal = torch.zeros_like(meets)
         diagonal[tiles[owns], (plan.self_col[owns] // block_m).long()] = True
-        clean &= ~diagonal
-    clean &= meets
-    return clean.to(torch.int8) * CLEAN + (meets & ~clean).to(torch.int8) * MASKED
+        unmasked = unmasked & ~diagonal
+    unmasked = unmasked & meets
+    apart = (row(q.label_hi) < col(k.label_lo)) | (col(k.label_hi) < row(q.label_lo))
+    cat = meets.to(torch.int8) * MASKED
+    cat = torch.where(unmasked, torch.where(apart, CLEAN, POSITIVE).to(torch.int8), cat)
+    return cat
 
 
-def symmetric_categories(plan: Plan, block: int, lse2: torch.Tensor) -> torch.Tensor:
-    """Categories of the symmetric backward: a clean pair also needs the log2-sum-exp (``lse2``: per
-    sorted row, log2 units) of every row of both tiles within SYMMETRIC_SPREAD of each tile's largest
-    and of the column tile's largest."""
-    cat = categories(plan, block, block, both_valid=True)
+def _lse_range(plan: Plan, lse2: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     valid = (plan.q.label >= 0).view(-1, block)
     lse2 = lse2.view(-1, block)
-    hi = torch.where(valid, lse2, float("-inf")).amax(1)
-    lo = torch.where(valid, lse2, float("inf")).amin(1)
-    own = (hi - lo) <= SYMMETRIC_SPREAD
-    spread_ok = ((hi[None, :] - lo[:, None]) <= SYMMETRIC_SPREAD) & own[None, :] & own[:, None]
-    demote = (cat == CLEAN) & ~spread_ok
+    return (torch.where(valid, lse2, float("inf")).amin(1), torch.where(valid, lse2, float("-inf")).amax(1))
+
+
+def symmetric_categories(plan: Plan, block_n: int, block_m: int, lse2: torch.Tensor) -> torch.Tensor:
+    """Categories of the symmetric backward (row tiles of block_n, column tiles of block_m): a clean or
+    positive pair also needs the log2-sum-exp (``lse2``: per sorted row, log2 units) of every row of
+    both tiles within SYMMETRIC_SPREAD of each tile's largest and of the column tile's largest."""
+    cat = categories(plan, block_n, block_m, both_valid=True)
+    row_lo, row_hi = _lse_range(plan, lse2, block_n)
+    col_lo, col_hi = _lse_range(plan, lse2, block_m)
+    spread_ok = (((col_hi[None, :] - row_lo[:, None]) <= SYMMETRIC_SPREAD)
+                 & ((row_hi - row_lo) <= SYMMETRIC_SPREAD)[:, None] & ((col_hi - col_lo) <= SYMMETRIC_SPREAD)[None, :])
+    demote = (cat >= POSITIVE) & ~spread_ok
     return torch.where(demote, torch.full_like(cat, MASKED), cat)
 
 
+def tile_max(plan: Plan, lse2: torch.Tensor, block: int) -> torch.Tensor:
+    """Largest log2-sum-exp of the valid rows of each tile of ``block`` rows (-inf for none)."""
+    return _lse_range(plan, lse2, block)[1]
+
+
 class Schedule(NamedTuple):
-    order: torch.Tensor  # (programs, other tiles) int32: clean tiles, then masked ones, then the rest
-    counts: torch.Tensor  # (programs, 2) int32: number of clean and masked tiles
+    order: torch.Tensor  # (programs, other tiles) int32: clean tiles, positive, masked, then the rest
+    counts: torch.Tensor  # (programs, 3) int32: number of clean, positive and masked tiles
 
 
 def schedule(cat: torch.Tensor) -> Schedule:
-    """Per row of ``cat`` (one program), the column tiles to visit, clean first."""
+    """Per row of ``cat`` (one program), the column tiles to visit: clean, positive, then masked."""
     order = torch.sort(cat, dim=1, descending=True, stable=True).indices.to(torch.int32)
-    counts = torch.stack([(cat == CLEAN).sum(1), (cat == MASKED).sum(1)], 1).to(torch.int32)
+    counts = torch.stack([(cat == kind).sum(1) for kind in (CLEAN, POSITIVE, MASKED)], 1).to(torch.int32)
     return Schedule(order.contiguous(), counts)
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def _count(sorted_values: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return (torch.searchsorted(sorted_values, values, right=True)
+            - torch.searchsorted(sorted_values, values, right=False))
+
+
+def pair_counts(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positives, candidates) of every sorted query row, int32, from histograms of the sorted keys:
+    O((N + M) log M), no tile loop. A query in group g meets the keys of g and the SHARED keys; a
+    SHARED query meets every key; its own key (self_col) is taken out where it would count."""
+    q, k = plan.q, plan.k
+    big = torch.iinfo(torch.int64).max
+    k_valid = k.label >= 0
+    q_label = q.label.to(torch.int64)
+    n_keys = k_valid.sum()
+    # Valid keys come first, sorted by (group + 1, label): their codes are sorted, padding last.
+    label_code = k.label.to(torch.int64)
+    if k.group is None:
+        positives = _count(torch.where(k_valid, label_code, big), q_label)
+        candidates = n_keys.expand_as(positives)
+    else:
+        group_code = (k.group.to(torch.int64) + 1) << 31
+        pair_codes = torch.where(k_valid, group_code | label_code, big)
+        groups = torch.where(k_valid, group_code, big)
+        q_group_code = (q.group.to(torch.int64) + 1) << 31
+        shared = q.group < 0
+        positives = _count(pair_codes, q_group_code | q_label) + _count(pair_codes, q_label)  # own group + SHARED
+        candidates = _count(groups, q_group_code) + _count(groups, torch.zeros_like(q_group_code))
+        by_label = torch.sort(torch.where(k_valid, label_code, big)).values
+        positives = torch.where(shared, _count(by_label, q_label), positives)
+        candidates = torch.where(shared, n_keys, candidates)
+    if plan.self_col is not None:
+        own = plan.self_col.long().clamp_min(0)
+        is_candidate = (plan.self_col >= 0) & (k.label[own] >= 0)
+        if k.group is not None:
+            is_candidate &= (q.group < 0) | (k.group[own] < 0) | (q.group == k.group[own])
+        candidates = candidates - is_candidate.to(candidates.dtype)
+        positives = positives - (is_candidate & (k.label[own] == q.label)).to(positives.dtype)
+    q_valid = q.label >= 0
+    return (torch.where(q_valid, positives, 0).to(torch.int32), torch.where(q_valid, candidates, 0).to(torch.int32))

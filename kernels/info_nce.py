@@ -38,7 +38,7 @@ KINDS = ("forward", "backward_query", "backward_key", "backward_symmetric")
 _INTERPRETER_BLOCKS = (32, 32, 4, 1)
 
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) by element size (2: bf16/fp16, 4: fp32), kernel and
-# largest padded D; BLOCK_N counts queries, BLOCK_M keys (the symmetric kernel's tiles are square).
+# largest padded D; BLOCK_N counts queries (the symmetric kernel's rows), BLOCK_M keys (its columns).
 # The bf16 D = 128 shapes keep the hot loops within their instruction budget without spills
 # (benchmarks/sass_budget.py); the rest fit Hopper's shared memory (tests/kernels/compile_for_gpu.py
 # --table) and wait for a GPU to be timed (benchmarks/tune_blocks.py). _launch shrinks any shape a
@@ -51,7 +51,7 @@ GPU_BLOCKS = {
                            1024: (16, 16, 4, 1)},
         "backward_key": {64: (64, 128, 8, 2), 128: (64, 128, 8, 2), 256: (64, 64, 4, 2), 512: (32, 32, 4, 1),
                          1024: (16, 16, 4, 1)},
-        "backward_symmetric": {64: (128, 128, 8, 2), 128: (128, 128, 8, 2), 256: (64, 64, 4, 2),
+        "backward_symmetric": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 64, 4, 2),
                                512: (32, 32, 4, 1), 1024: (16, 16, 4, 1)},
     },
     4: {  # float32 takes D <= 512 (_layout.MAX_EMBEDDING_SIZE)
@@ -127,11 +127,11 @@ def hot_loop_weights(kernel_name: str, args: dict) -> list[float] | None:
     counts = args.get("counts_ptr")
     if counts is None:
         return None
-    clean, masked = (float(v) for v in counts.to(torch.float64).sum(0))
-    total = max(clean + masked, 1.0)
-    weights = [clean / total, masked / total]
+    clean, positive, masked = (float(v) for v in counts.to(torch.float64).sum(0))
+    total = max(clean + positive + masked, 1.0)
+    weights = [clean / total, positive / total, masked / total]
     if kernel_name == "info_nce_fwd_kernel" and args.get("DENOM") == K.DENOMINATOR_CODES["each_positive"]:
-        weights.append(masked / total)  # the second sweep
+        weights += [positive / total, masked / total]  # the second sweep
     return weights
 
 
@@ -200,22 +200,25 @@ def _forward_impl(inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
     n_pad = prep.q_rows.shape[0]
     f32 = dict(dtype=torch.float32, device=query.device)
     loss, lse2, pos_sigmoid = torch.empty(n_pad, **f32), torch.empty(n_pad, **f32), torch.zeros(n_pad, **f32)
-    valid = torch.empty(n_pad, dtype=torch.int8, device=query.device)
-    n_pos = torch.empty(n_pad, dtype=torch.int32, device=query.device)
+    n_pos, n_candidates = P.pair_counts(prep.plan)
+    valid = n_pos > 0  # (0 on ignored rows)
+    if options.denominator == "negatives":
+        valid &= n_candidates > n_pos
     tau = _kernel_temperature(inputs.temperature)
 
     def args_for(block_n, block_m):
         sched = prep.schedule(block_n, block_m)
         return (n_pad // block_n,), (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, *prep.ids, sched.order,
-                                     sched.counts, loss, valid, lse2, n_pos, pos_sigmoid, tau, sched.order.shape[1])
+                                     sched.counts, n_pos, valid.view(torch.int8), loss, lse2, pos_sigmoid, tau,
+                                     sched.order.shape[1])
 
     _launch(K.info_nce_fwd_kernel, "forward", prep.d_pad, query.element_size(), args_for,
-            dict(_flags(inputs, options), HAS_SELF=options.self_key_offset is not None))
+            dict(_flags(inputs, options), HAS_SELF=options.self_key_offset is not None, INTERPRETED=interpreting()))
     perm = prep.plan.q.perm
     out_loss = torch.empty(n, **f32)
     out_loss[perm] = loss[:n]
     out_valid = torch.empty(n, dtype=torch.bool, device=query.device)
-    out_valid[perm] = valid[:n].bool()
+    out_valid[perm] = valid[:n]
     return out_loss, out_valid, lse2, n_pos, pos_sigmoid
 
 
@@ -256,6 +259,33 @@ def _pow2_prescale(largest: torch.Tensor) -> torch.Tensor:
     return torch.where(largest > 0, torch.exp2(exponent.clamp(-100.0, 100.0)), 1.0).reshape(1)
 
 
+def _gradient_rows(grad: torch.Tensor) -> torch.Tensor | None:
+    """``grad`` as a contiguous (rows, D) view, or None where its layout has none (an NCHW map)."""
+    rows = grad if grad.dim() == 2 else grad.permute(0, 2, 3, 1)
+    rows = rows.reshape(num_rows(grad), embedding_size(grad)) if rows.is_contiguous() else None
+    return rows if rows is not None and rows.data_ptr() == grad.data_ptr() else None
+
+
+class _GradientBuffer:
+    """Where a kernel writes a gradient: contiguous (rows, D), the output itself when its layout
+    allows (rows, channels-last maps), else a buffer copied into the output's layout afterwards."""
+
+    def __init__(self, like: torch.Tensor):
+        self.out = torch.empty_like(like)
+        view = _gradient_rows(self.out)
+        self.rows = view if view is not None else torch.empty(num_rows(like), embedding_size(like),
+                                                            dtype=like.dtype, device=like.device)
+
+    def finish(self) -> torch.Tensor:
+        if self.rows.data_ptr() != self.out.data_ptr():
+            if self.out.dim() == 2:
+                self.out.copy_(self.rows)
+            else:
+                b, c, h, w = self.out.shape
+                self.out.copy_(self.rows.view(b, h, w, c).permute(0, 3, 1, 2))
+        return self.out
+
+
 class _RowWeights:
     """The backward's per-row inputs in sorted order (see the module docstring)."""
 
@@ -285,15 +315,15 @@ def _backward_impl(grad_loss, inputs: OpInputs, valid, lse2, n_pos, pos_sigmoid,
     element_size = query.element_size()
     n_pad = prep.q_rows.shape[0]
     if symmetric:
-        grad = torch.empty_like(query)
+        grad = _GradientBuffer(query)
         tau_rows = torch.zeros(n_pad, dtype=torch.float32, device=query.device)
-        _backward_symmetric(prep, weights, tau, grad, tau_rows, inputs, options, flags, need_temperature)
+        _backward_symmetric(prep, weights, tau, grad.rows, tau_rows, inputs, options, flags, need_temperature)
         # Every pair appears twice in the rows' sums (as ij and as ji).
-        return grad, None, -tau_rows.sum() / (2 * tau[0])
+        return grad.finish(), None, -tau_rows.sum() / (2 * tau[0])
 
     run_query = need_query or (need_temperature and not need_key)
-    grad_query = torch.empty_like(query) if run_query else None
-    grad_key = torch.empty_like(key) if need_key else None
+    grad_query = _GradientBuffer(query) if run_query else None
+    grad_key = _GradientBuffer(key) if need_key else None
     tau_rows = torch.zeros(max(n_pad, prep.k_rows.shape[0]), dtype=torch.float32, device=query.device)
     common = (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, *prep.ids)
     flags = dict(flags, NORMALIZE=options.normalize, HAS_SELF=options.self_key_offset is not None)
@@ -303,8 +333,8 @@ def _backward_impl(grad_loss, inputs: OpInputs, valid, lse2, n_pos, pos_sigmoid,
         def query_args(block_n, block_m):
             sched = prep.schedule(block_n, block_m)
             return (n_pad // block_n,), (*common, sched.order, sched.counts, weights.lse2_masked, weights.a, weights.b,
-                                         weights.g, col_scale, tau, sched.order.shape[1], plan.q.perm, grad_query,
-                                         tau_rows, num_rows(query), embedding_size(query), *layout(grad_query))
+                                         weights.g, col_scale, tau, sched.order.shape[1], plan.q.perm,
+                                         grad_query.rows, tau_rows, num_rows(query), embedding_size(query))
 
         _launch(K.info_nce_bwd_query_kernel, "backward_query", prep.d_pad, element_size, query_args,
                 dict(flags, TAU_GRAD=need_temperature))
@@ -312,16 +342,26 @@ def _backward_impl(grad_loss, inputs: OpInputs, valid, lse2, n_pos, pos_sigmoid,
         row_weight = weights.g * prep.q_inv
         scale = _pow2_prescale(row_weight.abs().amax())
         a, b = weights.a * row_weight * scale, weights.b * row_weight * scale
+        q_scale = prep.q_inv * (K.LOG2E.value / tau)  # c_i, the logits' per-query factor in log2 units
+        key_common = (prep.q_rows, prep.k_rows, q_scale, *common[3:])
 
         def key_args(block_n, block_m):
             sched = prep.schedule(block_n, block_m, by_keys=True)
             return (prep.k_rows.shape[0] // block_m,), (
-                *common, sched.order, sched.counts, weights.lse2_masked, a, b, scale, tau, sched.order.shape[1],
-                plan.k.perm, grad_key, tau_rows, num_rows(key), embedding_size(key), *layout(grad_key))
+                *key_common, sched.order, sched.counts, weights.lse2_masked, a, b, scale, tau, sched.order.shape[1],
+                plan.k.perm, grad_key.rows, tau_rows, num_rows(key), embedding_size(key))
 
         _launch(K.info_nce_bwd_key_kernel, "backward_key", prep.d_pad, element_size, key_args,
                 dict(flags, TAU_GRAD=need_temperature and not run_query))
-    return (grad_query if need_query else None), grad_key, -tau_rows.sum() / tau[0]
+    grad_query = grad_query.finish() if need_query else None
+    grad_key = grad_key.finish() if need_key else None
+    return grad_query, grad_key, -tau_rows.sum() / tau[0]
+
+
+def _spread_weight(a: torch.Tensor, tile_max: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """a 2^(tile max - lse2), 0 where a is 0, the exponent clamped to [0, 126]."""
+    exponent = torch.nan_to_num((tile_max - lse2).clamp(0.0, 126.0), nan=0.0)
+    return torch.where(a == 0, 0.0, a * torch.exp2(exponent))
 
 
 def _backward_symmetric(prep: _Prepared, weights: _RowWeights, tau, grad, tau_rows, inputs: OpInputs,
@@ -332,23 +372,18 @@ def _backward_symmetric(prep: _Prepared, weights: _RowWeights, tau, grad, tau_ro
     a, b = weights.a * weights.g * scale, weights.b * weights.g * scale
 
     def args_for(block_n, block_m):
-        if block_n != block_m:
-            raise ValueError(f"the symmetric backward takes square tiles; got {block_n} x {block_m}")
-        cat = P.symmetric_categories(plan, block_n, weights.lse2)
-        sched = P.schedule(cat)
-        real = (plan.q.label >= 0).view(-1, block_n)
-        tile_max = torch.where(real, weights.lse2.view(-1, block_n), float("-inf")).amax(1)
-        # alpha_r = a_r 2^(tile max - L_r), beta_j = a_j |x_j|^-1 2^(tile max - L_j); the exponents are
-        # within P.SYMMETRIC_SPREAD wherever they are used (clean tiles); clamped elsewhere.
-        spread = (tile_max.repeat_interleave(block_n) - weights.lse2).clamp(0.0, 126.0)
-        spread = torch.nan_to_num(spread, nan=0.0)
-        alpha = torch.where(a == 0, 0.0, a * torch.exp2(spread))
-        beta = alpha * inv
-        tiles = inv.numel() // block_n
-        return (tiles,), (prep.q_rows, inv, plan.q.label, prep.ids[2], sched.order, sched.counts,
-                          weights.lse2_masked, a, b, alpha, beta, torch.nan_to_num(tile_max, neginf=0.0), scale, tau,
-                          tiles, plan.q.perm, grad, tau_rows, num_rows(inputs.query), embedding_size(inputs.query),
-                          *layout(grad))
+        sched = P.schedule(P.symmetric_categories(plan, block_n, block_m, weights.lse2))
+        row_max, col_max = P.tile_max(plan, weights.lse2, block_n), P.tile_max(plan, weights.lse2, block_m)
+        # alpha_r = a_r 2^(max of r's row tile - L_r), beta_j = a_j |x_j|^-1 2^(max of j's column tile - L_j);
+        # the exponents are within P.SYMMETRIC_SPREAD wherever they are used (clean and positive
+        # tiles), clamped elsewhere.
+        alpha = _spread_weight(a, row_max.repeat_interleave(block_n), weights.lse2)
+        beta = _spread_weight(a, col_max.repeat_interleave(block_m), weights.lse2) * inv
+        tiles = inv.numel() // block_m
+        return (inv.numel() // block_n,), (
+            prep.q_rows, inv, plan.q.label, prep.ids[2], sched.order, sched.counts, weights.lse2_masked, a, b,
+            alpha, beta, torch.nan_to_num(row_max, neginf=0.0), torch.nan_to_num(col_max, neginf=0.0), scale, tau,
+            tiles, plan.q.perm, grad, tau_rows, num_rows(inputs.query), embedding_size(inputs.query))
 
     _launch(K.info_nce_bwd_symmetric_kernel, "backward_symmetric", prep.d_pad, inputs.query.element_size(),
             args_for, dict(flags, NORMALIZE=options.normalize, TAU_GRAD=need_temperature))

@@ -6,7 +6,7 @@ tl.dot cannot take). This lowers each kernel down to a cubin with Triton's bundl
 for each dtype and a set of constexpr flags that reaches every branch, and prints one JSON line
 per compile. Run with TRITON_INTERPRET unset:
 
-    python tests/kernels/compile_for_gpu.py [--arch 90] [--block 64] [--d-pad 128]
+    python tests/kernels/compile_for_gpu.py [--arch 90] [--block 64] [--d-pad 128] [--jobs 2]
     python tests/kernels/compile_for_gpu.py --table     # the tuned shapes, with their shared memory
 """
 
@@ -95,6 +95,32 @@ def table_jobs():
                 yield INFO_NCE_KERNELS[kind].__name__, INFO_NCE_KERNELS[kind], dtype, constexprs, warps, stages
 
 
+def compile_job(job, arch: int) -> dict:
+    """One compile as a JSON-ready record (ok, or the error)."""
+    name, kernel, dtype, constexprs, warps, stages = job
+    start = time.perf_counter()
+    record = dict(kernel=name, dtype=dtype, arch=arch, num_warps=warps, num_stages=stages,
+                  flags={k: v for k, v in constexprs.items() if k.isupper()})
+    try:
+        compiled = triton.compile(signature(kernel, dtype, constexprs), target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=warps, num_stages=stages))
+        ptx = compiled.asm["ptx"]
+        record.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,
+                      wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx)
+    except Exception as error:  # noqa: BLE001 - every kernel is tried; failures are reported
+        record.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+_JOBS: list = []
+
+
+def _compile_index(index_arch):
+    index, arch = index_arch
+    return compile_job(_JOBS[index], arch)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80 or 90")
@@ -104,25 +130,18 @@ def main() -> int:
     parser.add_argument("--kernels", nargs="+", default=[], help="only these kernels (by function name)")
     parser.add_argument("--table", action="store_true",
                         help="compile the tuned shapes of GPU_BLOCKS instead (reports their shared memory)")
+    parser.add_argument("--jobs", type=int, default=1, help="compiles in parallel (worker processes)")
     args = parser.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
-    failed = 0
-    todo = table_jobs() if args.table else jobs(args.block, args.d_pad, args.dtypes, args.kernels)
-    for name, kernel, dtype, constexprs, warps, stages in todo:
-        start = time.perf_counter()
-        record = dict(kernel=name, dtype=dtype, arch=args.arch, num_warps=warps, num_stages=stages,
-                      flags={k: v for k, v in constexprs.items() if k.isupper()})
-        try:
-            compiled = triton.compile(signature(kernel, dtype, constexprs), target=target,
-                                      options=dict(num_warps=warps, num_stages=stages))
-            ptx = compiled.asm["ptx"]
-            record.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,
-                          wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx)
-        except Exception as error:  # noqa: BLE001 - every kernel is tried; failures are reported
-            failed += 1
-            record.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
-        record["seconds"] = round(time.perf_counter() - start, 2)
-        print(json.dumps(record), flush=True)
+    _JOBS.extend(table_jobs() if args.table else jobs(args.block, args.d_pad, args.dtypes, args.kernels))
+    work = [(index, args.arch) for index in range(len(_JOBS))]
+    if args.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            records = pool.imap(_compile_index, work)
+            failed = sum(not print(json.dumps(r), flush=True) and not r["ok"] for r in records)
+    else:
+        failed = sum(not print(json.dumps(r), flush=True) and not r["ok"] for r in map(_compile_index, work))
     return 1 if failed else 0
 
 

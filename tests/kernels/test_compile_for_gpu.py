@@ -20,11 +20,14 @@ SCRIPT = Path(__file__).with_name("compile_for_gpu.py")
 HOPPER_SHARED_MEMORY = 232448  # bytes per block on sm_90
 
 
+JOBS = str(min(4, os.cpu_count() or 1))  # compiles are independent: one worker per core
+
+
 def compile_kernels(*args: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--jobs", JOBS, *args], capture_output=True, text=True,
+                          env=env, timeout=900)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     failures = [f"{r['kernel']} {r['dtype']} {r['flags']}: {r['error']}" for r in records if not r["ok"]]
     assert not failures, "\n\n".join(failures)
