@@ -371,7 +371,7 @@ def info_nce_bwd_query_kernel(
     lse2 = tl.load(lse_ptr + rows)  # +inf on rows that do not contribute
     a = tl.load(a_ptr + rows)
     b = tl.load(b_ptr + rows)
-    shift = tl.where(a > 0, lse2 - tl.log2(a), float("inf"))
+    shift = tl.where(a > 0, lse2 - tl.log2(tl.maximum(a, 1e-38)), float("inf"))
     col_scale = tl.load(col_scale_ptr)
     order = order_ptr + pid.to(tl.int64) * key_tiles
     first_clean, first_positive, first_masked, end = _counts(counts_ptr, pid)
