@@ -3,9 +3,12 @@
 The launchers (``info_nce.py``) sort each side's rows by (group, label) and gather them into one
 contiguous, zero-padded (rows, D_PAD) copy with the rows' inverse norms (``gather_rows_kernel``).
 A program owns a tile of rows of one side and loops over tiles of the other side listed for it on
-the host (``_plan.py``): first the *clean* tiles, where every pair is a candidate and no pair is a
-positive or a row with its own key, through a loop without masks; then the *masked* tiles, where
-masks are rebuilt from dense int32 labels, groups and the self column.
+the host (``_plan.py``), one loop per category: first the *clean* tiles, where every pair is a
+candidate and no pair is a positive or a row with its own key, without any mask; then the
+*positive* tiles, the same but with positives among the pairs, with one label compare per
+element; then the *masked* tiles, where masks are rebuilt from dense int32 labels, groups and the
+self column. The loops share one tile helper per kernel, specialised by the ``KIND`` constexpr
+(0 clean, 1 positive, 2 masked).
 
 Logits are never stored: each tile's ``s_ij`` comes from one ``tl.dot`` (fp32 accumulation) and
 is kept in log2 units, ``x_ij * c_i`` with ``x_ij = <q_i, k_j> / |k_j|`` and the per-row scale
