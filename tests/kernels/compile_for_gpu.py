@@ -85,12 +85,19 @@ def _all_jobs(block, d_pad, dtypes):
 
 
 def table_jobs():
-    """Each tuned GPU shape of kernels/info_nce.py, with the flags that need the most resources."""
+    """Each tuned GPU shape of kernels/info_nce.py, with the flags that need the most resources.
+
+    A shape listed for several padded sizes is compiled at the largest only: its shared memory
+    grows with D_PAD, so that one fitting covers the smaller ones."""
     from contrastkit.kernels.info_nce import GPU_BLOCKS
 
     for element_size, dtype in ((2, "bfloat16"), (4, "float32")):
         for kind, table in GPU_BLOCKS[element_size].items():
-            for d_pad, (block_n, block_m, warps, stages) in table.items():
+            seen = set()
+            for d_pad, (block_n, block_m, warps, stages) in sorted(table.items(), reverse=True):
+                if (block_n, block_m, warps, stages) in seen:
+                    continue
+                seen.add((block_n, block_m, warps, stages))
                 constexprs = info_nce_constexprs(dtype, (1, True, True, True, True), block_n, block_m, d_pad)
                 yield INFO_NCE_KERNELS[kind].__name__, INFO_NCE_KERNELS[kind], dtype, constexprs, warps, stages
 
