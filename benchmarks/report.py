@@ -168,6 +168,8 @@ def cell(row: Row) -> str:
     text = f"{_ms(row.median_s)} ms · {_mib(row.peak_bytes)} MiB"
     if row.roofline_pct is not None:
         text += f" · {row.roofline_pct:.0f}% roofline"
+    if row.extra.get("executed_tflops"):
+        text += f" · {row.extra['executed_tflops']:.0f} TFLOP/s executed"
     return text
 
 

@@ -1,10 +1,20 @@
 """The GPU roofline of the fused masked InfoNCE, measured on the device in the same run.
 
-A fused forward + backward over N queries and M keys of size D does 8·N·M·D flops (the
-forward's Q·Kᵀ, and in the backward the recomputed Q·Kᵀ plus dQ and dK: four N·M·D products
-of 2 flops per multiply-add) and about 2·N·M exponentials (forward and recompute). Its time
-can be no lower than the larger of flops / matmul rate and exponentials / exp rate; a triton
-row is reported as that bound over its measured time, in percent.
+**Ideal work.** A fused forward + backward over N queries and M keys of size D needs 8·N·M·D
+flops — the forward's Q·Kᵀ, and in the backward Q·Kᵀ again (it is not stored) plus dQ and dK:
+four N·M·D products of 2 flops per multiply-add — and 2·N·M exponentials (forward and backward).
+Its time can be no lower than the larger of flops / matmul rate and exponentials / exp rate; a
+triton row is reported as that bound over its measured time, in percent (``percent_of_bound``).
+
+**Executed work** is what the kernels actually issue, apart from the ideal (``executed_flops``):
+- query/key: forward 2·N·M·D; backward dq (Q·Kᵀ again, then dS·K) and dk (Q·Kᵀ again, then
+  dSᵀ·Q): 8·N·M·D; 10·N·M·D in all;
+- self-contrast: the forward, then one symmetric backward kernel that computes each logit tile
+  once and adds both directions' gradients with one product: 4·N·M·D; 6·N·M·D in all;
+- each_positive adds a second forward sweep over the tiles that hold positives;
+- tiles whose groups never meet are skipped: every term scales with the share of visited tiles.
+It is the number to compare with the tensor cores' rate when judging the kernels' own efficiency;
+the ideal bound is the one to compare with other implementations.
 
 Matrix-product rates are measured with cuBLAS (bf16, and fp32 with TF32 tensor cores); the exp
 rate with a Triton kernel that chains ``exp2`` in registers, so that memory traffic does not hide
@@ -35,8 +45,21 @@ class DeviceRates:
 
 
 def fused_work(n: int, m: int, d: int) -> tuple[float, float]:
-    """(flops, exponentials) of one fused forward + backward."""
+    """(flops, exponentials) that one fused forward + backward needs: the ideal bound's work."""
     return 8.0 * n * m * d, 2.0 * n * m
+
+
+def executed_flops(n: int, m: int, d: int, *, self_contrast: bool, denominator: str = "all",
+                   visited: float = 1.0, positive_share: float = 0.0) -> float:
+    """Matrix-product flops the kernels issue for one forward + backward.
+
+    ``visited``: share of the N x M tile pairs the kernels visit (below 1 when groups skip tiles);
+    ``positive_share``: share of the visited tile pairs that hold positives (each_positive's second
+    forward sweep runs over those)."""
+    product = 2.0 * n * m * d * visited
+    forward = product * (1.0 + (positive_share if denominator == "each_positive" else 0.0))
+    backward = 2 * product if self_contrast else 4 * product
+    return forward + backward
 
 
 def bound_seconds(rates: DeviceRates, n: int, m: int, d: int, dtype: str) -> float:

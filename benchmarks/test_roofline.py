@@ -1,9 +1,29 @@
-"""The device's roofline rates, measured at the start of a GPU run (triton rows are reported against them)."""
+"""The roofline: ideal and executed work (CPU), and the device's rates, measured at the start of a GPU
+run (triton rows are reported against them)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from benchmarks.roofline import DeviceRates, bound_seconds, executed_flops, fused_work
+
+
+def test_ideal_and_executed_work_are_apart():
+    n, m, d = 1024, 2048, 128
+    flops, exps = fused_work(n, m, d)
+    assert flops == 8 * n * m * d and exps == 2 * n * m
+    # query/key: forward Q·Kᵀ, dq and dk kernels with their own Q·Kᵀ each
+    assert executed_flops(n, m, d, self_contrast=False) == 10 * n * m * d
+    # self-contrast: one symmetric backward product pair
+    assert executed_flops(n, n, d, self_contrast=True) == 6 * n * n * d
+    # each_positive: a second forward sweep over the tiles holding positives
+    assert executed_flops(n, n, d, self_contrast=True, denominator="each_positive",
+                          positive_share=0.125) == (6 + 0.25) * n * n * d
+    assert executed_flops(n, m, d, self_contrast=False, visited=0.25) == 2.5 * n * m * d
+    # the bound uses the ideal work, never the executed one
+    rates = DeviceRates(bf16_flops_per_s=1e15, tf32_flops_per_s=5e14, exp_per_s=1e12)
+    assert bound_seconds(rates, n, m, d, "bfloat16") == max(flops / 1e15, exps / 1e12)
 
 
 def test_device_rates(ck):

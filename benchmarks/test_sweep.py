@@ -13,10 +13,11 @@ import torch
 
 from benchmarks.cases import CASES, get_provider, provider_names, run_provider, sweep, unavailable_reason
 from benchmarks.harness import DIRECTIONS, Row, cuda_peak, is_oom, release_cuda, time_cpu, time_cuda
-from benchmarks.roofline import percent_of_bound
+from benchmarks.roofline import executed_flops, percent_of_bound
 
 CPU_BUDGET_S = 0.4  # timed rounds per test on a CPU: as many as fit (3 at least, 15 at most)
 SQUARE_CASES = ("supcon8", "ntxent", "cross_level", "pl_pixel")  # N queries against M = N keys
+FULL_TILE_CASES = ("supcon8", "ntxent")  # self-contrast "all" without groups or ignored rows
 
 
 def pytest_generate_tests(metafunc):
@@ -56,6 +57,8 @@ def test_provider(benchmark, ck, spec):
             measure_cuda(benchmark, ck, provider, row, run)
         if row.status == "ok" and provider == "triton" and direction == "fwd+bwd" and case_name in SQUARE_CASES:
             row.roofline_pct = percent_of_bound(ck.roofline_rates(), n, n, d, dtype, row.median_s)
+            if case_name in FULL_TILE_CASES:  # every tile visited: the executed work is known
+                row.extra["executed_tflops"] = executed_flops(n, n, d, self_contrast=True) / row.median_s / 1e12
     finally:
         ck.save_row(row)  # written at once: a run cut short keeps what it measured
     if row.status == "n/a":

@@ -1,11 +1,14 @@
-"""Measure the tile shapes of the three InfoNCE kernels on a GPU (feeds ``kernels/info_nce.py::GPU_BLOCKS``).
+"""Measure the tile shapes of the four InfoNCE kernels on a GPU (feeds ``kernels/info_nce.py::GPU_BLOCKS``).
 
     python benchmarks/tune_blocks.py --out-dir /tmp/tune          # N = M = 32,768, D in {64, 128, 256}
 
-For every kernel (forward, backward dq, backward dk), padded D and dtype it times each candidate
-(BLOCK_N, BLOCK_M, num_warps, num_stages) on a SupCon self-contrast batch (normalised, 8 classes,
-denominator "all") with ``triton.testing.do_bench`` (median), and checks that the candidate's
-output equals the first candidate's, so that a fast but wrong shape cannot win. Candidates are
+For every kernel (forward, symmetric backward, backward dq, backward dk), padded D and dtype it
+times each candidate (BLOCK_N, BLOCK_M, num_warps, num_stages) with ``triton.testing.do_bench``
+(median) — the forward and the symmetric backward on a SupCon self-contrast batch, dq and dk on
+the same rows as queries against a second set of keys (normalised, 8 classes, denominator
+"all") — and checks that the candidate's output equals the first candidate's, so that a fast but
+wrong shape cannot win. ``benchmarks/sass_budget.py`` checks a candidate's instructions per logit
+and spills without a GPU. Candidates are
 compiled first in parallel worker processes (Triton's on-disk cache then serves the timing
 process), because compiling dominates otherwise. One JSON line per candidate goes to stdout and
 ``tune_blocks.jsonl``; the best shape per (kernel, D, dtype) is printed last and written to
@@ -26,19 +29,19 @@ import torch
 
 from contrastkit import InfoNCEOptions
 
-SMALL = {64: [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3),
-              (128, 128, 8, 2), (128, 32, 4, 3), (64, 128, 4, 3)],
-         256: [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2),
+SMALL = {64: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
+              (64, 128, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+         256: [(128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2),
                (128, 32, 8, 2), (64, 64, 8, 3)]}
-BACKWARD = {64: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2),
-                 (32, 64, 4, 2), (64, 32, 4, 2), (128, 128, 8, 2)],
-            256: [(32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 64, 8, 2),
-                  (64, 64, 4, 2)]}
+BACKWARD = {64: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2),
+                 (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
+            256: [(64, 64, 4, 2), (32, 32, 4, 1), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2),
+                  (64, 64, 8, 2)]}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Most used first: a run cut short still has the settings that matter.
 SETTINGS = [(128, "bfloat16"), (64, "bfloat16"), (128, "float32"), (256, "bfloat16"), (64, "float32"),
             (256, "float32")]
-KINDS = ("forward", "backward_query", "backward_key")
+KINDS = ("forward", "backward_symmetric", "backward_query", "backward_key")
 
 
 def candidates(kind: str, d: int):
@@ -47,44 +50,58 @@ def candidates(kind: str, d: int):
 
 
 def make_batch(n: int, d: int, dtype: torch.dtype, seed: int = 0):
+    """(rows, labels, keys, key labels): self-contrast uses the first two, queries against keys all."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(n, d, generator=g).to(dtype).cuda()
     labels = torch.randint(0, 8, (n,), generator=g).cuda()
-    return q, labels
+    k = torch.randn(n, d, generator=g).to(dtype).cuda()
+    key_labels = torch.randint(0, 8, (n,), generator=g).cuda()
+    return q, labels, k, key_labels
 
 
 SUPCON = InfoNCEOptions(self_key_offset=0).encode()
+QUERY_KEY = InfoNCEOptions().encode()
 
 
-def _inputs(q, labels):
-    return q, q, labels, labels, None, None, torch.full((), 0.1, device=q.device)
+def _inputs(batch, symmetric: bool):
+    q, labels, k, key_labels = batch
+    tau = torch.full((), 0.1, device=q.device)
+    return (q, q, labels, labels, None, None, tau) if symmetric else (q, k, labels, key_labels, None, None, tau)
 
 
-def forward_stats(q, labels):
+def forward_stats(batch):
+    """The forward's outputs for the symmetric backward and for dq / dk."""
     from contrastkit.kernels import info_nce as ops
 
-    return ops.forward_op(*_inputs(q, labels), SUPCON)
+    return (ops.symmetric_forward_op(*_inputs(batch, True), SUPCON),
+            ops.forward_op(*_inputs(batch, False), QUERY_KEY))
 
 
-def run_kind(kind: str, q, labels, block, stats=None):
+def run_kind(kind: str, batch, block, stats=None):
     """One call of one kernel with its shape set to ``block``; returns its output(s).
 
     The backward kernels take the forward's statistics (``stats``), computed once outside the timing.
     """
     from contrastkit.kernels import info_nce as ops
 
+    q = batch[0]
     d_pad = ops.padded_size(q.shape[1])
     table = ops.GPU_BLOCKS[q.element_size()][kind]
     previous = table.get(d_pad)
     table[d_pad] = block
     try:
         if kind == "forward":
-            loss, _, lse, *_ = forward_stats(q, labels)
+            loss, _, lse, *_ = ops.symmetric_forward_op(*_inputs(batch, True), SUPCON)
             return loss, lse
-        loss, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm = stats
+        symmetric = kind == "backward_symmetric"
+        loss, valid, lse, n_pos, pos_sigmoid = stats[0] if symmetric else stats[1]
+        saved = (valid, lse, n_pos, pos_sigmoid)
+        if symmetric:
+            return (ops.symmetric_backward_op(torch.ones_like(loss), *_inputs(batch, True), *saved, True, True,
+                                              False, SUPCON)[0],)
         need_query = kind == "backward_query"
-        grads = ops.backward_op(torch.ones_like(loss), *_inputs(q, labels), valid, lse, n_pos, pos_sigmoid,
-                                q_norm, k_norm, need_query, not need_query, False, SUPCON)
+        grads = ops.backward_op(torch.ones_like(loss), *_inputs(batch, False), *saved, need_query, not need_query,
+                                False, QUERY_KEY)
         return (grads[0],) if need_query else (grads[1],)
     finally:
         if previous is None:
@@ -95,10 +112,10 @@ def run_kind(kind: str, q, labels, block, stats=None):
 
 def _compile_one(job):
     kind, d, dtype_name, block = job
-    q, labels = make_batch(1024, d, DTYPES[dtype_name])
+    batch = make_batch(4096, d, DTYPES[dtype_name])  # sizes divisible by 16, as N = 32,768: one specialisation
     start = time.perf_counter()
     try:
-        run_kind(kind, q, labels, block, forward_stats(q, labels))
+        run_kind(kind, batch, block, forward_stats(batch))
         torch.cuda.synchronize()
         return job, time.perf_counter() - start, None
     except Exception as error:  # noqa: BLE001 - a shape that does not compile is a result
@@ -109,8 +126,8 @@ def time_setting(n: int, d: int, dtype_name: str, compile_errors: dict):
     """A record per candidate of each kernel at one (D, dtype): median ms and error against the first."""
     from triton.testing import do_bench
 
-    q, labels = make_batch(n, d, DTYPES[dtype_name], seed=d)
-    stats = forward_stats(q, labels)
+    batch = make_batch(n, d, DTYPES[dtype_name], seed=d)
+    stats = forward_stats(batch)
     for kind in KINDS:
         baseline = None
         for block in candidates(kind, d):
@@ -119,10 +136,10 @@ def time_setting(n: int, d: int, dtype_name: str, compile_errors: dict):
             if error:
                 record["error"] = error
             else:
-                out = run_kind(kind, q, labels, block, stats)
+                out = run_kind(kind, batch, block, stats)
                 baseline = out if baseline is None else baseline
                 record["rel_error"] = max(rel_error(o, b) for o, b in zip(out, baseline, strict=True))
-                record["ms"] = do_bench(lambda b=block, k=kind: run_kind(k, q, labels, b, stats), warmup=25,
+                record["ms"] = do_bench(lambda b=block, k=kind: run_kind(k, batch, b, stats), warmup=25,
                                         rep=100, return_mode="median")
             yield record
 

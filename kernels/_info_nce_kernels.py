@@ -1,26 +1,36 @@
 """Triton kernels of the fused masked InfoNCE.
 
-Logits are never stored: every kernel recomputes its (BLOCK_N, BLOCK_M) tile of
-``s_ij = <q_i, k_j> * qscale_i * kscale_j`` with one ``tl.dot`` (fp32 accumulation) and rebuilds
-the positive / negative masks from the labels, groups and the self offset. Rows are whole in
-registers, padded to ``D_PAD`` (a power of two >= 16) and masked, so inputs are never copied.
+The launchers (``info_nce.py``) sort each side's rows by (group, label) and gather them into one
+contiguous, zero-padded (rows, D_PAD) copy with the rows' inverse norms (``gather_rows_kernel``).
+A program owns a tile of rows of one side and loops over tiles of the other side listed for it on
+the host (``_plan.py``), one loop per category: first the *clean* tiles, where every pair is a
+candidate and no pair is a positive or a row with its own key, without any mask; then the
+*positive* tiles, the same but with positives among the pairs, with one label compare per
+element; then the *masked* tiles, where masks are rebuilt from dense int32 labels, groups and the
+self column. The loops share one tile helper per kernel, specialised by the ``KIND`` constexpr
+(0 clean, 1 positive, 2 masked).
+
+Logits are never stored: each tile's ``s_ij`` comes from one ``tl.dot`` (fp32 accumulation) and
+is kept in log2 units, ``x_ij * c_i`` with ``x_ij = <q_i, k_j> / |k_j|`` and the per-row scale
+``c_i = log2(e) / (|q_i| tau)`` folded once per row, so each exponential is one ``exp2``.
 
 Denominator codes: 0 = "all", 1 = "each_positive", 2 = "negatives". The temperature is read
-from a one-element tensor (it may be a learnable parameter: no host synchronisation), and
-group id ``SHARED`` (-1) on either side of a pair matches every group.
+from a one-element device tensor (it may be a learnable parameter: no host synchronisation).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
-# F.normalize divides by max(|x|, eps).
-NORM_EPS = tl.constexpr(1e-12)
-SHARED = tl.constexpr(-1)  # contrastkit._options.SHARED
-GROUP_MIN = tl.constexpr(-9223372036854775807)
-GROUP_MAX = tl.constexpr(9223372036854775807)
+NORM_EPS = tl.constexpr(1e-12)  # F.normalize divides by max(|x|, eps)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 DENOMINATOR_CODES = {"all": 0, "each_positive": 1, "negatives": 2}
+
+
+# ----------------------------------------------------------------------------- rows in and out
 
 
 @triton.jit
@@ -32,72 +42,53 @@ def _row_offsets(rows, HW, W, sB, sH, sW):
 
 
 @triton.jit
-def _load_rows(ptr, rows, n, D, HW, W, sB, sD, sH, sW, D_PAD: tl.constexpr):
-    dims = tl.arange(0, D_PAD)
-    offsets = _row_offsets(rows, HW, W, sB, sH, sW)[:, None] + dims.to(tl.int64)[None, :] * sD
-    return tl.load(ptr + offsets, mask=(rows < n)[:, None] & (dims < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _store_rows(ptr, value, rows, n, D, HW, W, sB, sD, sH, sW, D_PAD: tl.constexpr):
-    dims = tl.arange(0, D_PAD)
-    offsets = _row_offsets(rows, HW, W, sB, sH, sW)[:, None] + dims.to(tl.int64)[None, :] * sD
-    tl.store(ptr + offsets, value, mask=(rows < n)[:, None] & (dims < D)[None, :])
-
-
-@triton.jit
-def row_norm_kernel(x_ptr, norm_ptr, n, D, HW, W, sB, sD, sH, sW,
-                    BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+def gather_rows_kernel(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, D, HW, W, sB, sD, sH, sW,
+                       NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """out[i] = x[perm[i]] zero-padded to D_PAD (rows i >= n zero), inv_norm[i] = 1 / max(|x[perm[i]]|, eps)
+    (1 without normalisation and on padding rows)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    x = _load_rows(x_ptr, rows, n, D, HW, W, sB, sD, sH, sW, D_PAD).to(tl.float32)
-    tl.store(norm_ptr + rows, tl.sqrt(tl.sum(x * x, axis=1)), mask=rows < n)
-
-
-@triton.jit
-def _row_scale(norm_ptr, rows, n, factor, NORMALIZE: tl.constexpr):
-    """factor / max(|x|, eps) per row (just factor without normalisation)."""
+    dims = tl.arange(0, D_PAD)
+    inside = rows < n
+    source = tl.load(perm_ptr + rows, mask=inside, other=0)
+    offsets = _row_offsets(source, HW, W, sB, sH, sW)[:, None] + dims.to(tl.int64)[None, :] * sD
+    x = tl.load(x_ptr + offsets, mask=inside[:, None] & (dims < D)[None, :], other=0.0)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D_PAD + dims[None, :], x)
     if NORMALIZE:
-        norm = tl.load(norm_ptr + rows, mask=rows < n, other=1.0)
-        return factor / tl.maximum(norm, NORM_EPS)
+        x = x.to(tl.float32)
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), NORM_EPS)
+        inv = tl.where(inside, inv, 1.0)
     else:
-        return tl.zeros_like(rows).to(tl.float32) + factor
+        inv = tl.full([BLOCK], 1.0, tl.float32)
+    tl.store(inv_norm_ptr + rows, inv)
 
 
 @triton.jit
-def _load_ids(label_ptr, group_ptr, idx, count, ignore_index, HAS_GROUPS: tl.constexpr):
-    inside = idx < count
-    # Padding rows/columns read as ignore_index, so they are never positive or candidate.
-    label = tl.load(label_ptr + idx, mask=inside, other=ignore_index)
-    if HAS_GROUPS:
-        group = tl.load(group_ptr + idx, mask=inside, other=0)
-    else:
-        group = label
-    return label, group
+def _store_grad(ptr, grad, x, inv, perm_ptr, rows, n, D, NORMALIZE: tl.constexpr, D_PAD: tl.constexpr):
+    """Gradient w.r.t. the raw rows x from the gradient w.r.t. x / max(|x|, eps) (F.normalize), stored
+    at the rows' original places (``perm``) of a contiguous (n, D) buffer."""
+    if NORMALIZE:
+        unit = x.to(tl.float32) * inv[:, None]
+        projected = grad - unit * tl.sum(unit * grad, axis=1)[:, None]
+        grad = tl.where((inv < 1.0 / NORM_EPS)[:, None], projected, grad) * inv[:, None]
+    inside = rows < n
+    target = tl.load(perm_ptr + rows, mask=inside, other=0)
+    dims = tl.arange(0, D_PAD)
+    tl.store(ptr + (target * D)[:, None] + dims[None, :], grad, mask=inside[:, None] & (dims < D)[None, :])
 
 
 @triton.jit
-def _group_range(group, idx, count):
-    """Smallest and largest group id among the valid entries of a tile; every group when the
-    tile holds a SHARED entry."""
-    inside = idx < count
-    shared = tl.max((inside & (group == SHARED)).to(tl.int32), axis=0) > 0
-    lo = tl.min(tl.where(inside, group, GROUP_MAX), axis=0)
-    hi = tl.max(tl.where(inside, group, GROUP_MIN), axis=0)
-    return tl.where(shared, GROUP_MIN, lo), tl.where(shared, GROUP_MAX, hi)
+def _tile(ptr, tile, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """Rows tile*BLOCK .. +BLOCK of a gathered copy: unmasked, contiguous, 16-byte aligned."""
+    base = ptr + tile.to(tl.int64) * (BLOCK * D_PAD)
+    return tl.load(base + tl.arange(0, BLOCK)[:, None] * D_PAD + tl.arange(0, D_PAD)[None, :])
 
 
 @triton.jit
-def _tiles_meet(tile_lo_ptr, tile_hi_ptr, tile, lo, hi, HAS_GROUPS: tl.constexpr):
-    """Whether other-side tile `tile` may hold a pair with the group range [lo, hi].
-
-    Only pairs within one group are candidates, so a tile whose group range misses [lo, hi]
-    contributes nothing and is skipped. Conservative for any order; with rows sorted by group
-    (one image after another) only the tiles near the block diagonal are computed.
-    """
-    if HAS_GROUPS:
-        return (tl.load(tile_lo_ptr + tile) <= hi) & (tl.load(tile_hi_ptr + tile) >= lo)
-    else:
-        return True
+def _reload_tile(ptr, tile, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """The owned tile again for an epilogue. Holding the loop's operand in registers through the loop
+    costs spills; a load that differs from _tile's (its cache hint) is not merged with it."""
+    base = ptr + tile.to(tl.int64) * (BLOCK * D_PAD)
+    return tl.load(base + tl.arange(0, BLOCK)[:, None] * D_PAD + tl.arange(0, D_PAD)[None, :], cache_modifier=".cg")
 
 
 @triton.jit
@@ -115,228 +106,478 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _pair_masks(rows, cols, q_label, k_label, q_group, k_group, self_offset, ignore_index,
-                HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr):
-    candidate = (q_label != ignore_index)[:, None] & (k_label != ignore_index)[None, :]
+def _candidates(row_label, col_label, row_group, col_group, not_self, HAS_GROUPS: tl.constexpr,
+                HAS_SELF: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Candidate pairs of a masked tile: valid column (and row) ids, groups that meet, not a row's own key.
+
+    Rows and columns are queries and keys or keys and queries; every test is symmetric but the self
+    one (``not_self``, built by the caller). Rows need checking only where a row is also a key."""
+    candidate = (col_label >= 0)[None, :]
+    if CHECK_ROWS:
+        candidate &= (row_label >= 0)[:, None]
     if HAS_GROUPS:
-        candidate = candidate & ((q_group[:, None] == k_group[None, :]) | (q_group == SHARED)[:, None]
-                                 | (k_group == SHARED)[None, :])
+        candidate &= ((row_group[:, None] == col_group[None, :]) | (row_group < 0)[:, None]
+                      | (col_group < 0)[None, :])
     if HAS_SELF:
-        candidate = candidate & ((rows + self_offset)[:, None] != cols[None, :])
-    positive = candidate & (q_label[:, None] == k_label[None, :])
-    negative = candidate & (q_label[:, None] != k_label[None, :])
-    return positive, negative
+        candidate &= not_self
+    return candidate
 
 
 @triton.jit
-def _key_tile(k_ptr, k_norm_ptr, k_label_ptr, k_group_ptr, start, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
-              q, q_scale, rows, q_label, q_group, self_offset, ignore_index,
-              NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
+def _log2(x, INTERPRETED: tl.constexpr):
+    """log2 through the special-function unit (lg2.approx, absolute error ~2^-22 on [1, 2]); the
+    interpreter has no libdevice."""
+    if INTERPRETED:
+        y = tl.log2(x)
+    else:
+        y = libdevice.fast_log2f(x)
+    return y
+
+
+@triton.jit
+def _ids(label_ptr, group_ptr, idx, HAS_GROUPS: tl.constexpr):
+    label = tl.load(label_ptr + idx)
+    if HAS_GROUPS:
+        group = tl.load(group_ptr + idx)
+    else:
+        group = label
+    return label, group
+
+
+@triton.jit
+def _counts(counts_ptr, pid):
+    """(first clean, first positive, first masked, end) of a program's tile list."""
+    n_clean = tl.load(counts_ptr + 3 * pid)
+    n_positive = tl.load(counts_ptr + 3 * pid + 1)
+    n_masked = tl.load(counts_ptr + 3 * pid + 2)
+    return 0, n_clean, n_clean + n_positive, n_clean + n_positive + n_masked
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_tile(q, c, m, l, pos_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr, k_group_ptr, kt,
+              KIND: tl.constexpr, DENOM: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
               DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
-    """Keys start..start+BLOCK_M against a query tile: the keys, their scales, the logits and the masks."""
-    cols = start + tl.arange(0, BLOCK_M)
-    k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
-    k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
-    k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
-    positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
-                                     self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
-    return k, k_scale, s, positive, negative
-
-
-@triton.jit
-def _query_tile(q_ptr, q_norm_ptr, q_label_ptr, q_group_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, rows, n, D,
-                q_HW, q_W, q_sB, q_sD, q_sH, q_sW, inv_tau, ignore_index,
-                NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, D_PAD: tl.constexpr):
-    """A query tile as the backward needs it: rows, scales, ids and the forward's per-row statistics."""
-    q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
-    q_scale = _row_scale(q_norm_ptr, rows, n, inv_tau, NORMALIZE)
-    q_label, q_group = _load_ids(q_label_ptr, q_group_ptr, rows, n, ignore_index, HAS_GROUPS)
-    lse = tl.load(lse_ptr + rows, mask=rows < n, other=float("inf"))
-    exp_weight = tl.load(exp_weight_ptr + rows, mask=rows < n, other=0.0)
-    pos_weight = tl.load(pos_weight_ptr + rows, mask=rows < n, other=0.0)
-    return q, q_scale, q_label, q_group, lse, exp_weight, pos_weight
-
-
-@triton.jit
-def _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM: tl.constexpr):
-    """d loss_i / d s_ij, given the row's log-sum-exp and two per-row weights (see info_nce.py)."""
-    if DENOM == 0:
-        in_denominator = positive | negative
+    """One key tile of the online log-sum-exp (running max m of x, l = sum 2^(x c - m c)) and of the
+    positive logits' sum. KIND 0 (clean): every pair in the denominator set, no positive; 1
+    (positive): every pair a candidate, positives by label; 2 (masked): every mask."""
+    cols = kt * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = _tile(k_ptr, kt, BLOCK_M, D_PAD)
+    x = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * tl.load(k_inv_ptr + cols)[None, :]
+    if KIND == 0 or (KIND == 1 and DENOM == 0):
+        if KIND == 1:
+            positive = q_label[:, None] == tl.load(k_label_ptr + cols)[None, :]
+            pos_sum += tl.sum(tl.where(positive, x, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        mc = m_new * c
+        l = l * tl.exp2(m * c - mc) + tl.sum(tl.exp2(x * c[:, None] - mc[:, None]), axis=1)
     else:
-        in_denominator = negative
-    grad = tl.where(in_denominator, tl.exp(s - lse[:, None]), 0.0) * exp_weight[:, None]
-    if DENOM == 1:
-        grad -= tl.where(positive, tl.sigmoid(lse[:, None] - s), 0.0) * pos_weight[:, None]
-    else:
-        grad -= tl.where(positive, pos_weight[:, None], 0.0)
-    return grad
+        k_label, k_group = _ids(k_label_ptr, k_group_ptr, cols, HAS_GROUPS)
+        positive = q_label[:, None] == k_label[None, :]
+        if KIND == 2:
+            candidate = _candidates(q_label, k_label, q_group, k_group, self_col[:, None] != cols[None, :],
+                                    HAS_GROUPS, HAS_SELF, False)
+            positive &= candidate
+            in_denominator = _denominator(candidate, positive, DENOM)
+        else:
+            in_denominator = ~positive
+        if DENOM != 1:
+            pos_sum += tl.sum(tl.where(positive, x, 0.0), axis=1)
+        x = tl.where(in_denominator, x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # A row with nothing in its set so far keeps m = -inf: shift by 0 then (no inf - inf);
+        # c > 0, so -inf * c stays -inf and its exp2 is 0.
+        mc = tl.where(m_new > float("-inf"), m_new * c, 0.0)
+        l = l * tl.exp2(m * c - mc) + tl.sum(tl.exp2(x * c[:, None] - mc[:, None]), axis=1)
+    return m_new, l, pos_sum
 
 
 @triton.jit
-def _normalize_grad(grad, x, norm, NORMALIZE: tl.constexpr):
-    """Gradient w.r.t. raw rows x from the gradient w.r.t. x / max(|x|, eps) (F.normalize)."""
-    if NORMALIZE:
-        inv = 1.0 / tl.maximum(norm, NORM_EPS)
-        unit = x.to(tl.float32) * inv[:, None]
-        projected = grad - unit * tl.sum(unit * grad, axis=1)[:, None]
-        grad = tl.where((norm > NORM_EPS)[:, None], projected, grad) * inv[:, None]
-    return grad
+def _softplus_tile(q, c, lse2, softplus_sum, sigmoid_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr,
+                   k_label_ptr, k_group_ptr, kt, KIND: tl.constexpr, HAS_GROUPS: tl.constexpr,
+                   HAS_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """each_positive's second sweep over one key tile: sums over positives of softplus(lse_neg - s)
+    (log2 units) and sigmoid(lse_neg - s)."""
+    cols = kt * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = _tile(k_ptr, kt, BLOCK_M, D_PAD)
+    x = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * tl.load(k_inv_ptr + cols)[None, :]
+    k_label, k_group = _ids(k_label_ptr, k_group_ptr, cols, HAS_GROUPS)
+    positive = q_label[:, None] == k_label[None, :]
+    if KIND == 2:
+        positive &= _candidates(q_label, k_label, q_group, k_group, self_col[:, None] != cols[None, :],
+                                HAS_GROUPS, HAS_SELF, False)
+    z = lse2[:, None] - x * c[:, None]
+    t = tl.exp2(-tl.abs(z))
+    softplus = tl.maximum(z, 0.0) + _log2(1.0 + t, INTERPRETED)
+    sigmoid = tl.fdiv(tl.where(z >= 0, 1.0, t), 1.0 + t, approx=True)
+    softplus_sum += tl.sum(tl.where(positive, softplus, 0.0), axis=1)
+    sigmoid_sum += tl.sum(tl.where(positive, sigmoid, 0.0), axis=1)
+    return softplus_sum, sigmoid_sum
 
 
 @triton.jit
 def info_nce_fwd_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr,
-    tile_lo_ptr, tile_hi_ptr, loss_ptr, valid_ptr, lse_ptr, n_pos_ptr, pos_sigmoid_ptr,
-    n, m, D, self_offset, ignore_index, tau_ptr,
-    q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
-    k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
-    DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr, self_col_ptr,
+    order_ptr, counts_ptr, n_pos_ptr, valid_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, tau_ptr, key_tiles,
+    DENOM: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    q = _load_rows(q_ptr, rows, n, D, q_HW, q_W, q_sB, q_sD, q_sH, q_sW, D_PAD)
-    q_scale = _row_scale(q_norm_ptr, rows, n, 1.0 / tl.load(tau_ptr), NORMALIZE)
-    q_label, q_group = _load_ids(q_label_ptr, q_group_ptr, rows, n, ignore_index, HAS_GROUPS)
-    group_lo, group_hi = _group_range(q_group, rows, n)
+    """Per sorted query row: log2-sum-exp of its denominator set and loss (positive counts and the
+    contributing flag come from the host, _plan.pair_counts)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    q = _tile(q_ptr, pid, BLOCK_N, D_PAD)
+    c = tl.load(q_inv_ptr + rows) * (LOG2E / tl.load(tau_ptr))  # x * c: the logit in log2 units
+    q_label, q_group = _ids(q_label_ptr, q_group_ptr, rows, HAS_GROUPS)
+    if HAS_SELF:
+        self_col = tl.load(self_col_ptr + rows)
+    else:
+        self_col = q_label
+    order = order_ptr + pid.to(tl.int64) * key_tiles
+    first_clean, first_positive, first_masked, end = _counts(counts_ptr, pid)
 
-    # Online log-sum-exp over the denominator set: running max and sum of exp(s - max).
-    run_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    run_sum = tl.zeros([BLOCK_N], tl.float32)
-    pos_logit_sum = tl.zeros([BLOCK_N], tl.float32)
-    n_pos = tl.zeros([BLOCK_N], tl.int32)
-    n_neg = tl.zeros([BLOCK_N], tl.int32)
-    for start in range(0, m, BLOCK_M):
-        if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_M, group_lo, group_hi, HAS_GROUPS):
-            _, _, s, positive, negative = _key_tile(
-                k_ptr, k_norm_ptr, k_label_ptr, k_group_ptr, start, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
-                q, q_scale, rows, q_label, q_group, self_offset, ignore_index,
-                NORMALIZE, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
-            if DENOM == 0:
-                in_denominator = positive | negative
-            else:
-                in_denominator = negative
-            new_max = tl.maximum(run_max, tl.max(tl.where(in_denominator, s, float("-inf")), axis=1))
-            # A row with nothing in its set so far keeps max -inf; shift by 0 then to avoid inf - inf.
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(
-                tl.where(in_denominator, tl.exp(s - shift[:, None]), 0.0), axis=1)
-            run_max = new_max
-            pos_logit_sum += tl.sum(tl.where(positive, s, 0.0), axis=1)
-            n_pos += tl.sum(positive.to(tl.int32), axis=1)
-            n_neg += tl.sum(negative.to(tl.int32), axis=1)
-    lse = tl.where(run_sum > 0, run_max + tl.log(tl.where(run_sum > 0, run_sum, 1.0)), float("-inf"))
-    pos_count = tl.maximum(n_pos, 1).to(tl.float32)
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_N], tl.float32)
+    pos_sum = tl.zeros([BLOCK_N], tl.float32)  # sum of x over positives
+    for t in range(first_clean, first_positive):
+        m, l, pos_sum = _fwd_tile(q, c, m, l, pos_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
+                                  k_group_ptr, tl.load(order + t), 0, DENOM, HAS_GROUPS, HAS_SELF, DOT_PRECISION,
+                                  UPCAST, BLOCK_M, D_PAD)
+    for t in range(first_positive, first_masked):
+        m, l, pos_sum = _fwd_tile(q, c, m, l, pos_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
+                                  k_group_ptr, tl.load(order + t), 1, DENOM, HAS_GROUPS, HAS_SELF, DOT_PRECISION,
+                                  UPCAST, BLOCK_M, D_PAD)
+    for t in range(first_masked, end):
+        m, l, pos_sum = _fwd_tile(q, c, m, l, pos_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
+                                  k_group_ptr, tl.load(order + t), 2, DENOM, HAS_GROUPS, HAS_SELF, DOT_PRECISION,
+                                  UPCAST, BLOCK_M, D_PAD)
+    lse2 = tl.where(l > 0, m * c + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+    pos_count = tl.maximum(tl.load(n_pos_ptr + rows), 1).to(tl.float32)
 
     if DENOM == 1:
-        # each_positive: softplus(lse_neg - s_ip) summed over positives needs the final lse_neg,
-        # hence a second sweep. It also yields sum_p sigmoid(lse_neg - s_ip) for the backward.
+        # each_positive: softplus(lse_neg - s_ip) over positives needs the final lse_neg: a second
+        # sweep over the tiles that hold positives. It also gives sum_p sigmoid(lse_neg - s_ip) for
+        # the backward.
         softplus_sum = tl.zeros([BLOCK_N], tl.float32)
         sigmoid_sum = tl.zeros([BLOCK_N], tl.float32)
-        for start in range(0, m, BLOCK_M):
-            if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_M, group_lo, group_hi, HAS_GROUPS):
-                _, _, s, positive, negative = _key_tile(
-                    k_ptr, k_norm_ptr, k_label_ptr, k_group_ptr, start, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
-                    q, q_scale, rows, q_label, q_group, self_offset, ignore_index,
-                    NORMALIZE, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
-                x = lse[:, None] - s
-                softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-                softplus_sum += tl.sum(tl.where(positive, softplus, 0.0), axis=1)
-                sigmoid_sum += tl.sum(tl.where(positive, tl.sigmoid(x), 0.0), axis=1)
-        row_loss = softplus_sum / pos_count
-        tl.store(pos_sigmoid_ptr + rows, sigmoid_sum, mask=rows < n)
+        for t in range(first_positive, first_masked):
+            softplus_sum, sigmoid_sum = _softplus_tile(
+                q, c, lse2, softplus_sum, sigmoid_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
+                k_group_ptr, tl.load(order + t), 1, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_M,
+                D_PAD)
+        for t in range(first_masked, end):
+            softplus_sum, sigmoid_sum = _softplus_tile(
+                q, c, lse2, softplus_sum, sigmoid_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
+                k_group_ptr, tl.load(order + t), 2, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_M,
+                D_PAD)
+        row_loss = softplus_sum * LN2 / pos_count
+        tl.store(pos_sigmoid_ptr + rows, sigmoid_sum)
     else:
-        row_loss = lse - pos_logit_sum / pos_count
+        row_loss = (lse2 - pos_sum * c / pos_count) * LN2
+    valid = tl.load(valid_ptr + rows) != 0
+    tl.store(loss_ptr + rows, tl.where(valid, row_loss, 0.0))
+    tl.store(lse_ptr + rows, lse2)
 
-    valid = (q_label != ignore_index) & (n_pos > 0)
-    if DENOM == 2:
-        valid = valid & (n_neg > 0)
-    inside = rows < n
-    tl.store(loss_ptr + rows, tl.where(valid, row_loss, 0.0), mask=inside)
-    tl.store(valid_ptr + rows, valid.to(tl.int8), mask=inside)
-    tl.store(lse_ptr + rows, lse, mask=inside)
-    tl.store(n_pos_ptr + rows, n_pos, mask=inside)
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _grad_terms(e, a, b, positive, in_denominator, DENOM: tl.constexpr, KIND: tl.constexpr):
+    """dL/ds of a positive (KIND 1) or masked (KIND 2) tile up to a per-row factor, from
+    e = 2^(x c - lse2) and the row weights a, b (broadcastable): a e on the denominator set minus
+    b w on positives, w = 1, or sigmoid(lse - s) = 1 / (1 + e) for "each_positive". On a positive
+    tile every pair is a candidate, so ``in_denominator`` is not read."""
+    if DENOM == 1:
+        w = tl.fdiv(b, 1.0 + e, approx=True)
+    else:
+        w = b
+    if KIND == 1:
+        if DENOM == 0:
+            grad = e * a - tl.where(positive, w, 0.0)
+        else:
+            grad = tl.where(positive, -w, e * a)
+    else:
+        grad = tl.where(in_denominator, e * a, 0.0) - tl.where(positive, w, 0.0)
+    return grad
+
+
+@triton.jit
+def _denominator(candidate, positive, DENOM: tl.constexpr):
+    if DENOM == 0:
+        in_denominator = candidate
+    else:
+        in_denominator = candidate & ~positive
+    return in_denominator
+
+
+@triton.jit
+def _dq_tile(q, c, shift, lse2, a, b, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr, k_group_ptr,
+             col_scale, kt, KIND: tl.constexpr, DENOM: tl.constexpr, HAS_GROUPS: tl.constexpr,
+             HAS_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+             D_PAD: tl.constexpr):
+    """One key tile's share of dq: (dL/ds / g) times the keys, up to the prescale."""
+    cols = kt * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = _tile(k_ptr, kt, BLOCK_M, D_PAD)
+    k_inv = tl.load(k_inv_ptr + cols)
+    x = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * k_inv[None, :]
+    if KIND == 0:
+        # a_i 2^(x c - lse2) with a_i folded into the exponent's shift.
+        grad = tl.exp2(x * c[:, None] - shift[:, None])
+    else:
+        k_label, k_group = _ids(k_label_ptr, k_group_ptr, cols, HAS_GROUPS)
+        positive = q_label[:, None] == k_label[None, :]
+        e = tl.exp2(x * c[:, None] - lse2[:, None])
+        if KIND == 1:
+            grad = _grad_terms(e, a[:, None], b[:, None], positive, positive, DENOM, 1)
+        else:
+            candidate = _candidates(q_label, k_label, q_group, k_group, self_col[:, None] != cols[None, :],
+                                    HAS_GROUPS, HAS_SELF, False)
+            positive &= candidate
+            grad = _grad_terms(e, a[:, None], b[:, None], positive, _denominator(candidate, positive, DENOM),
+                               DENOM, 2)
+    grad = grad * (k_inv * col_scale)[None, :]
+    return _dot(grad.to(k.dtype), k, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
 def info_nce_bwd_query_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr,
-    tile_lo_ptr, tile_hi_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, dq_ptr, tau_rows_ptr,
-    n, m, D, self_offset, ignore_index, tau_ptr,
-    q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
-    k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
-    dq_sB, dq_sD, dq_sH, dq_sW,
+    q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr, self_col_ptr,
+    order_ptr, counts_ptr, lse_ptr, a_ptr, b_ptr, row_scale_ptr, col_scale_ptr, tau_ptr, key_tiles,
+    perm_ptr, dq_ptr, tau_rows_ptr, n, D,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TAU_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """dq for one query tile: sum over key tiles of dL/ds (recomputed) times the keys."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    inv_tau = 1.0 / tl.load(tau_ptr)
-    q, q_scale, q_label, q_group, lse, exp_weight, pos_weight = _query_tile(
-        q_ptr, q_norm_ptr, q_label_ptr, q_group_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, rows, n, D,
-        q_HW, q_W, q_sB, q_sD, q_sH, q_sW, inv_tau, ignore_index, NORMALIZE, HAS_GROUPS, D_PAD)
-    group_lo, group_hi = _group_range(q_group, rows, n)
+    """dq for one tile of sorted queries: sum over key tiles of dL/ds (recomputed) times the keys.
+
+    The row's incoming gradient g_i is factored out of the tile products (``row_scale`` applies it
+    after them), so the low-precision operand holds a_i p_ij - b_i w_ij (at most 1 in size) times
+    the key's inverse norm and a power-of-two prescale (``col_scale``): it cannot flush to zero in
+    fp16 however small g_i is.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    q = _tile(q_ptr, pid, BLOCK_N, D_PAD)
+    q_inv = tl.load(q_inv_ptr + rows)
+    tau = tl.load(tau_ptr)
+    c = q_inv * (LOG2E / tau)
+    q_label, q_group = _ids(q_label_ptr, q_group_ptr, rows, HAS_GROUPS)
+    if HAS_SELF:
+        self_col = tl.load(self_col_ptr + rows)
+    else:
+        self_col = q_label
+    lse2 = tl.load(lse_ptr + rows)  # +inf on rows that do not contribute
+    a = tl.load(a_ptr + rows)
+    b = tl.load(b_ptr + rows)
+    shift = tl.where(a > 0, lse2 - tl.log2(tl.maximum(a, 1e-38)), float("inf"))
+    col_scale = tl.load(col_scale_ptr)
+    order = order_ptr + pid.to(tl.int64) * key_tiles
+    first_clean, first_positive, first_masked, end = _counts(counts_ptr, pid)
 
     acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
-    for start in range(0, m, BLOCK_M):
-        if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_M, group_lo, group_hi, HAS_GROUPS):
-            k, k_scale, s, positive, negative = _key_tile(
-                k_ptr, k_norm_ptr, k_label_ptr, k_group_ptr, start, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
-                q, q_scale, rows, q_label, q_group, self_offset, ignore_index,
-                NORMALIZE, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
-            grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
-            grad_s = grad_s * k_scale[None, :]
-            acc += _dot(grad_s.to(k.dtype), k, DOT_PRECISION, UPCAST)
+    for t in range(first_clean, first_positive):
+        acc += _dq_tile(q, c, shift, lse2, a, b, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
+                        k_group_ptr, col_scale, tl.load(order + t), 0, DENOM, HAS_GROUPS, HAS_SELF, DOT_PRECISION,
+                        UPCAST, BLOCK_M, D_PAD)
+    for t in range(first_positive, first_masked):
+        acc += _dq_tile(q, c, shift, lse2, a, b, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
+                        k_group_ptr, col_scale, tl.load(order + t), 1, DENOM, HAS_GROUPS, HAS_SELF, DOT_PRECISION,
+                        UPCAST, BLOCK_M, D_PAD)
+    for t in range(first_masked, end):
+        acc += _dq_tile(q, c, shift, lse2, a, b, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
+                        k_group_ptr, col_scale, tl.load(order + t), 2, DENOM, HAS_GROUPS, HAS_SELF, DOT_PRECISION,
+                        UPCAST, BLOCK_M, D_PAD)
+
+    # acc_i = sum_j dL/ds_ij * khat_j * col_scale / g_i: back to dL/dqhat_i = sum_j dL/ds_ij khat_j / tau.
+    acc = acc * (tl.load(row_scale_ptr + rows) / (col_scale * tau))[:, None]
+    q = _reload_tile(q_ptr, pid, BLOCK_N, D_PAD)
     if TAU_GRAD:
-        # acc_i = sum_j dL/ds_ij k_hat_j, so sum_j dL/ds_ij s_ij = q_scale_i <q_i, acc_i> (see info_nce.py).
-        tl.store(tau_rows_ptr + rows, q_scale * tl.sum(q.to(tl.float32) * acc, axis=1), mask=rows < n)
-    acc = acc * inv_tau
-    if NORMALIZE:
-        q_norm = tl.load(q_norm_ptr + rows, mask=rows < n, other=1.0)
-        acc = _normalize_grad(acc, q, q_norm, NORMALIZE)
-    _store_rows(dq_ptr, acc, rows, n, D, q_HW, q_W, dq_sB, dq_sD, dq_sH, dq_sW, D_PAD)
+        # sum_j dL/ds_ij s_ij = <qhat_i, dL/dqhat_i> (see info_nce.py).
+        tl.store(tau_rows_ptr + rows, q_inv * tl.sum(q.to(tl.float32) * acc, axis=1))
+    _store_grad(dq_ptr, acc, q, q_inv, perm_ptr, rows, n, D, NORMALIZE, D_PAD)
+
+
+@triton.jit
+def _dk_tile(k, k_inv, k_label, k_group, cols, q_ptr, q_scale_ptr, q_label_ptr, q_group_ptr, self_col_ptr,
+             lse_ptr, a_ptr, b_ptr, qt, KIND: tl.constexpr, DENOM: tl.constexpr, HAS_GROUPS: tl.constexpr,
+             HAS_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+             D_PAD: tl.constexpr):
+    """One query tile's share of dk, computed as a (keys, queries) tile: dL/ds times the queries."""
+    rows = qt * BLOCK_N + tl.arange(0, BLOCK_N)
+    q = _tile(q_ptr, qt, BLOCK_N, D_PAD)
+    c = tl.load(q_scale_ptr + rows)
+    lse2 = tl.load(lse_ptr + rows)
+    a = tl.load(a_ptr + rows)
+    x = _dot(k, tl.trans(q), DOT_PRECISION, UPCAST) * c[None, :]  # log2 units times |k_j|
+    e = tl.exp2(x * k_inv[:, None] - lse2[None, :])
+    if KIND == 0:
+        grad = e * a[None, :]
+    else:
+        b = tl.load(b_ptr + rows)
+        q_label, q_group = _ids(q_label_ptr, q_group_ptr, rows, HAS_GROUPS)
+        positive = k_label[:, None] == q_label[None, :]
+        if KIND == 1:
+            grad = _grad_terms(e, a[None, :], b[None, :], positive, positive, DENOM, 1)
+        else:
+            if HAS_SELF:
+                not_self = cols[:, None] != tl.load(self_col_ptr + rows)[None, :]
+            else:
+                not_self = positive
+            # Rows are keys here: an ignored key's row must stay 0.
+            candidate = _candidates(k_label, q_label, k_group, q_group, not_self, HAS_GROUPS, HAS_SELF, True)
+            positive &= candidate
+            grad = _grad_terms(e, a[None, :], b[None, :], positive, _denominator(candidate, positive, DENOM),
+                               DENOM, 2)
+    return _dot(grad.to(q.dtype), q, DOT_PRECISION, UPCAST)
 
 
 @triton.jit
 def info_nce_bwd_key_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr,
-    tile_lo_ptr, tile_hi_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, dk_ptr, tau_rows_ptr,
-    n, m, D, self_offset, ignore_index, tau_ptr,
-    q_HW, q_W, q_sB, q_sD, q_sH, q_sW,
-    k_HW, k_W, k_sB, k_sD, k_sH, k_sW,
-    dk_sB, dk_sD, dk_sH, dk_sW,
+    q_ptr, k_ptr, q_scale_ptr, k_inv_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr, self_col_ptr,
+    order_ptr, counts_ptr, lse_ptr, a_ptr, b_ptr, scale_ptr, tau_ptr, query_tiles,
+    perm_ptr, dk_ptr, tau_rows_ptr, m, D,
     DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TAU_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """dk for one key tile: sum over query tiles of dL/ds (recomputed) times the queries."""
-    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    inv_tau = 1.0 / tl.load(tau_ptr)
-    k = _load_rows(k_ptr, cols, m, D, k_HW, k_W, k_sB, k_sD, k_sH, k_sW, D_PAD)
-    k_scale = _row_scale(k_norm_ptr, cols, m, 1.0, NORMALIZE)
-    k_label, k_group = _load_ids(k_label_ptr, k_group_ptr, cols, m, ignore_index, HAS_GROUPS)
-    group_lo, group_hi = _group_range(k_group, cols, m)
+    """dk for one tile of sorted keys: sum over query tiles of dL/ds (recomputed) times the queries.
+
+    The per-query weights a_i, b_i carry g_i, the query's inverse norm and a power-of-two prescale
+    (``scale``) that keeps the low-precision operand away from fp16's underflow; the epilogue
+    divides it out. ``q_scale`` is the queries' c_i = log2(e) / (|q_i| tau).
+    """
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = _tile(k_ptr, pid, BLOCK_M, D_PAD)
+    k_inv = tl.load(k_inv_ptr + cols)
+    k_label, k_group = _ids(k_label_ptr, k_group_ptr, cols, HAS_GROUPS)
+    order = order_ptr + pid.to(tl.int64) * query_tiles
+    first_clean, first_positive, first_masked, end = _counts(counts_ptr, pid)
 
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for start in range(0, n, BLOCK_N):
-        if _tiles_meet(tile_lo_ptr, tile_hi_ptr, start // BLOCK_N, group_lo, group_hi, HAS_GROUPS):
-            rows = start + tl.arange(0, BLOCK_N)
-            q, q_scale, q_label, q_group, lse, exp_weight, pos_weight = _query_tile(
-                q_ptr, q_norm_ptr, q_label_ptr, q_group_ptr, lse_ptr, exp_weight_ptr, pos_weight_ptr, rows, n, D,
-                q_HW, q_W, q_sB, q_sD, q_sH, q_sW, inv_tau, ignore_index, NORMALIZE, HAS_GROUPS, D_PAD)
-            s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * q_scale[:, None] * k_scale[None, :]
-            positive, negative = _pair_masks(rows, cols, q_label, k_label, q_group, k_group,
-                                             self_offset, ignore_index, HAS_GROUPS, HAS_SELF)
-            grad_s = _grad_logits(s, positive, negative, lse, exp_weight, pos_weight, DENOM)
-            # q_scale already holds 1 / (|q_i| * tau): the gradient w.r.t. the unit-norm key.
-            grad_s = grad_s * q_scale[:, None]
-            acc += _dot(tl.trans(grad_s.to(q.dtype)), q, DOT_PRECISION, UPCAST)
+    for t in range(first_clean, first_positive):
+        acc += _dk_tile(k, k_inv, k_label, k_group, cols, q_ptr, q_scale_ptr, q_label_ptr, q_group_ptr,
+                        self_col_ptr, lse_ptr, a_ptr, b_ptr, tl.load(order + t), 0, DENOM, HAS_GROUPS, HAS_SELF,
+                        DOT_PRECISION, UPCAST, BLOCK_N, D_PAD)
+    for t in range(first_positive, first_masked):
+        acc += _dk_tile(k, k_inv, k_label, k_group, cols, q_ptr, q_scale_ptr, q_label_ptr, q_group_ptr,
+                        self_col_ptr, lse_ptr, a_ptr, b_ptr, tl.load(order + t), 1, DENOM, HAS_GROUPS, HAS_SELF,
+                        DOT_PRECISION, UPCAST, BLOCK_N, D_PAD)
+    for t in range(first_masked, end):
+        acc += _dk_tile(k, k_inv, k_label, k_group, cols, q_ptr, q_scale_ptr, q_label_ptr, q_group_ptr,
+                        self_col_ptr, lse_ptr, a_ptr, b_ptr, tl.load(order + t), 2, DENOM, HAS_GROUPS, HAS_SELF,
+                        DOT_PRECISION, UPCAST, BLOCK_N, D_PAD)
+
+    # acc_j = sum_i dL/ds_ij * qhat_i * scale: back to dL/dkhat_j = sum_i dL/ds_ij qhat_i / tau.
+    tau = tl.load(tau_ptr)
+    acc = acc / (tl.load(scale_ptr) * tau)
+    k = _reload_tile(k_ptr, pid, BLOCK_M, D_PAD)
     if TAU_GRAD:
-        # acc_j = sum_i dL/ds_ij q_hat_i / tau, so sum_i dL/ds_ij s_ij = k_scale_j <k_j, acc_j>.
-        tl.store(tau_rows_ptr + cols, k_scale * tl.sum(k.to(tl.float32) * acc, axis=1), mask=cols < m)
-    if NORMALIZE:
-        k_norm = tl.load(k_norm_ptr + cols, mask=cols < m, other=1.0)
-        acc = _normalize_grad(acc, k, k_norm, NORMALIZE)
-    _store_rows(dk_ptr, acc, cols, m, D, k_HW, k_W, dk_sB, dk_sD, dk_sH, dk_sW, D_PAD)
+        tl.store(tau_rows_ptr + cols, k_inv * tl.sum(k.to(tl.float32) * acc, axis=1))
+    _store_grad(dk_ptr, acc, k, k_inv, perm_ptr, cols, m, D, NORMALIZE, D_PAD)
+
+
+@triton.jit
+def _sym_tile(xr, c, rows, r_alpha, r_max, x_ptr, inv_ptr, label_ptr, group_ptr, lse_ptr, a_ptr, b_ptr, beta_ptr,
+              col_max_ptr, ct, KIND: tl.constexpr, DENOM: tl.constexpr, HAS_GROUPS: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """One column tile's share of the self-contrast gradient of the row tile: (dL/ds_rj + dL/ds_jr)
+    times the columns' unit rows, up to the prescale. The rows' ids and weights are loaded here, by
+    the loops that need them (cached loads), to keep the clean loop's registers free."""
+    cols = ct * BLOCK + tl.arange(0, BLOCK)
+    xc = _tile(x_ptr, ct, BLOCK, D_PAD)
+    c_inv = tl.load(inv_ptr + cols)
+    s2 = _dot(xr, tl.trans(xc), DOT_PRECISION, UPCAST) * c_inv[None, :] * c[:, None]  # logits, log2 units
+    if KIND == 2 or (KIND == 1 and DENOM == 1):
+        # One exponential per direction: exact for any spread of the rows' log-sum-exps.
+        r_label, r_group = _ids(label_ptr, group_ptr, rows, HAS_GROUPS)
+        r_lse2 = tl.load(lse_ptr + rows)
+        r_a = tl.load(a_ptr + rows)
+        r_b = tl.load(b_ptr + rows)
+        c_label, c_group = _ids(label_ptr, group_ptr, cols, HAS_GROUPS)
+        c_lse2 = tl.load(lse_ptr + cols)
+        c_a = tl.load(a_ptr + cols)
+        c_b = tl.load(b_ptr + cols)
+        positive = r_label[:, None] == c_label[None, :]
+        if KIND == 1:
+            in_denominator = ~positive
+        else:
+            candidate = _candidates(r_label, c_label, r_group, c_group, rows[:, None] != cols[None, :],
+                                    HAS_GROUPS, True, True)
+            positive &= candidate
+            in_denominator = _denominator(candidate, positive, DENOM)
+        # The two directions one after the other (fewer live tiles): row r's, then column j's.
+        e = tl.exp2(s2 - r_lse2[:, None])
+        grad = _grad_terms(e, r_a[:, None], r_b[:, None], positive, in_denominator, DENOM, 2)
+        e = tl.exp2(s2 - c_lse2[None, :])
+        grad += _grad_terms(e, c_a[None, :], c_b[None, :], positive, in_denominator, DENOM, 2)
+        grad = grad * c_inv[None, :]
+    else:
+        # a_r 2^(s - L_r) + a_j 2^(s - L_j) = 2^(s - K) (alpha_r + beta_j), K = the column tile's largest
+        # L, alpha_r = a_r 2^(K - L_r), beta_j = a_j 2^(K - L_j) (times the column's inverse norm).
+        k_max = tl.load(col_max_ptr + ct)
+        alpha = r_alpha * tl.exp2(k_max - r_max)
+        grad = tl.exp2(s2 - k_max) * (alpha[:, None] * c_inv[None, :] + tl.load(beta_ptr + cols)[None, :])
+        if KIND == 1:  # "all" or "negatives": the positives' constant weights
+            positive = tl.load(label_ptr + rows)[:, None] == tl.load(label_ptr + cols)[None, :]
+            w = (tl.load(b_ptr + rows)[:, None] + tl.load(b_ptr + cols)[None, :]) * c_inv[None, :]
+            if DENOM == 0:
+                grad -= tl.where(positive, w, 0.0)
+            else:
+                grad = tl.where(positive, -w, grad)
+    return _dot(grad.to(xc.dtype), xc, DOT_PRECISION, UPCAST)
+
+
+@triton.jit
+def info_nce_bwd_symmetric_kernel(
+    x_ptr, inv_ptr, label_ptr, group_ptr, order_ptr, counts_ptr, lse_ptr, a_ptr, b_ptr, alpha_ptr, beta_ptr,
+    row_max_ptr, col_max_ptr, scale_ptr, tau_ptr, tiles, perm_ptr, dx_ptr, tau_rows_ptr, n, D,
+    DENOM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_GROUPS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TAU_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+):
+    """Self-contrast backward in one kernel: dx_r = sum_j (dL/ds_rj + dL/ds_jr) xhat_j / tau.
+
+    s is symmetric, so one logit tile serves both terms: 2 products per logit instead of the 4 of
+    separate dq and dk kernels, and every gradient row is written once (no atomics). Clean tiles (and
+    positive ones for "all" and "negatives") take one exponential for both terms, which the host
+    allows only where the rows' log2-sum-exps lie within _plan.SYMMETRIC_SPREAD of the column tile's
+    largest (see docs/kernels.md); the others take one per term. a and b carry g and the prescale;
+    row_max and col_max are the largest log2-sum-exp of each tile of BLOCK_N and of BLOCK_M rows.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    xr = _tile(x_ptr, pid, BLOCK_N, D_PAD)
+    r_inv = tl.load(inv_ptr + rows)
+    tau = tl.load(tau_ptr)
+    c = r_inv * (LOG2E / tau)
+    r_alpha = tl.load(alpha_ptr + rows)  # a_r 2^(max of its tile - L_r)
+    r_max = tl.load(row_max_ptr + pid)
+    order = order_ptr + pid.to(tl.int64) * tiles
+    first_clean, first_positive, first_masked, end = _counts(counts_ptr, pid)
+
+    acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for t in range(first_clean, first_positive):
+        acc += _sym_tile(xr, c, rows, r_alpha, r_max, x_ptr, inv_ptr, label_ptr, group_ptr, lse_ptr, a_ptr, b_ptr,
+                         beta_ptr, col_max_ptr, tl.load(order + t), 0, DENOM,
+                         HAS_GROUPS, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
+    for t in range(first_positive, first_masked):
+        acc += _sym_tile(xr, c, rows, r_alpha, r_max, x_ptr, inv_ptr, label_ptr, group_ptr, lse_ptr, a_ptr, b_ptr,
+                         beta_ptr, col_max_ptr, tl.load(order + t), 1, DENOM,
+                         HAS_GROUPS, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
+    for t in range(first_masked, end):
+        acc += _sym_tile(xr, c, rows, r_alpha, r_max, x_ptr, inv_ptr, label_ptr, group_ptr, lse_ptr, a_ptr, b_ptr,
+                         beta_ptr, col_max_ptr, tl.load(order + t), 2, DENOM,
+                         HAS_GROUPS, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
+
+    acc = acc / (tl.load(scale_ptr) * tau)
+    xr = _reload_tile(x_ptr, pid, BLOCK_N, D_PAD)
+    if TAU_GRAD:
+        # sum_j (dL/ds_rj + dL/ds_jr) s_rj; summed over r it counts every pair twice.
+        tl.store(tau_rows_ptr + rows, r_inv * tl.sum(xr.to(tl.float32) * acc, axis=1))
+    _store_grad(dx_ptr, acc, xr, r_inv, perm_ptr, rows, n, D, NORMALIZE, D_PAD)

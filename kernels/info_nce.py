@@ -1,55 +1,71 @@
-"""Launchers and autograd of the fused masked InfoNCE (see ``_info_nce_kernels.py``).
+"""Launchers and autograd of the fused masked InfoNCE (see ``_info_nce_kernels.py`` and ``_plan.py``).
 
-The forward saves O(N + M) statistics: per query row the log-sum-exp of its denominator set,
-the positive count and (``each_positive``) the sum over positives of sigmoid(lse - s_ip); per
-row of either side its L2 norm. The backward turns them into two per-row weights,
+Each call sorts both sides by (group, label) (``_plan.make_plan``), gathers each side once into a
+contiguous, padded (rows, D_PAD) copy with its rows' inverse norms, and lists per program the
+other side's tiles to visit (clean first, then masked). The forward saves O(N) statistics in
+sorted order: per query row the log2-sum-exp of its denominator set, the positive count and
+(``each_positive``) the sum over positives of sigmoid(lse - s_ip). The backward recomputes the
+order and the copies (O((N + M) D)) and turns the statistics into two per-row weights,
 
-    dL/ds_ij = exp(s_ij - lse_i) * a_i * [j in denominator set]  -  b_i * w_ij * [j positive]
+    dL/ds_ij = a_i · exp(s_ij - lse_i) · [j in denominator set]  -  b_i · w_ij · [j positive]
 
-with, for g_i the incoming gradient (0 where the row does not contribute) and |P_i| its
-positive count: b_i = g_i / |P_i|; a_i = g_i for "all" and "negatives", and
-a_i = b_i * sum_p sigmoid(lse_i - s_ip) for "each_positive"; w_ij = 1, or
-sigmoid(lse_i - s_ij) for "each_positive" — the formulas of ``contrastkit._chunked``.
-dq and dk come from two kernels, one owning query tiles and one owning key tiles, so each
-output element is written once by one program: no atomics, deterministic results.
+with, for g_i the incoming gradient (0 where the row does not contribute) and |P_i| its positive
+count: b_i = g_i / |P_i|; a_i = g_i for "all" and "negatives", and a_i = b_i · Σ_p sigmoid(lse_i - s_ip)
+for "each_positive"; w_ij = 1, or sigmoid(lse_i - s_ij) for "each_positive" — the formulas of
+``contrastkit._chunked``. Queries and keys: dq and dk come from two kernels, one owning query tiles
+and one owning key tiles. Self-contrast (the keys are the queries, own key excluded): one kernel
+owns row tiles and adds both directions from each logit tile, since s is symmetric. Every output
+element is written once by one program: no atomics, deterministic results.
 
-Both directions are ``torch.library`` custom ops with fake implementations, so
-``torch.compile`` traces a loss built on them without a graph break.
+Low-precision operands of the second product never carry a tiny row weight times a tiny
+probability (fp16 would flush it to zero at large N): dq applies g_i after the product, and dk and
+the symmetric kernel prescale their weights by a power of two that brings the largest to ~2^13.
+
+Both directions are ``torch.library`` custom ops with fake implementations, so ``torch.compile``
+traces a loss built on them without a graph break.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
 
-from .._options import SHARED, InfoNCEOptions, OpInputs, input_gradients, op_schema, split_op_args
+from .._options import InfoNCEOptions, OpInputs, input_gradients, op_schema, split_op_args
 from . import _info_nce_kernels as K
+from . import _plan as P
 from ._layout import check_kernel_input, embedding_size, interpreting, layout, num_rows, padded_size
 
+KINDS = ("forward", "backward_query", "backward_key", "backward_symmetric")
 _INTERPRETER_BLOCKS = (32, 32, 4, 1)
 
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) by element size (2: bf16/fp16, 4: fp32), kernel and
-# largest padded D. Measured on an H100 with benchmarks/tune_blocks.py (N = M = 32,768; see
-# benchmarks/results/nvidia-h100-2026-11-23-kernels.md): 2-byte D <= 256 and 4-byte D = 128.
-# The rest are estimates that fit Hopper's shared memory; _launch shrinks any that do not fit
-# a smaller GPU.
+# largest padded D; BLOCK_N counts queries (the symmetric kernel's rows), BLOCK_M keys (its columns).
+# The bf16 D = 128 shapes keep the hot loops within their instruction budget without spills
+# (benchmarks/sass_budget.py); the rest fit Hopper's shared memory (tests/kernels/compile_for_gpu.py
+# --table) and wait for a GPU to be timed (benchmarks/tune_blocks.py). _launch shrinks any shape a
+# smaller GPU cannot fit.
 GPU_BLOCKS = {
     2: {
-        "forward": {64: (128, 32, 4, 3), 128: (128, 32, 4, 3), 256: (64, 32, 4, 2), 512: (32, 32, 4, 1),
-                    1024: (16, 16, 4, 1)},
-        "backward_query": {64: (32, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (16, 16, 4, 1),
+        "forward": {64: (128, 128, 8, 2), 128: (128, 128, 8, 2), 256: (128, 64, 8, 2), 512: (64, 32, 4, 2),
+                    1024: (32, 32, 4, 1)},
+        "backward_query": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 64, 4, 2), 512: (32, 32, 4, 1),
                            1024: (16, 16, 4, 1)},
-        "backward_key": {64: (64, 64, 4, 3), 128: (64, 64, 4, 2), 256: (64, 32, 4, 2), 512: (16, 16, 4, 1),
+        "backward_key": {64: (64, 128, 8, 2), 128: (64, 128, 8, 2), 256: (64, 64, 4, 2), 512: (32, 32, 4, 1),
                          1024: (16, 16, 4, 1)},
+        "backward_symmetric": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 64, 4, 2),
+                               512: (32, 32, 4, 1), 1024: (16, 16, 4, 1)},
     },
     4: {  # float32 takes D <= 512 (_layout.MAX_EMBEDDING_SIZE)
         "forward": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2), 512: (32, 32, 4, 1)},
-        "backward_query": {64: (32, 64, 4, 2), 128: (32, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
-        "backward_key": {64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
+        "backward_query": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
+        "backward_key": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
+        "backward_symmetric": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
     },
 }
 # (kind, element size, D bound) -> the shape that replaced a tuned one this process's GPU could not fit.
 _SHRUNK: dict[tuple, tuple[int, int, int, int]] = {}
+# Largest magnitude of a prescaled low-precision operand: 2^13 leaves 2^2 of headroom under fp16's
+# 65504 for the sum of up to four terms (symmetric kernel), and keeps probabilities of 2^-30 normal.
+_PRESCALE_EXPONENT = 13.0
 
 
 def _shape_key(kind: str, d_pad: int, element_size: int) -> tuple:
@@ -68,32 +84,35 @@ def _blocks(kind: str, d_pad: int, element_size: int) -> tuple[int, int, int, in
 
 def smaller_blocks(block: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
     """The next shape to try when ``block`` needs more shared memory than the GPU has:
-    one pipeline stage fewer, then the larger tile side halved (16 is tl.dot's minimum)."""
+    one pipeline stage fewer, then the larger tile side halved (both sides of a square tile;
+    16 is tl.dot's minimum)."""
     block_n, block_m, warps, stages = block
     if stages > 1:
         return block_n, block_m, warps, stages - 1
     if max(block_n, block_m) <= 16:
         return None
-    if block_n >= block_m:
+    if block_n == block_m:
+        return block_n // 2, block_m // 2, warps, 2
+    if block_n > block_m:
         return block_n // 2, block_m, warps, 2
     return block_n, block_m // 2, warps, 2
 
 
-def _launch(kernel, kind: str, d_pad: int, element_size: int, grid_rows: int, by_query_tiles: bool, args_for,
-            flags):
+def _launch(kernel, kind: str, d_pad: int, element_size: int, args_for, flags):
     """Launch ``kernel`` with its tuned shape, shrinking it while the GPU lacks shared memory.
 
-    ``args_for(block_n, block_m)`` gives the kernel's arguments for a shape (tile bounds depend on it).
+    ``args_for(block_n, block_m)`` gives the grid and the kernel's arguments for a shape (the tile
+    lists depend on it).
     """
     from triton.runtime.errors import OutOfResources
 
     block = _blocks(kind, d_pad, element_size)
     while True:
         block_n, block_m, warps, stages = block
-        grid = (triton.cdiv(grid_rows, block_n if by_query_tiles else block_m),)
+        grid, args = args_for(block_n, block_m)
         try:
-            kernel[grid](*args_for(block_n, block_m), **flags, BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad,
-                         num_warps=warps, num_stages=stages)
+            kernel[grid](*args, **flags, BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, num_warps=warps,
+                         num_stages=stages)
             return
         except OutOfResources:
             block = smaller_blocks(block)
@@ -102,23 +121,18 @@ def _launch(kernel, kind: str, d_pad: int, element_size: int, grid_rows: int, by
             _SHRUNK[_shape_key(kind, d_pad, element_size)] = block
 
 
-def tile_group_bounds(groups: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest and largest group id of each run of ``block`` consecutive rows (the last run may be
-    short); a run holding a ``SHARED`` row meets every group.
-
-    The kernels skip a pair of tiles whose group ranges do not meet: no pair in it is a candidate.
-    """
-    pad = (-groups.numel()) % block
-    padded = torch.cat([groups, groups[-1:].expand(pad)]) if pad else groups
-    tiles = padded.view(-1, block)
-    shared = (tiles == SHARED).any(1)
-    lo = torch.where(shared, torch.iinfo(torch.int64).min + 1, tiles.amin(1))
-    hi = torch.where(shared, torch.iinfo(torch.int64).max, tiles.amax(1))
-    return lo, hi
-
-
-def _tile_bounds(groups, block, dummy):
-    return (dummy, dummy) if groups is None else tile_group_bounds(groups, block)
+def hot_loop_weights(kernel_name: str, args: dict) -> list[float] | None:
+    """Share of a launch's visited tiles that each of its tile loops runs, in source order
+    (benchmarks/sass_budget.py weighs the loops it finds in the SASS with these)."""
+    counts = args.get("counts_ptr")
+    if counts is None:
+        return None
+    clean, positive, masked = (float(v) for v in counts.to(torch.float64).sum(0))
+    total = max(clean + positive + masked, 1.0)
+    weights = [clean / total, positive / total, masked / total]
+    if kernel_name == "info_nce_fwd_kernel" and args.get("DENOM") == K.DENOMINATOR_CODES["each_positive"]:
+        weights += [positive / total, masked / total]  # the second sweep
+    return weights
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -130,33 +144,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def row_norms(x: torch.Tensor) -> torch.Tensor:
-    """L2 norm of every embedding row of x, in float32, read in place."""
+def gather_rows(x: torch.Tensor, perm: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's rows in the order ``perm`` as one contiguous (padded rows, D_PAD) copy, and their inverse
+    norms (float32; 1 without normalisation and on padding rows). x is read in place through its
+    strides, rows or a (B, C, H, W) map."""
     n, d = num_rows(x), embedding_size(x)
-    d_pad = padded_size(d)
-    out = torch.empty(n, dtype=torch.float32, device=x.device)
-    block = max(1, 4096 // d_pad)
-    K.row_norm_kernel[(triton.cdiv(n, block),)](x, out, n, d, *layout(x), BLOCK=block, D_PAD=d_pad)
-    return out
+    d_pad, n_pad = padded_size(d), P.padded_rows(n)
+    rows = torch.empty(n_pad, d_pad, dtype=x.dtype, device=x.device)
+    inv = torch.empty(n_pad, dtype=torch.float32, device=x.device)
+    block = min(P.ROW_PAD, max(1, 4096 // d_pad))
+    K.gather_rows_kernel[(n_pad // block,)](x, perm, rows, inv, n, d, *layout(x), NORMALIZE=normalize, BLOCK=block,
+                                            D_PAD=d_pad)
+    return rows, inv
 
 
-def _common_args(inputs: OpInputs, q_norm, k_norm):
-    dummy = inputs.labels  # never read when the matching constexpr flag is off
-    return (inputs.query, inputs.key, q_norm, k_norm, inputs.labels, inputs.key_labels,
-            dummy if inputs.groups is None else inputs.groups,
-            dummy if inputs.key_groups is None else inputs.key_groups)
-
-
-def _sizes(inputs: OpInputs, options: InfoNCEOptions, tau):
-    n, m, d = num_rows(inputs.query), num_rows(inputs.key), embedding_size(inputs.query)
-    return (n, m, d, options.self_key_offset or 0, options.ignore_index, tau,
-            *layout(inputs.query), *layout(inputs.key))
-
-
-def _flags(inputs: OpInputs, options: InfoNCEOptions):
+def _flags(inputs: OpInputs, options: InfoNCEOptions) -> dict:
     query = inputs.query
-    return dict(DENOM=K.DENOMINATOR_CODES[options.denominator], NORMALIZE=options.normalize,
-                HAS_GROUPS=inputs.groups is not None, HAS_SELF=options.self_key_offset is not None,
+    return dict(DENOM=K.DENOMINATOR_CODES[options.denominator], HAS_GROUPS=inputs.groups is not None,
                 DOT_PRECISION=_dot_precision(query.dtype), UPCAST=interpreting() and query.dtype == torch.bfloat16)
 
 
@@ -165,80 +169,246 @@ def _kernel_temperature(temperature: torch.Tensor) -> torch.Tensor:
     return temperature.detach().to(torch.float32).reshape(1)
 
 
-def _forward(*args):
-    """(loss, valid, lse, positive count, sum_p sigmoid(lse - s_ip), query norms, key norms)."""
-    _, inputs, _, options = split_op_args(args)
-    query, key = inputs.query, inputs.key
-    n, m, d = num_rows(query), num_rows(key), embedding_size(query)
+class _Prepared:
+    """What both directions rebuild from the inputs: the plan, the gathered copies and their norms."""
+
+    def __init__(self, inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
+        self.plan = P.make_plan(inputs.labels, inputs.key_labels, inputs.groups, inputs.key_groups,
+                                options.ignore_index, options.self_key_offset, symmetric)
+        self.q_rows, self.q_inv = gather_rows(inputs.query, self.plan.q.perm, options.normalize)
+        if symmetric:
+            self.k_rows, self.k_inv = self.q_rows, self.q_inv
+        else:
+            self.k_rows, self.k_inv = gather_rows(inputs.key, self.plan.k.perm, options.normalize)
+        dummy = self.plan.q.label
+        self.ids = (self.plan.q.label, self.plan.k.label,
+                    dummy if self.plan.q.group is None else self.plan.q.group,
+                    dummy if self.plan.k.group is None else self.plan.k.group,
+                    dummy if self.plan.self_col is None else self.plan.self_col)
+        self.d_pad = self.q_rows.shape[1]
+
+    def schedule(self, block_n: int, block_m: int, by_keys: bool = False) -> P.Schedule:
+        cat = P.categories(self.plan, block_n, block_m)
+        return P.schedule(cat.T if by_keys else cat)
+
+
+def _forward_impl(inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
+    """(loss, valid, lse2, positive count, sum_p sigmoid(lse - s_ip)); the last three in sorted order."""
+    query = inputs.query
+    n = num_rows(query)
+    prep = _Prepared(inputs, options, symmetric)
+    n_pad = prep.q_rows.shape[0]
     f32 = dict(dtype=torch.float32, device=query.device)
-    q_norm = row_norms(query) if options.normalize else torch.ones(n, **f32)
-    k_norm = row_norms(key) if options.normalize else torch.ones(m, **f32)
-    loss, lse, pos_sigmoid = torch.empty(n, **f32), torch.empty(n, **f32), torch.zeros(n, **f32)
-    valid = torch.empty(n, dtype=torch.bool, device=query.device)
-    n_pos = torch.empty(n, dtype=torch.int32, device=query.device)
-    common = _common_args(inputs, q_norm, k_norm)
-    rest = (loss, valid.view(torch.int8), lse, n_pos, pos_sigmoid,
-            *_sizes(inputs, options, _kernel_temperature(inputs.temperature)))
-    _launch(K.info_nce_fwd_kernel, "forward", padded_size(d), query.element_size(), n, True,
-            lambda block_n, block_m: (*common, *_tile_bounds(inputs.key_groups, block_m, inputs.labels), *rest),
-            _flags(inputs, options))
-    return loss, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm
+    loss, lse2, pos_sigmoid = torch.empty(n_pad, **f32), torch.empty(n_pad, **f32), torch.zeros(n_pad, **f32)
+    n_pos, n_candidates = P.pair_counts(prep.plan)
+    valid = n_pos > 0  # (0 on ignored rows)
+    if options.denominator == "negatives":
+        valid &= n_candidates > n_pos
+    tau = _kernel_temperature(inputs.temperature)
+
+    def args_for(block_n, block_m):
+        sched = prep.schedule(block_n, block_m)
+        return (n_pad // block_n,), (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, *prep.ids, sched.order,
+                                     sched.counts, n_pos, valid.view(torch.int8), loss, lse2, pos_sigmoid, tau,
+                                     sched.order.shape[1])
+
+    _launch(K.info_nce_fwd_kernel, "forward", prep.d_pad, query.element_size(), args_for,
+            dict(_flags(inputs, options), HAS_SELF=options.self_key_offset is not None, INTERPRETED=interpreting()))
+    perm = prep.plan.q.perm
+    out_loss = torch.empty(n, **f32)
+    out_loss[perm] = loss[:n]
+    out_valid = torch.empty(n, dtype=torch.bool, device=query.device)
+    out_valid[perm] = valid[:n]
+    return out_loss, out_valid, lse2, n_pos, pos_sigmoid
+
+
+def _forward(*args):
+    _, inputs, _, options = split_op_args(args)
+    return _forward_impl(inputs, options, symmetric=False)
+
+
+def _forward_symmetric(*args):
+    _, inputs, _, options = split_op_args(args)
+    return _forward_impl(inputs, options, symmetric=True)
 
 
 def _forward_fake(*args):
     _, inputs, _, _ = split_op_args(args)
-    n, m = num_rows(inputs.query), num_rows(inputs.key)
     query = inputs.query
-    rows = [query.new_empty(n, dtype=torch.float32) for _ in range(3)]
-    return (rows[0], query.new_empty(n, dtype=torch.bool), rows[1], query.new_empty(n, dtype=torch.int32),
-            rows[2], query.new_empty(n, dtype=torch.float32), query.new_empty(m, dtype=torch.float32))
+    n = num_rows(query)
+    n_pad = P.padded_rows(n)
+    return (query.new_empty(n, dtype=torch.float32), query.new_empty(n, dtype=torch.bool),
+            query.new_empty(n_pad, dtype=torch.float32), query.new_empty(n_pad, dtype=torch.int32),
+            query.new_empty(n_pad, dtype=torch.float32))
 
 
+_FORWARD_RETURNS = "(" + ", ".join(["Tensor"] * 5) + ")"
 forward_op = torch.library.custom_op("contrastkit::info_nce_rows_triton", _forward, mutates_args=(),
-                                     schema=op_schema(returns="(" + ", ".join(["Tensor"] * 7) + ")"))
+                                     schema=op_schema(returns=_FORWARD_RETURNS))
 forward_op.register_fake(_forward_fake)
+symmetric_forward_op = torch.library.custom_op("contrastkit::info_nce_rows_triton_symmetric", _forward_symmetric,
+                                               mutates_args=(), schema=op_schema(returns=_FORWARD_RETURNS))
+symmetric_forward_op.register_fake(_forward_fake)
 
-_SAVED = "Tensor valid, Tensor lse, Tensor n_pos, Tensor pos_sigmoid, Tensor q_norm, Tensor k_norm"
+_SAVED = "Tensor valid, Tensor lse, Tensor n_pos, Tensor pos_sigmoid"
+
+
+def _pow2_prescale(largest: torch.Tensor) -> torch.Tensor:
+    """A power of two that brings ``largest`` (>= 0, a device scalar) to about 2^13; 1 for 0."""
+    exponent = _PRESCALE_EXPONENT - torch.ceil(torch.log2(largest.clamp_min(1e-30)))
+    return torch.where(largest > 0, torch.exp2(exponent.clamp(-100.0, 100.0)), 1.0).reshape(1)
+
+
+def _gradient_rows(grad: torch.Tensor) -> torch.Tensor | None:
+    """``grad`` as a contiguous (rows, D) view, or None where its layout has none (an NCHW map)."""
+    rows = grad if grad.dim() == 2 else grad.permute(0, 2, 3, 1)
+    rows = rows.reshape(num_rows(grad), embedding_size(grad)) if rows.is_contiguous() else None
+    return rows if rows is not None and rows.data_ptr() == grad.data_ptr() else None
+
+
+class _GradientBuffer:
+    """Where a kernel writes a gradient: contiguous (rows, D), the output itself when its layout
+    allows (rows, channels-last maps), else a buffer copied into the output's layout afterwards."""
+
+    def __init__(self, like: torch.Tensor):
+        self.out = torch.empty_like(like)
+        view = _gradient_rows(self.out)
+        self.rows = view if view is not None else torch.empty(num_rows(like), embedding_size(like),
+                                                            dtype=like.dtype, device=like.device)
+
+    def finish(self) -> torch.Tensor:
+        if self.rows.data_ptr() != self.out.data_ptr():
+            if self.out.dim() == 2:
+                self.out.copy_(self.rows)
+            else:
+                b, c, h, w = self.out.shape
+                self.out.copy_(self.rows.view(b, h, w, c).permute(0, 3, 1, 2))
+        return self.out
+
+
+class _RowWeights:
+    """The backward's per-row inputs in sorted order (see the module docstring)."""
+
+    def __init__(self, grad_loss, valid, lse2, n_pos, pos_sigmoid, perm, options: InfoNCEOptions):
+        n, n_pad = perm.numel(), lse2.numel()
+        sorted_valid = torch.zeros(n_pad, dtype=torch.bool, device=lse2.device)
+        sorted_valid[:n] = valid[perm]
+        g = torch.zeros(n_pad, dtype=torch.float32, device=lse2.device)
+        g[:n] = grad_loss.to(torch.float32)[perm]
+        self.g = torch.where(sorted_valid, g, 0.0)  # g_i
+        count = n_pos.clamp_min(1).to(torch.float32)
+        self.b = torch.where(sorted_valid, 1.0 / count, 0.0)  # b_i / g_i
+        self.a = self.b * pos_sigmoid if options.denominator == "each_positive" else sorted_valid.to(torch.float32)
+        self.lse2 = lse2  # log2-sum-exp of every row, as the forward found it
+        # +inf makes 2^(x c - lse2) vanish on rows that do not contribute, whatever their logits.
+        self.lse2_masked = torch.where(sorted_valid, lse2, float("inf"))
+
+
+def _backward_impl(grad_loss, inputs: OpInputs, valid, lse2, n_pos, pos_sigmoid, need_query, need_key,
+                   need_temperature, options: InfoNCEOptions, symmetric: bool):
+    query, key = inputs.query, inputs.key
+    prep = _Prepared(inputs, options, symmetric)
+    plan = prep.plan
+    weights = _RowWeights(grad_loss, valid, lse2, n_pos, pos_sigmoid, plan.q.perm, options)
+    tau = _kernel_temperature(inputs.temperature)
+    flags = _flags(inputs, options)
+    element_size = query.element_size()
+    n_pad = prep.q_rows.shape[0]
+    if symmetric:
+        grad = _GradientBuffer(query)
+        tau_rows = torch.zeros(n_pad, dtype=torch.float32, device=query.device)
+        _backward_symmetric(prep, weights, tau, grad.rows, tau_rows, inputs, options, flags, need_temperature)
+        # Every pair appears twice in the rows' sums (as ij and as ji).
+        return grad.finish(), None, -tau_rows.sum() / (2 * tau[0])
+
+    run_query = need_query or (need_temperature and not need_key)
+    grad_query = _GradientBuffer(query) if run_query else None
+    grad_key = _GradientBuffer(key) if need_key else None
+    tau_rows = torch.zeros(max(n_pad, prep.k_rows.shape[0]), dtype=torch.float32, device=query.device)
+    common = (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, *prep.ids)
+    flags = dict(flags, NORMALIZE=options.normalize, HAS_SELF=options.self_key_offset is not None)
+    if run_query:
+        col_scale = _pow2_prescale(prep.k_inv.amax())
+
+        def query_args(block_n, block_m):
+            sched = prep.schedule(block_n, block_m)
+            return (n_pad // block_n,), (*common, sched.order, sched.counts, weights.lse2_masked, weights.a, weights.b,
+                                         weights.g, col_scale, tau, sched.order.shape[1], plan.q.perm,
+                                         grad_query.rows, tau_rows, num_rows(query), embedding_size(query))
+
+        _launch(K.info_nce_bwd_query_kernel, "backward_query", prep.d_pad, element_size, query_args,
+                dict(flags, TAU_GRAD=need_temperature))
+    if need_key:
+        row_weight = weights.g * prep.q_inv
+        scale = _pow2_prescale(row_weight.abs().amax())
+        a, b = weights.a * row_weight * scale, weights.b * row_weight * scale
+        q_scale = prep.q_inv * (K.LOG2E.value / tau)  # c_i, the logits' per-query factor in log2 units
+        key_common = (prep.q_rows, prep.k_rows, q_scale, *common[3:])
+
+        def key_args(block_n, block_m):
+            sched = prep.schedule(block_n, block_m, by_keys=True)
+            return (prep.k_rows.shape[0] // block_m,), (
+                *key_common, sched.order, sched.counts, weights.lse2_masked, a, b, scale, tau, sched.order.shape[1],
+                plan.k.perm, grad_key.rows, tau_rows, num_rows(key), embedding_size(key))
+
+        _launch(K.info_nce_bwd_key_kernel, "backward_key", prep.d_pad, element_size, key_args,
+                dict(flags, TAU_GRAD=need_temperature and not run_query))
+    grad_query = grad_query.finish() if need_query else None
+    grad_key = grad_key.finish() if need_key else None
+    return grad_query, grad_key, -tau_rows.sum() / tau[0]
+
+
+def _spread_weight(a: torch.Tensor, tile_max: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """a 2^(tile max - lse2), 0 where a is 0, the exponent clamped to [0, 126]."""
+    exponent = torch.nan_to_num((tile_max - lse2).clamp(0.0, 126.0), nan=0.0)
+    return torch.where(a == 0, 0.0, a * torch.exp2(exponent))
+
+
+def _backward_symmetric(prep: _Prepared, weights: _RowWeights, tau, grad, tau_rows, inputs: OpInputs,
+                        options: InfoNCEOptions, flags: dict, need_temperature: bool):
+    plan = prep.plan
+    inv = prep.q_inv
+    scale = _pow2_prescale(weights.g.abs().amax() * inv.amax())
+    a, b = weights.a * weights.g * scale, weights.b * weights.g * scale
+
+    def args_for(block_n, block_m):
+        sched = P.schedule(P.symmetric_categories(plan, block_n, block_m, weights.lse2))
+        row_max, col_max = P.tile_max(plan, weights.lse2, block_n), P.tile_max(plan, weights.lse2, block_m)
+        # alpha_r = a_r 2^(max of r's row tile - L_r), beta_j = a_j |x_j|^-1 2^(max of j's column tile - L_j);
+        # the exponents are within P.SYMMETRIC_SPREAD wherever they are used (clean and positive
+        # tiles), clamped elsewhere.
+        alpha = _spread_weight(a, row_max.repeat_interleave(block_n), weights.lse2)
+        beta = _spread_weight(a, col_max.repeat_interleave(block_m), weights.lse2) * inv
+        tiles = inv.numel() // block_m
+        return (inv.numel() // block_n,), (
+            prep.q_rows, inv, plan.q.label, prep.ids[2], sched.order, sched.counts, weights.lse2_masked, a, b,
+            alpha, beta, torch.nan_to_num(row_max, neginf=0.0), torch.nan_to_num(col_max, neginf=0.0), scale, tau,
+            tiles, plan.q.perm, grad, tau_rows, num_rows(inputs.query), embedding_size(inputs.query))
+
+    _launch(K.info_nce_bwd_symmetric_kernel, "backward_symmetric", prep.d_pad, inputs.query.element_size(),
+            args_for, dict(flags, NORMALIZE=options.normalize, TAU_GRAD=need_temperature))
 
 
 def _backward(*args):
     """(grad query, grad key, grad temperature).
 
-    The temperature's gradient is -(1/tau) sum_ij dL/ds_ij s_ij; one of the two kernels adds up
+    The temperature's gradient is -(1/tau) sum_ij dL/ds_ij s_ij; one of the kernels adds up
     sum_j dL/ds_ij s_ij per row in its epilogue from its accumulator (dq's when it runs).
     """
     (grad_loss,), inputs, after, options = split_op_args(args, 1)
-    valid, lse, n_pos, pos_sigmoid, q_norm, k_norm, need_query, need_key, need_temperature = after
-    query, key = inputs.query, inputs.key
-    n, m, d = num_rows(query), num_rows(key), embedding_size(query)
-    grad_row = torch.where(valid, grad_loss.to(torch.float32), 0.0)
-    pos_weight = grad_row / n_pos.clamp_min(1)
-    exp_weight = pos_weight * pos_sigmoid if options.denominator == "each_positive" else grad_row
-    # +inf makes exp(s - lse) vanish on rows that do not contribute, whatever their logits.
-    lse = torch.where(valid, lse, float("inf"))
-    tau = _kernel_temperature(inputs.temperature)
-    common = _common_args(inputs, q_norm, k_norm)
-    sizes = _sizes(inputs, options, tau)
-    flags = _flags(inputs, options)
-    d_pad, element_size = padded_size(d), query.element_size()
-    run_query = need_query or (need_temperature and not need_key)
-    grad_query = torch.empty_like(query) if run_query else torch.zeros_like(query)
-    grad_key = torch.empty_like(key) if need_key else torch.zeros_like(key)
-    tau_rows = torch.zeros(n if run_query else m, dtype=torch.float32, device=query.device)
-    weights = (lse, exp_weight, pos_weight)
-    if run_query:  # query tiles visit the key tiles whose groups meet theirs
-        _launch(K.info_nce_bwd_query_kernel, "backward_query", d_pad, element_size, n, True,
-                lambda block_n, block_m: (*common, *_tile_bounds(inputs.key_groups, block_m, inputs.labels),
-                                          *weights, grad_query, tau_rows, *sizes, *layout(grad_query)[2:]),
-                {**flags, "TAU_GRAD": need_temperature})
-    if need_key:  # and key tiles the query tiles
-        _launch(K.info_nce_bwd_key_kernel, "backward_key", d_pad, element_size, m, False,
-                lambda block_n, block_m: (*common, *_tile_bounds(inputs.groups, block_n, inputs.labels),
-                                          *weights, grad_key, tau_rows, *sizes, *layout(grad_key)[2:]),
-                {**flags, "TAU_GRAD": need_temperature and not run_query})
+    grad_query, grad_key, grad_tau = _backward_impl(grad_loss, inputs, *after, options, symmetric=False)
     temperature = inputs.temperature
-    grad_temperature = (-tau_rows.sum() / tau[0]).to(temperature.dtype).reshape(temperature.shape)
-    return grad_query, grad_key, grad_temperature
+    grad_query = torch.zeros_like(inputs.query) if grad_query is None else grad_query
+    grad_key = torch.zeros_like(inputs.key) if grad_key is None else grad_key
+    return grad_query, grad_key, grad_tau.to(temperature.dtype).reshape(temperature.shape)
+
+
+def _backward_symmetric_op(*args):
+    """(grad of the rows, grad temperature) of self-contrast."""
+    (grad_loss,), inputs, after, options = split_op_args(args, 1)
+    grad, _, grad_tau = _backward_impl(grad_loss, inputs, *after, options, symmetric=True)
+    temperature = inputs.temperature
+    return grad, grad_tau.to(temperature.dtype).reshape(temperature.shape)
 
 
 def _backward_fake(*args):
@@ -246,16 +416,25 @@ def _backward_fake(*args):
     return torch.empty_like(inputs.query), torch.empty_like(inputs.key), torch.empty_like(inputs.temperature)
 
 
+def _backward_symmetric_fake(*args):
+    _, inputs, _, _ = split_op_args(args, 1)
+    return torch.empty_like(inputs.query), torch.empty_like(inputs.temperature)
+
+
+_BACKWARD_AFTER = _SAVED + ", bool need_query, bool need_key, bool need_temperature"
 backward_op = torch.library.custom_op(
     "contrastkit::info_nce_rows_triton_backward", _backward, mutates_args=(),
-    schema=op_schema("Tensor grad_loss", _SAVED + ", bool need_query, bool need_key, bool need_temperature",
-                     "(Tensor, Tensor, Tensor)"))
+    schema=op_schema("Tensor grad_loss", _BACKWARD_AFTER, "(Tensor, Tensor, Tensor)"))
 backward_op.register_fake(_backward_fake)
+symmetric_backward_op = torch.library.custom_op(
+    "contrastkit::info_nce_rows_triton_symmetric_backward", _backward_symmetric_op, mutates_args=(),
+    schema=op_schema("Tensor grad_loss", _BACKWARD_AFTER, "(Tensor, Tensor)"))
+symmetric_backward_op.register_fake(_backward_symmetric_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    _, valid, lse, n_pos, pos_sigmoid, q_norm, k_norm = output
-    ctx.save_for_backward(*inputs[:-1], valid, lse, n_pos, pos_sigmoid, q_norm, k_norm)
+    _, valid, lse2, n_pos, pos_sigmoid = output
+    ctx.save_for_backward(*inputs[:-1], valid, lse2, n_pos, pos_sigmoid)
     ctx.options = inputs[-1]
 
 
@@ -267,7 +446,18 @@ def _autograd_backward(ctx, grad_loss, *_unused_grads):
                            temperature=grad_temperature if need["temperature"] else None)
 
 
+def _autograd_backward_symmetric(ctx, grad_loss, *_unused_grads):
+    # query and key are one tensor: its whole gradient is returned once, as the query's.
+    need = dict(zip(OpInputs._fields, ctx.needs_input_grad, strict=False))
+    need_rows = need["query"] or need["key"]
+    grad, grad_temperature = symmetric_backward_op(
+        grad_loss, *ctx.saved_tensors, need_rows, need_rows, need["temperature"], ctx.options)
+    return input_gradients(query=grad if need_rows else None,
+                           temperature=grad_temperature if need["temperature"] else None)
+
+
 forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+symmetric_forward_op.register_autograd(_autograd_backward_symmetric, setup_context=_setup_context)
 
 
 def _check_device(x: torch.Tensor) -> None:
@@ -278,20 +468,31 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
+def is_self_contrast(inputs: OpInputs, options: InfoNCEOptions) -> bool:
+    """Keys, key labels and key groups are the queries' own tensors, each query excluded from its
+    own key: the symmetric backward applies."""
+    return (options.self_key_offset == 0 and inputs.key is inputs.query and inputs.key_labels is inputs.labels
+            and inputs.key_groups is inputs.groups)
+
+
 def info_nce_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row masked InfoNCE (float32, 0 where a row does not contribute) and the contributing mask.
 
-    query and key are (N, D) / (M, D) rows or (B, C, H, W) maps, read in place through their
-    strides; in self-contrast key is query. Differentiable w.r.t. query, key and a tensor temperature.
+    query and key are (N, D) / (M, D) rows or (B, C, H, W) maps; in self-contrast key is query.
+    Differentiable w.r.t. query, key and a tensor temperature.
     """
     for name, x in (("query", inputs.query), ("key", inputs.key)):
         check_kernel_input(name, x)
         _check_device(x)
-    # O(N) id vectors are made contiguous (groups int64, as the kernels compare them); the
-    # embeddings are never copied.
+    symmetric = is_self_contrast(inputs, options)
+    # O(N) id vectors as int64 (the plan ranks them into dense int32 ids).
+    labels = inputs.labels.to(torch.int64)
+    groups = None if inputs.groups is None else inputs.groups.to(torch.int64)
     inputs = inputs._replace(
-        labels=inputs.labels.contiguous(), key_labels=inputs.key_labels.contiguous(),
-        groups=None if inputs.groups is None else inputs.groups.to(torch.int64).contiguous(),
-        key_groups=None if inputs.key_groups is None else inputs.key_groups.to(torch.int64).contiguous())
-    loss, valid, *_ = forward_op(*inputs, options.encode())
+        labels=labels, key_labels=labels if symmetric else inputs.key_labels.to(torch.int64),
+        groups=groups, key_groups=groups if symmetric else (
+            None if inputs.key_groups is None else inputs.key_groups.to(torch.int64)))
+    op = symmetric_forward_op if symmetric else forward_op
+    loss, valid, *_ = op(*inputs, options.encode())
     return loss, valid
+

@@ -6,7 +6,7 @@ tl.dot cannot take). This lowers each kernel down to a cubin with Triton's bundl
 for each dtype and a set of constexpr flags that reaches every branch, and prints one JSON line
 per compile. Run with TRITON_INTERPRET unset:
 
-    python tests/kernels/compile_for_gpu.py [--arch 90] [--block 64] [--d-pad 128]
+    python tests/kernels/compile_for_gpu.py [--arch 90] [--block 64] [--d-pad 128] [--jobs 2]
     python tests/kernels/compile_for_gpu.py --table     # the tuned shapes, with their shared memory
 """
 
@@ -24,18 +24,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-ROW_POINTERS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr")
-FIXED_POINTERS = {"q_norm_ptr": "*fp32", "k_norm_ptr": "*fp32", "norm_ptr": "*fp32", "q_label_ptr": "*i64",
-                  "k_label_ptr": "*i64", "q_group_ptr": "*i64", "k_group_ptr": "*i64", "loss_ptr": "*fp32",
-                  "valid_ptr": "*i8", "lse_ptr": "*fp32", "n_pos_ptr": "*i32", "pos_sigmoid_ptr": "*fp32",
-                  "exp_weight_ptr": "*fp32", "pos_weight_ptr": "*fp32",
-                  "tile_lo_ptr": "*i64", "tile_hi_ptr": "*i64", "tau_ptr": "*fp32", "tau_rows_ptr": "*fp32"}
+ROW_POINTERS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "dx_ptr", "x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr")
+ID_POINTERS = ("q_label", "k_label", "q_group", "k_group", "self_col", "label", "group")
+FIXED_POINTERS = {"perm_ptr": "*i64", "order_ptr": "*i32", "counts_ptr": "*i32", "valid_ptr": "*i8",
+                  "n_pos_ptr": "*i32", **{f"{name}_ptr": "*i32" for name in ID_POINTERS}}
+# Every other pointer is float32: norms, per-row statistics and weights, scales, the temperature.
 FLOAT_ARGS = ()
 
 # (DENOM, NORMALIZE, HAS_GROUPS, HAS_SELF, TAU_GRAD): every denominator, each flag both ways.
 INFO_NCE_FLAGS = [(0, True, False, True, True), (1, True, True, True, False), (2, False, True, False, True)]
 INFO_NCE_KERNELS = {"forward": K.info_nce_fwd_kernel, "backward_query": K.info_nce_bwd_query_kernel,
-                    "backward_key": K.info_nce_bwd_key_kernel}
+                    "backward_key": K.info_nce_bwd_key_kernel, "backward_symmetric": K.info_nce_bwd_symmetric_kernel}
 
 
 def info_nce_constexprs(dtype, flags, block_n, block_m, d_pad):
@@ -55,6 +54,8 @@ def signature(fn, dtype: str, constexprs: dict) -> ASTSource:
             sig[name] = "*" + TRITON_TYPES[dtype]
         elif name in FIXED_POINTERS:
             sig[name] = FIXED_POINTERS[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
         elif name in FLOAT_ARGS:
             sig[name] = "fp32"
         else:
@@ -75,21 +76,56 @@ def _all_jobs(block, d_pad, dtypes):
             constexprs = info_nce_constexprs(dtype, flags, block, block, d_pad)
             for kernel in INFO_NCE_KERNELS.values():
                 yield kernel.__name__, kernel, dtype, constexprs, 4, 2
-        yield "row_norm_kernel", K.row_norm_kernel, dtype, dict(BLOCK=block, D_PAD=d_pad), 4, 1
+        for normalize in (False, True):
+            yield ("gather_rows_kernel", K.gather_rows_kernel, dtype, dict(NORMALIZE=normalize, BLOCK=block,
+                                                                           D_PAD=d_pad), 4, 1)
         for normalize in (False, True):
             for kernel in (P.pool_fwd_kernel, P.pool_bwd_kernel):
                 yield kernel.__name__, kernel, dtype, dict(NORMALIZE=normalize, C_PAD=d_pad, BLOCK_P=block), 4, 1
 
 
 def table_jobs():
-    """Each tuned GPU shape of kernels/info_nce.py, with the flags that need the most resources."""
+    """Each tuned GPU shape of kernels/info_nce.py, with the flags that need the most resources.
+
+    A shape listed for several padded sizes is compiled at the largest only: its shared memory
+    grows with D_PAD, so that one fitting covers the smaller ones."""
     from contrastkit.kernels.info_nce import GPU_BLOCKS
 
     for element_size, dtype in ((2, "bfloat16"), (4, "float32")):
         for kind, table in GPU_BLOCKS[element_size].items():
-            for d_pad, (block_n, block_m, warps, stages) in table.items():
+            seen = set()
+            for d_pad, (block_n, block_m, warps, stages) in sorted(table.items(), reverse=True):
+                if (block_n, block_m, warps, stages) in seen:
+                    continue
+                seen.add((block_n, block_m, warps, stages))
                 constexprs = info_nce_constexprs(dtype, (1, True, True, True, True), block_n, block_m, d_pad)
                 yield INFO_NCE_KERNELS[kind].__name__, INFO_NCE_KERNELS[kind], dtype, constexprs, warps, stages
+
+
+def compile_job(job, arch: int) -> dict:
+    """One compile as a JSON-ready record (ok, or the error)."""
+    name, kernel, dtype, constexprs, warps, stages = job
+    start = time.perf_counter()
+    record = dict(kernel=name, dtype=dtype, arch=arch, num_warps=warps, num_stages=stages,
+                  flags={k: v for k, v in constexprs.items() if k.isupper()})
+    try:
+        compiled = triton.compile(signature(kernel, dtype, constexprs), target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=warps, num_stages=stages))
+        ptx = compiled.asm["ptx"]
+        record.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,
+                      wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx)
+    except Exception as error:  # noqa: BLE001 - every kernel is tried; failures are reported
+        record.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    return record
+
+
+_JOBS: list = []
+
+
+def _compile_index(index_arch):
+    index, arch = index_arch
+    return compile_job(_JOBS[index], arch)
 
 
 def main() -> int:
@@ -101,25 +137,18 @@ def main() -> int:
     parser.add_argument("--kernels", nargs="+", default=[], help="only these kernels (by function name)")
     parser.add_argument("--table", action="store_true",
                         help="compile the tuned shapes of GPU_BLOCKS instead (reports their shared memory)")
+    parser.add_argument("--jobs", type=int, default=1, help="compiles in parallel (worker processes)")
     args = parser.parse_args()
-    target = GPUTarget("cuda", args.arch, 32)
-    failed = 0
-    todo = table_jobs() if args.table else jobs(args.block, args.d_pad, args.dtypes, args.kernels)
-    for name, kernel, dtype, constexprs, warps, stages in todo:
-        start = time.perf_counter()
-        record = dict(kernel=name, dtype=dtype, arch=args.arch, num_warps=warps, num_stages=stages,
-                      flags={k: v for k, v in constexprs.items() if k.isupper()})
-        try:
-            compiled = triton.compile(signature(kernel, dtype, constexprs), target=target,
-                                      options=dict(num_warps=warps, num_stages=stages))
-            ptx = compiled.asm["ptx"]
-            record.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,
-                          wgmma="wgmma.mma_async" in ptx, mma="mma.sync" in ptx)
-        except Exception as error:  # noqa: BLE001 - every kernel is tried; failures are reported
-            failed += 1
-            record.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
-        record["seconds"] = round(time.perf_counter() - start, 2)
-        print(json.dumps(record), flush=True)
+    _JOBS.extend(table_jobs() if args.table else jobs(args.block, args.d_pad, args.dtypes, args.kernels))
+    work = [(index, args.arch) for index in range(len(_JOBS))]
+    if args.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            records = pool.imap(_compile_index, work)
+            failed = sum(not print(json.dumps(r), flush=True) and not r["ok"] for r in records)
+    else:
+        failed = sum(not print(json.dumps(r), flush=True) and not r["ok"] for r in map(_compile_index, work))
     return 1 if failed else 0
 
 

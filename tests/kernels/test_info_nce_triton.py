@@ -230,10 +230,13 @@ def test_every_option_reaches_the_kernels(field, value):
 
 
 @pytest.mark.parametrize("denominator", ["all", "each_positive", "negatives"])
-def test_unnormalized_large_logits_stay_finite(denominator):
-    # Without normalisation logits reach thousands: the online log-sum-exp must not overflow.
-    q, k, case = make_case("qk", 37, 53, 24, torch.float32, classes=3)
-    run_and_compare(q * 4, k * 4, case, torch.float32, denominator, tau=0.5, normalize=False)
+@pytest.mark.parametrize("mode", ["qk", "self"])
+def test_unnormalized_large_logits_stay_finite(mode, denominator):
+    # Without normalisation logits reach thousands: the online log-sum-exp must not overflow, and the
+    # symmetric backward's one-exponential tiles (self) give way to masked ones where the rows'
+    # log-sum-exps spread too far (tests/kernels/test_plan.py checks the demotion itself).
+    q, k, case = make_case(mode, 37, 53, 24, torch.float32, classes=3)
+    run_and_compare(q * 4, None if k is None else k * 4, case, torch.float32, denominator, tau=0.5, normalize=False)
 
 
 def test_feature_maps_read_through_strides():
@@ -381,6 +384,7 @@ def test_shapes_shrink_until_they_fit_the_gpu(monkeypatch):
     assert module.smaller_blocks((32, 64, 4, 1)) == (32, 32, 4, 2)
     assert module.smaller_blocks((16, 16, 4, 1)) is None
 
+    assert module.smaller_blocks((64, 64, 4, 1)) == (32, 32, 4, 2)  # square tiles stay square
     launches = []
 
     class FakeKernel:
@@ -395,16 +399,16 @@ def test_shapes_shrink_until_they_fit_the_gpu(monkeypatch):
 
     tuned = module._blocks("forward", 128, 4)
     assert tuned == module.GPU_BLOCKS[4]["forward"][128]
-    no_args = lambda block_n, block_m: ()  # noqa: E731
-    module._launch(FakeKernel(), "forward", 128, 4, 1000, True, no_args, {})
+    by_queries = lambda block_n, block_m: (((1000 + block_n - 1) // block_n,), ())  # noqa: E731
+    module._launch(FakeKernel(), "forward", 128, 4, by_queries, {})
     grid, block_n, block_m, stages = launches[-1]
     assert block_n * block_m <= 64 * 64 and stages == 1 and grid == ((1000 + block_n - 1) // block_n,)
     # Later launches start from the shape that fitted; other kernels and sizes keep theirs.
     assert module._blocks("forward", 128, 4) == (block_n, block_m, tuned[2], 1)
     assert module._blocks("forward", 128, 2) == module.GPU_BLOCKS[2]["forward"][128]
     count = len(launches)
-    module._launch(FakeKernel(), "forward", 100, 4, 1000, False, no_args, {})
-    assert len(launches) == count + 1 and launches[-1][0] == ((1000 + block_m - 1) // block_m,)
+    module._launch(FakeKernel(), "forward", 100, 4, by_queries, {})
+    assert len(launches) == count + 1
 
     class NeverFits:
         def __getitem__(self, grid):
@@ -413,7 +417,7 @@ def test_shapes_shrink_until_they_fit_the_gpu(monkeypatch):
             return launch
 
     with pytest.raises(OutOfResources):
-        module._launch(NeverFits(), "backward_key", 1024, 2, 10, False, no_args, {})
+        module._launch(NeverFits(), "backward_key", 1024, 2, by_queries, {})
 
 
 @pytest.mark.parametrize("denominator", ["all", "each_positive", "negatives"])
@@ -442,11 +446,109 @@ def test_rows_sorted_by_group_skip_tiles_and_match(mode, denominator):
     assert valid.sum() > n // 2
 
 
-def test_tile_group_bounds():
-    from contrastkit.kernels.info_nce import tile_group_bounds
+def test_group_ids_are_relabelled_densely():
+    """Group ids beyond int32 and SHARED rows on both sides: the kernels compare dense int32 ranks."""
+    q, k, case = make_case("qk", 130, 257, 24, torch.float32, with_groups=True, ignore_frac=0.1, seed=11)
+    case["groups"] = case["groups"] * (1 << 40) + 7
+    case["key_groups"] = case["key_groups"] * (1 << 40) + 7
+    case["groups"][::9] = SHARED
+    case["key_groups"][::7] = SHARED
+    run_and_compare(q, k, case, torch.float32, "each_positive")
 
-    groups = torch.tensor([3, 3, 1, 4, 4, 4, 9])
-    lo, hi = tile_group_bounds(groups, 3)
-    assert lo.tolist() == [1, 4, 9] and hi.tolist() == [3, 4, 9]
-    lo, hi = tile_group_bounds(groups, 32)
-    assert lo.tolist() == [1] and hi.tolist() == [9]
+
+@pytest.mark.parametrize("denominator", ["all", "each_positive", "negatives"])
+def test_self_contrast_symmetric_backward_matches_two_kernels(denominator, monkeypatch):
+    """Self-contrast runs one symmetric backward kernel; it equals dq + dk of the query/key kernels on
+    a copy of the rows with self_key_offset = 0, with groups, SHARED rows, ignored rows and a tensor τ."""
+    import contrastkit.kernels.info_nce as module
+
+    calls = []
+    symmetric = module._backward_symmetric
+    monkeypatch.setattr(module, "_backward_symmetric", lambda *a, **k: calls.append(1) or symmetric(*a, **k))
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(130, 24, generator=g)
+    labels = torch.randint(0, 4, (130,), generator=g)
+    labels[::11] = IGNORE
+    groups = torch.randint(0, 2, (130,), generator=g)
+    groups[::13] = SHARED
+    up = torch.rand(130, generator=g).to(DEVICE)
+    results = []
+    for self_contrast in (True, False):
+        rows = x.to(DEVICE).requires_grad_(True)
+        tau = torch.tensor(0.2, device=DEVICE, requires_grad=True)
+        ids = dict(labels=labels.to(DEVICE), groups=groups.to(DEVICE))
+        if self_contrast:
+            loss = info_nce(rows, **ids, temperature=tau, denominator=denominator, reduction="none",
+                            backend="triton")
+        else:
+            loss = info_nce(rows, rows * 1.0, **ids, key_labels=labels.clone().to(DEVICE),
+                            key_groups=groups.clone().to(DEVICE), self_key_offset=0, temperature=tau,
+                            denominator=denominator, reduction="none", backend="triton")
+        results.append((loss.detach(), *torch.autograd.grad((loss * up).sum(), (rows, tau))))
+        assert len(calls) == 1  # the symmetric kernel ran for self-contrast only
+    for got, want in zip(*results, strict=True):
+        assert_close(got, want, 1e-5, "symmetric vs two kernels")
+
+
+@pytest.mark.parametrize("mode", ["dq", "dk", "self"])
+def test_fp16_gradients_do_not_flush_to_zero(mode):
+    """At large N the per-element gradient g_i p_ij (g ~ 1/N from reduction="mean", p ~ 1/M) is far below
+    fp16's smallest subnormal (6e-8); formed before the cast for the second product it flushed to zero
+    (gradient errors of 4-50% here). The magnitudes are emulated with a small upstream gradient: the
+    gradients themselves stay representable, only the per-element products are tiny."""
+    g = torch.Generator().manual_seed(13)
+
+    def clustered(n, norm):
+        centroids = torch.nn.functional.normalize(torch.randn(4, 24, generator=g), dim=1)
+        labels = torch.randint(0, 4, (n,), generator=g)
+        return norm * (centroids[labels] + 0.5 * torch.randn(n, 24, generator=g) / 24**0.5), labels
+
+    if mode == "self":
+        q, labels = clustered(512, 1.0)
+        k, kwargs = None, dict(labels=labels, temperature=0.1)
+        upstream = torch.full((512,), 8e-6)
+    else:
+        # Unnormalised rows: tiny rows on the differentiated side keep the softmax flat (p ~ 1/M) while
+        # large rows on the other side keep the gradient large.
+        small, large = (64, 1e-3), (512, 30.0)
+        (q, labels), (k, key_labels) = (clustered(*small), clustered(*large)) if mode == "dq" else (
+            clustered(*large), clustered(*small))
+        kwargs = dict(labels=labels, key_labels=key_labels, temperature=1.0, normalize=False)
+        upstream = torch.full((q.shape[0],), 1e-5)
+    grads = {}
+    for dtype, backend in ((torch.float16, "triton"), (torch.float64, "reference")):
+        qq = q.to(DEVICE, dtype).requires_grad_(mode != "dk")
+        kk = None if k is None else k.to(DEVICE, dtype).requires_grad_(mode == "dk")
+        ids = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
+        rows = info_nce(qq, kk, **ids, reduction="none", backend=backend)
+        grads[backend] = torch.autograd.grad((rows * upstream.to(DEVICE, dtype)).sum(), kk if mode == "dk" else qq)[0]
+    got, want = grads["triton"].double().cpu(), grads["reference"].double().cpu()
+    error = ((got - want).abs().max() / want.abs().max()).item()
+    assert error < 1e-2, f"fp16 gradient error {error:.3g} of its largest element"
+
+
+@pytest.mark.parametrize("mode,denominator", [("self", "all"), ("self", "each_positive"), ("qk", "negatives"),
+                                              ("qk", "each_positive")])
+def test_every_tile_loop_runs(mode, denominator, monkeypatch):
+    """Rows sorted by label leave tile pairs without positives and pairs of one label: every kernel
+    runs its clean, positive and masked loops here, and the result still matches float64."""
+    import contrastkit.kernels.info_nce as module
+
+    counts = {}
+    launch = module._launch
+
+    def spy(kernel, kind, d_pad, element_size, args_for, flags):
+        def recording(block_n, block_m):
+            grid, args = args_for(block_n, block_m)
+            counts[kind] = next(a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32
+                                and a.dim() == 2 and a.shape[1] == 3).sum(0).tolist()
+            return grid, args
+        return launch(kernel, kind, d_pad, element_size, recording, flags)
+
+    monkeypatch.setattr(module, "_launch", spy)
+    q, k, case = make_case(mode, 257 if mode == "self" else 130, 257, 24, torch.float32, classes=3,
+                           ignore_frac=0.05, seed=14, with_groups=denominator == "each_positive")
+    run_and_compare(q, k, case, torch.float32, denominator)
+    kinds = {"forward", "backward_symmetric"} if mode == "self" else {"forward", "backward_query", "backward_key"}
+    assert set(counts) == kinds
+    assert all(min(count) > 0 for count in counts.values()), counts

@@ -1,0 +1,110 @@
+"""The host side of the tile loop (``kernels/_plan.py``): order, dense ids, tile categories, schedules."""
+
+from __future__ import annotations
+
+import torch
+from contrastkit.kernels import _plan as P
+
+from contrastkit import SHARED
+
+
+def test_rows_sorted_ignored_last_then_by_group_and_label():
+    labels = torch.tensor([3, -1, 3, 0, 5, 0, -1])
+    groups = torch.tensor([1 << 40, 2, SHARED, 1 << 40, 2, 2, SHARED])
+    plan = P.make_plan(labels, labels, groups, groups, -1, None, symmetric=True)
+    assert plan.k is plan.q and plan.self_col is None
+    perm = plan.q.perm.tolist()
+    # SHARED (-> -1) first, then group 2, then group 2^40, each run by label; ignored rows last, in order.
+    assert perm == [2, 5, 4, 3, 0, 1, 6]
+    assert plan.q.label.numel() == P.ROW_PAD and plan.q.label.dtype == torch.int32
+    # dense ranks of the values (ignore_index among them), -1 for ignored and padding rows
+    assert plan.q.label[:7].tolist() == [2, 1, 3, 1, 2, -1, -1] and (plan.q.label[7:] == -1).all()
+    assert plan.q.group[:5].tolist() == [-1, 1, 1, 2, 2]
+
+
+def test_ids_are_shared_between_queries_and_keys():
+    labels, key_labels = torch.tensor([7, 100, 7]), torch.tensor([100, 9, 7, 7])
+    plan = P.make_plan(labels, key_labels, None, None, -1, None, symmetric=False)
+    q = dict(zip(plan.q.perm.tolist(), plan.q.label.tolist(), strict=False))
+    k = dict(zip(plan.k.perm.tolist(), plan.k.label.tolist(), strict=False))
+    assert q[0] == q[2] == k[2] == k[3] and q[1] == k[0] and k[1] not in (q[0], q[1])
+
+
+def test_self_column_is_the_sorted_place_of_each_querys_own_key():
+    g = torch.Generator().manual_seed(0)
+    labels, key_labels = torch.randint(0, 3, (10,), generator=g), torch.randint(-1, 3, (25,), generator=g)
+    plan = P.make_plan(labels, key_labels, None, None, -1, 6, symmetric=False)
+    cols = plan.self_col[:10].long()
+    assert torch.equal(plan.k.perm[cols], plan.q.perm + 6)
+    assert (plan.self_col[10:] == -1).all()
+
+
+def test_categories_skip_mask_and_clean():
+    # Rows already in sorted order, 4 tiles of 32: (group 0, label 0), (group 0, label 1), (group 1,
+    # label 0), then (group 1, label 1) and ignored rows.
+    labels = torch.tensor([0] * 32 + [1] * 32 + [0] * 32 + [1] * 16 + [-1] * 16)
+    groups = torch.tensor([0] * 64 + [1] * 64)
+    plan = P.make_plan(labels, labels, groups, groups, -1, 0, symmetric=True)
+    assert plan.q.perm.tolist() == list(range(128))
+    cat = P.categories(plan, 32, 32)
+    assert cat.shape == (4, 4)
+    # groups 0 and 1 never meet
+    assert cat[0, 2] == P.SKIP and cat[2, 0] == P.SKIP and cat[1, 3] == P.SKIP
+    # one group, label ranges apart: every pair a negative candidate -> clean
+    assert cat[0, 1] == P.CLEAN and cat[1, 0] == P.CLEAN
+    # the diagonal (own keys) -> masked
+    assert cat[0, 0] == P.MASKED and cat[3, 3] == P.MASKED
+    # a key tile with ignored rows needs the mask; a query tile with them does not
+    assert cat[2, 3] == P.MASKED and cat[3, 2] == P.CLEAN
+    assert P.categories(plan, 32, 32, both_valid=True)[3, 2] == P.MASKED
+    sched = P.schedule(cat)
+    assert sched.counts.tolist() == [[1, 0, 1], [1, 0, 1], [0, 0, 2], [1, 0, 1]]
+    assert sched.order[0, :2].tolist() == [1, 0] and sched.order[2, :2].tolist() == [2, 3]
+    # the key side's programs take the transpose
+    assert P.schedule(cat.T).counts.tolist() == [[1, 0, 1], [1, 0, 1], [1, 0, 1], [0, 0, 2]]
+    # without own keys, a tile pair of one group whose labels overlap holds positives: label compares only
+    cat = P.categories(P.make_plan(labels, labels, groups, groups, -1, None, symmetric=True), 32, 32)
+    assert cat[0, 0] == P.POSITIVE and cat[3, 3] == P.MASKED and cat[2, 2] == P.POSITIVE
+    assert P.schedule(cat).order[2, :2].tolist() == [2, 3]
+
+
+def test_symmetric_clean_pairs_need_close_log_sum_exps():
+    labels = torch.arange(4).repeat_interleave(32)
+    plan = P.make_plan(labels, labels, None, None, -1, 0, symmetric=True)
+    lse2 = torch.zeros(P.ROW_PAD)
+    assert (P.symmetric_categories(plan, 32, 32, lse2) == P.categories(plan, 32, 32, both_valid=True)).all()
+    lse2[40] = -P.SYMMETRIC_SPREAD - 1  # row 40 (tile 1) far below the others
+    cat = P.symmetric_categories(plan, 32, 32, lse2)
+    assert cat[1, 0] == P.MASKED and cat[0, 1] == P.MASKED and cat[2, 3] == P.CLEAN
+    assert cat[0, 0] == P.MASKED  # the diagonal
+    # row tiles of 64, column tiles of 32: row tile 0 holds row 40
+    cat = P.symmetric_categories(plan, 64, 32, lse2)
+    assert cat.shape == (2, 4) and (cat[0] == P.MASKED).all() and cat[1, 0] == P.CLEAN and cat[1, 1] == P.MASKED
+
+
+def test_pair_counts_match_the_masks():
+    g = torch.Generator().manual_seed(1)
+    n, m = 70, 90
+    labels, key_labels = torch.randint(-1, 4, (n,), generator=g), torch.randint(-1, 4, (m,), generator=g)
+    groups, key_groups = torch.randint(-1, 3, (n,), generator=g), torch.randint(-1, 3, (m,), generator=g)
+    groups[groups < 0], key_groups[key_groups < 0] = SHARED, SHARED
+    for case in [(groups, key_groups, None), (None, None, 11), (groups, key_groups, 5)]:
+        qg, kg, offset = case
+        plan = P.make_plan(labels, key_labels, qg, kg, -1, offset, symmetric=False)
+        positives, candidates = P.pair_counts(plan)
+        cand = (labels[:, None] != -1) & (key_labels[None, :] != -1)
+        if qg is not None:
+            cand &= (qg[:, None] == kg[None, :]) | (qg[:, None] == SHARED) | (kg[None, :] == SHARED)
+        if offset is not None:
+            cand &= torch.arange(n)[:, None] + offset != torch.arange(m)[None, :]
+        pos = cand & (labels[:, None] == key_labels[None, :])
+        assert positives[:n].tolist() == pos.sum(1)[plan.q.perm].tolist()
+        assert candidates[:n].tolist() == cand.sum(1)[plan.q.perm].tolist()
+        assert (positives[n:] == 0).all() and (candidates[n:] == 0).all()
+    # self-contrast: the same rows on both sides
+    plan = P.make_plan(labels, labels, groups, groups, -1, 0, symmetric=True)
+    positives, _ = P.pair_counts(plan)
+    cand = (labels[:, None] != -1) & (labels[None, :] != -1) & ~torch.eye(n, dtype=torch.bool)
+    cand &= (groups[:, None] == groups[None, :]) | (groups[:, None] == SHARED) | (groups[None, :] == SHARED)
+    pos = cand & (labels[:, None] == labels[None, :])
+    assert positives[:n].tolist() == pos.sum(1)[plan.q.perm].tolist()
