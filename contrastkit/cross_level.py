@@ -364,7 +364,9 @@ def batchnorm_mode(model: nn.Module, mode: str):
             m.momentum = momentum
 
 
-def cross_level_views(model: nn.Module, images: torch.Tensor, grid, patch_batchnorm: str = "batch") -> CrossLevelViews:
+def cross_level_views(
+    model: nn.Module, images: torch.Tensor, grid, patch_batchnorm: str = "batch_no_update"
+) -> CrossLevelViews:
     """Run ``model`` on the full images and, as a separate batch, on their patches.
 
     ``model(x, return_features=True)`` must return logits and a dense projection map
@@ -378,8 +380,10 @@ def cross_level_views(model: nn.Module, images: torch.Tensor, grid, patch_batchn
       which also enter the running statistics — so the running statistics used at test time mix
       full images and patches (on Kvasir-SEG this shifts a trained model's test predictions:
       see examples/README.md);
-    - ``"batch_no_update"``: patches normalised with their own batch statistics, running statistics
-      left to the full images;
+    - ``"batch_no_update"`` (the default): patches normalised with their own batch statistics, running
+      statistics left to the full images, which are what a test-time pass sees. On the Kvasir-SEG
+      validation split this cut the over-segmentation of ``"batch"`` (precision 0.35 -> 0.44, recall
+      0.82 -> 0.62 late in training, Dice unchanged within noise; docs/cross_level.md);
     - ``"running"``: patches normalised with the running statistics of the full images, as a
       test-time pass would be (the affine parameters still train).
     """

@@ -78,9 +78,11 @@ def parse_args(argv=None):
     p.add_argument("--consistency-weight", type=float, default=1.0,
                    help="times gh*gw: the original sums the per-patch mean over the cells")
     p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--patch-batchnorm", choices=("batch", "batch_no_update", "running"), default="batch",
-                   help="BatchNorm in the patch pass: its own statistics (also entering the running ones), its "
-                        "own without updating the running ones, or the full images' running statistics")
+    p.add_argument("--patch-batchnorm", choices=("batch", "batch_no_update", "running"),
+                   default="batch_no_update",
+                   help="BatchNorm in the patch pass: its own statistics without updating the running ones (so "
+                        "the running ones stay the full images'), its own also entering the running ones (the "
+                        "original code), or the full images' running statistics")
     p.add_argument("--split-seed", type=int, default=0, help="seeds the train/val/test split")
     add_run_arguments(p, lr=3e-3, out="runs/cross_level")
     args = apply_preset(p, p.parse_args(argv), argv)

@@ -130,5 +130,15 @@ def test_patch_batchnorm_modes_control_the_running_statistics():
             assert views.patch_logits.requires_grad
     # only "batch" lets the patches into the running statistics
     assert running == {"batch": False, "batch_no_update": True, "running": True}
+    # the default keeps the running statistics the full images'
+    torch.manual_seed(1)
+    model, full_only = UNet(3, 1, base_width=4, depth=2, proj_dim=4), UNet(3, 1, base_width=4, depth=2, proj_dim=4)
+    full_only.load_state_dict(model.state_dict())
+    cross_level_views(model, images, 2)
+    full_only(images, return_features=True)
+    for a, b in zip(model.modules(), full_only.modules(), strict=True):
+        if isinstance(a, torch.nn.BatchNorm2d):  # (num_batches_tracked counts both passes)
+            torch.testing.assert_close(a.running_mean, b.running_mean)
+            torch.testing.assert_close(a.running_var, b.running_var)
     with pytest.raises(ValueError, match="patch_batchnorm"):
         cross_level_views(model, images, 2, patch_batchnorm="sync")
