@@ -318,10 +318,62 @@ def _facts() -> dict:
     return facts
 
 
+def figure(summary: dict, path: Path, metric: str = "dice", title: str = "") -> Path:
+    """Left: every seed's test ``metric`` per arm, a seed's runs joined by a line, the arm's mean with
+    its 95% t-interval. Right: the paired differences against the baseline, per seed and their mean
+    with its 95% interval; the interval clearing zero is the question a study asks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = summary["arms"]
+    order = ([summary["baseline"]] if summary["baseline"] else []) + \
+        [a for a in arms if a != summary["baseline"]]
+    diffs = {a: d[metric] for a, d in summary["differences"].items() if d.get(metric, {}).get("n")}
+    fig, axes = plt.subplots(1, 2 if diffs else 1, figsize=(9 if diffs else 5, 3.6), squeeze=False,
+                             constrained_layout=True)
+    ax = axes[0][0]
+    seeds = sorted({s for a in order for s in arms[a]["seeds"]})
+    for seed in seeds:
+        points = [(i, arms[a]["metrics"][metric]["per_seed"][arms[a]["seeds"].index(seed)])
+                  for i, a in enumerate(order) if seed in arms[a]["seeds"]]
+        ax.plot(*zip(*points, strict=True), "o-", color="0.6", lw=0.8, ms=4, alpha=0.8)
+    for i, a in enumerate(order):
+        values = arms[a]["metrics"][metric]["per_seed"]
+        mean, std = _mean_std(values)
+        half = t_quantile(0.975, len(values) - 1) * std / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        ax.errorbar(i + 0.12, mean, yerr=half, fmt="D", color="#D55E00", capsize=4, ms=6,
+                    label="mean, 95% interval" if i == 0 else None)
+    ax.set_xticks(range(len(order)), order)
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"per seed (n = {len(seeds)}), lines join a seed")
+    ax.legend(loc="best", fontsize=8)
+    if diffs:
+        ax = axes[0][1]
+        for i, (a, d) in enumerate(diffs.items()):
+            ax.plot([i] * len(d["per_seed"]), d["per_seed"], "o", color="0.6", ms=4)
+            ci = d.get("ci95")
+            err = None if ci is None else [[d["mean"] - ci[0]], [ci[1] - d["mean"]]]
+            ax.errorbar(i + 0.12, d["mean"], yerr=err, fmt="D", color="#0072B2", capsize=4, ms=6)
+        ax.axhline(0.0, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(diffs)), [f"{a}\n- {summary['baseline']}" for a in diffs])
+        ax.set_xlim(-0.5, len(diffs) - 0.5)
+        ax.set_ylabel(f"paired difference in test {metric}")
+        ax.set_title("against the baseline, same seeds")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_summary(summary: dict, out: Path, title: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     out.with_suffix(".md").write_text(markdown(summary, title))
+    figure(summary, out.with_suffix(".png"), title=title)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -344,7 +396,7 @@ def main(argv=None) -> int:
     summary = sub.add_parser("summarize", help="one table (JSON + Markdown) of a study's runs")
     summary.add_argument("runs", type=Path)
     summary.add_argument("--baseline", default=None, help="the arm paired differences are taken against")
-    summary.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    summary.add_argument("--out", type=Path, required=True, help="writes OUT.json, OUT.md and OUT.png")
     summary.add_argument("--title", default=None)
     args = parser.parse_args(argv)
 

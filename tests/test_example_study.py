@@ -62,6 +62,17 @@ def test_paired_difference_matches_a_paired_t_test(study, tmp_path):
     assert "| cross_level | dice | 5 |" in md and "| supervised | 5 |" in md
 
 
+def test_summaries_come_with_a_figure(study, tmp_path):
+    pytest.importorskip("matplotlib")
+    write_runs(tmp_path / "runs", {"supervised": {0: 0.45, 1: 0.48, 2: 0.41}, "cross_level": {0: 0.49, 1: 0.47}})
+    for baseline in ("supervised", None):  # with and without the paired panel
+        out = tmp_path / f"summary-{baseline}"
+        study.write_summary(study.summarize(tmp_path / "runs", baseline), out, "a study")
+        png = out.with_suffix(".png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+        assert out.with_suffix(".md").exists() and out.with_suffix(".json").exists()
+
+
 def test_cardiac_runs_compare_the_mean_and_each_class(study, tmp_path):
     write_runs(tmp_path, {"sup": {0: 0.4, 1: 0.5}, "proto": {0: 0.45, 1: 0.5}}, cardiac_metrics)
     summary = study.summarize(tmp_path, "sup")
@@ -114,5 +125,6 @@ def test_the_tiny_agenda_runs_end_to_end(tmp_path):
         assert all(data["seeds"] == [0] for data in summary["arms"].values())
         assert list(summary["differences"]) == [arms[1]]
         assert (tmp_path / f"summary-{script}.md").read_text().startswith("# ")
+        assert (tmp_path / f"summary-{script}.png").stat().st_size > 0
     metrics = json.loads((tmp_path / "cross_level_s0" / "metrics.json").read_text())
     assert metrics["config"]["time_budget"] == 120 and not metrics["stopped_at_time_budget"]
