@@ -146,7 +146,9 @@ def commands(plan: Plan, out: Path, data_root: Path | None, budget_s: float | No
 
 def run_plan(plan: Plan, out: Path, jobs: int, runs: list[tuple[str, list[str]]], deadline_s: float | None) -> list:
     """Runs ``jobs`` at a time; a run still going at ``deadline_s`` (the scripts stop themselves at their
-    budget first) is ended. Returns (name, exit code, seconds) per run."""
+    budget first) is ended. A run with a ``metrics.json`` is skipped and one with only a ``last.pt``
+    resumes from it, so a study stopped at any point continues where it was. Returns (name, exit
+    code, seconds) per run."""
     out.mkdir(parents=True, exist_ok=True)
     pending, running, done = list(runs), {}, []
     start = time.monotonic()
@@ -156,7 +158,10 @@ def run_plan(plan: Plan, out: Path, jobs: int, runs: list[tuple[str, list[str]]]
             if (out / name / "metrics.json").is_file():
                 done.append((name, 0, 0.0))  # finished in an earlier call: a study resumes where it stopped
                 continue
-            log = open(out / f"{name}.log", "w")  # noqa: SIM115 - closed when the run ends
+            last = out / name / "last.pt"
+            if last.is_file():  # cut short in an earlier call: continue from its checkpoint (resume is bit-exact)
+                argv = [*argv, "--resume", str(last)]
+            log = open(out / f"{name}.log", "a" if last.is_file() else "w")  # noqa: SIM115 - closed when it ends
             running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, time.monotonic())
             print(f"started {name}", flush=True)
         for name, (process, log, began) in list(running.items()):

@@ -111,6 +111,22 @@ def test_plans_become_commands(study, tmp_path):
         study.PLANS["tiny"], tmp_path, None, None, "cpu"))
 
 
+def test_a_stopped_study_continues_where_it_was(study, tmp_path):
+    record = "import json, pathlib, sys; pathlib.Path(sys.argv[1]).write_text(json.dumps(sys.argv[2:]))"
+    runs = [(name, [sys.executable, "-c", record, str(tmp_path / f"{name}.args"), "--seed", "0"])
+            for name in ("fresh_s0", "cut_s0", "done_s0")]
+    (tmp_path / "cut_s0").mkdir()
+    (tmp_path / "cut_s0" / "last.pt").write_bytes(b"checkpoint")
+    (tmp_path / "done_s0").mkdir()
+    (tmp_path / "done_s0" / "metrics.json").write_text("{}")
+    done = study.run_plan(study.PLANS["tiny"], tmp_path, 2, runs, None)
+    assert sorted(name for name, code, _ in done if code == 0) == ["cut_s0", "done_s0", "fresh_s0"]
+    assert json.loads((tmp_path / "fresh_s0.args").read_text()) == ["--seed", "0"]
+    assert json.loads((tmp_path / "cut_s0.args").read_text()) == ["--seed", "0", "--resume",
+                                                                  str(tmp_path / "cut_s0" / "last.pt")]
+    assert not (tmp_path / "done_s0.args").exists()  # finished earlier: not run again
+
+
 def test_the_tiny_agenda_runs_end_to_end(tmp_path):
     # The CPU dry run of the GPU agenda's machinery: both scripts, parallel runs, budgets, summaries.
     import subprocess
