@@ -308,10 +308,10 @@ def _facts() -> dict:
     facts = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
              "cpus": os.cpu_count()}
     try:
-        facts["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                         cwd=HERE, check=True).stdout.strip()
+        facts["summarized at commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                       text=True, cwd=HERE, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        facts["commit"] = "unknown"
+        facts["summarized at commit"] = "unknown"
     try:
         import torch
 
@@ -357,7 +357,7 @@ def figure(summary: dict, path: Path, metric: str = "dice", title: str = "") -> 
     ax.legend(loc="best", fontsize=8)
     if diffs:
         ax = axes[0][1]
-        for i, (a, d) in enumerate(diffs.items()):
+        for i, d in enumerate(diffs.values()):
             ax.plot([i] * len(d["per_seed"]), d["per_seed"], "o", color="0.6", ms=4)
             ci = d.get("ci95")
             err = None if ci is None else [[d["mean"] - ci[0]], [ci[1] - d["mean"]]]
