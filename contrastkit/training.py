@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import subprocess
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -50,6 +51,27 @@ def derived_seed(seed: int, *keys: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
+
+
+def code_version(path=None) -> dict:
+    """The code a run trains with, for its ``metrics.json``: the git commit of the checkout holding
+    ``path`` (default: this package), whether tracked files differ from it (``dirty``), and the
+    contrastkit and torch versions. ``commit`` and ``dirty`` are None outside a git checkout (an
+    installed wheel) or without git. A study compares runs of one commit; this is how it can tell."""
+    from . import __version__
+
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    where = where if where.is_dir() else where.parent
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": dirty, "contrastkit": __version__, "torch": torch.__version__}
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

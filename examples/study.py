@@ -260,7 +260,18 @@ def summarize(runs_dir: Path, baseline: str | None, facts: dict | None = None) -
             differences[arm] = {name: paired_difference({s: v[name] for s, v in mine.items()},
                                                         {s: v[name] for s, v in base.items() if name in v})
                                 for name in next(iter(mine.values()))}
-    return {"facts": facts or {}, "baseline": baseline, "arms": arms, "differences": differences}
+    return {"facts": facts or {}, "baseline": baseline, "arms": arms, "differences": differences,
+            "trained_at": trained_at(runs)}
+
+
+def trained_at(runs: dict[str, dict[int, dict]]) -> list[str]:
+    """The commits the runs trained at ("unknown" for a run without the record; "+" marks uncommitted
+    changes). More than one means the comparison mixes code changes with the methods' effects."""
+    def one(metrics):
+        code = metrics.get("code") or {}
+        return "unknown" if not code.get("commit") else code["commit"][:10] + ("+" if code.get("dirty") else "")
+
+    return sorted({one(m) for by_seed in runs.values() for m in by_seed.values()})
 
 
 def _fmt(value, scale=1.0, digits=3):
@@ -274,6 +285,12 @@ def markdown(summary: dict, title: str) -> str:
     facts = summary["facts"]
     if facts:
         lines += [", ".join(f"{k}: {v}" for k, v in facts.items()), ""]
+    commits = summary.get("trained_at", [])
+    if len(commits) > 1:
+        lines += [f"**The runs trained at different commits ({', '.join(commits)})**: the differences below may "
+                  "mix code changes with the methods' effects.", ""]
+    elif commits:
+        lines += [f"Trained at commit: {commits[0]}.", ""]
     arms = summary["arms"]
     names = list(next(iter(arms.values()))["metrics"])
     lines += ["| arm | seeds | " + " | ".join(names) + " | wall time per run | s per iteration |",

@@ -35,6 +35,7 @@ from contrastkit.training import (
     barrier,
     broadcast_object,
     cleanup_distributed,
+    code_version,
     derived_seed,
     init_distributed,
     load_checkpoint,
@@ -204,6 +205,7 @@ def train(args, context):
     consistency_weight = args.consistency_weight * args.grid**2
     n = args.labeled_batch // context.world_size  # labeled images in this process's share of a batch
 
+    code = code_version()  # of the process that finishes the run (a resumed run may have started on another)
     step, best, best_step, history, start = 0, -1.0, 0, History(), time.time()
     if args.resume:
         step, best, best_step, history, start = resume_run(args.resume, net, optimizer, device,
@@ -287,7 +289,7 @@ def train(args, context):
         extra[folder] = aggregate(binary_metrics(a, b) for a, b in zip(p, t, strict=True))
         print(f"test on {folder} ({len(dataset)} images), best checkpoint:\n{format_summary(extra[folder])}")
     wall = time.time() - start
-    result = {"config": vars(args), "iterations": iterations, "iterations_done": step,
+    result = {"config": vars(args), "code": code, "iterations": iterations, "iterations_done": step,
               "stopped_at_time_budget": budget.stopped, "best_step": best_step, "best_val_dice": best,
               "test": summary, "test_data": extra, "wall_time_s": wall, "threads": torch.get_num_threads(),
               "world_size": context.world_size}

@@ -54,6 +54,7 @@ from contrastkit.training import (
     barrier,
     broadcast_object,
     cleanup_distributed,
+    code_version,
     derived_seed,
     init_distributed,
     load_checkpoint,
@@ -260,6 +261,7 @@ def train(args, context):
                                    confidence_threshold=args.confidence_threshold, num_classes=len(args.classes) + 1,
                                    gather_distributed=gather and args.mode == "pixel")
 
+    code = code_version()  # of the process that finishes the run (a resumed run may have started on another)
     step, best, best_step, history, start, refreshed = 0, -1.0, 0, History(), time.time(), None
     if args.resume:
         step, best, best_step, history, start = resume_run(args.resume, net, optimizer, context.device,
@@ -333,7 +335,7 @@ def train(args, context):
     print(f"test ({len(test)} volumes), best checkpoint (step {best_step}, val dice {best:.4f}):\n"
           f"{format_summary(summary)}")
     wall = time.time() - start
-    result = {"config": vars(args), "iterations": {"stage1": stage1, "stage2": stage2, "total": total},
+    result = {"config": vars(args), "code": code, "iterations": {"stage1": stage1, "stage2": stage2, "total": total},
               "iterations_done": step, "stopped_at_time_budget": budget.stopped,
               "labeled_slices": n_lab, "unlabeled_slices": n_unl, "best_step": best_step, "best_val_dice": best,
               "hd95_unit": hd95_unit(test), "test": summary, "per_volume": per_volume, "wall_time_s": wall,

@@ -85,6 +85,23 @@ def test_cardiac_runs_compare_the_mean_and_each_class(study, tmp_path):
     assert single["n"] == 1 and "ci95" not in single and math.isnan(single["std"])
 
 
+def test_summaries_say_which_commits_the_runs_trained_at(study, tmp_path):
+    def at(commit, dirty=False):
+        def make(dice, seed):
+            return {**polyp_metrics(dice, seed), "code": {"commit": commit, "dirty": dirty}}
+        return make
+
+    write_runs(tmp_path / "one", {"supervised": {0: 0.4, 1: 0.5}}, at("a" * 40))
+    write_runs(tmp_path / "one", {"cross_level": {0: 0.45, 1: 0.5}}, at("a" * 40))
+    one = study.summarize(tmp_path / "one", "supervised")
+    assert one["trained_at"] == ["a" * 10] and f"Trained at commit: {'a' * 10}." in study.markdown(one, "t")
+    write_runs(tmp_path / "mixed", {"supervised": {0: 0.4}}, at("b" * 40, dirty=True))
+    write_runs(tmp_path / "mixed", {"cross_level": {0: 0.45}})  # an older run: no record
+    mixed = study.summarize(tmp_path / "mixed", "supervised")
+    assert mixed["trained_at"] == ["b" * 10 + "+", "unknown"]
+    assert "trained at different commits" in study.markdown(mixed, "t")
+
+
 def test_summaries_refuse_what_they_cannot_read(study, tmp_path):
     with pytest.raises(FileNotFoundError, match="arm"):
         study.summarize(tmp_path, None)
@@ -144,3 +161,4 @@ def test_the_tiny_agenda_runs_end_to_end(tmp_path):
         assert (tmp_path / f"summary-{script}.png").stat().st_size > 0
     metrics = json.loads((tmp_path / "cross_level_s0" / "metrics.json").read_text())
     assert metrics["config"]["time_budget"] == 120 and not metrics["stopped_at_time_budget"]
+    assert metrics["code"]["torch"] and "commit" in metrics["code"]

@@ -385,3 +385,32 @@ def test_time_budget_expires_after_its_seconds(monkeypatch):
     for bad in (0, -1.0, "5", True):
         with pytest.raises(ValueError, match="seconds"):
             training.TimeBudget(bad)
+
+
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+    import shutil
+    import subprocess
+
+    from contrastkit import __version__
+    from contrastkit.training import code_version
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    outside = code_version(tmp_path)
+    assert outside["commit"] is None and outside["dirty"] is None
+    assert outside["contrastkit"] == __version__ and outside["torch"] == torch.__version__
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-q", "-m", "one")
+    clean = code_version(tmp_path / "a.py")  # a file: its folder's checkout
+    assert clean["commit"] == git("rev-parse", "HEAD") and clean["dirty"] is False
+    (tmp_path / "b.py").write_text("untracked files do not count\n")
+    assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path)["dirty"] is True
