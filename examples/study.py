@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+STAGE1_FROM = "--stage1-from"
 RUN_NAME = re.compile(r"^(?P<arm>.+)_s(?P<seed>\d+)$")
 
 
@@ -37,6 +38,7 @@ class Arm:
     name: str
     script: str  # train_cross_level.py or train_pseudo_label.py
     args: tuple[str, ...]
+    stage1_from: str | None = None  # the arm of the same seed whose end of stage 1 this one starts from
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,8 @@ def _cross_level(name, *args):
     return Arm(name, "train_cross_level.py", args)
 
 
-def _pseudo_label(name, *args):
-    return Arm(name, "train_pseudo_label.py", args)
+def _pseudo_label(name, *args, stage1_from=None):
+    return Arm(name, "train_pseudo_label.py", args, stage1_from)
 
 
 KVASIR_CPU = ("--labeled-fraction", "0.1", "--image-size", "128", "--grid", "4", "--width", "16", "--depth", "3",
@@ -82,10 +84,12 @@ PLANS = {
         seeds=(0, 1, 2, 3, 4), common={"train_cross_level.py": KVASIR_CPU},
         data={"train_cross_level.py": "kvasir-seg"}, baseline={"train_cross_level.py": "supervised"}),
     "acdc-cpu": Plan(
-        "ACDC 3 labeled patients, 128x128, 800 + 800 iterations, poly LR: supervised vs prototype vs pixel, 3 seeds",
+        "ACDC 3 labeled patients, 128x128, 800 + 800 iterations, poly LR: supervised vs prototype vs pixel, 3 seeds "
+        "(prototype and pixel start stage 2 from the supervised run's step 800: stage 1 is the same)",
         (_pseudo_label("supervised", "--method", "supervised"),
-         _pseudo_label("prototype", "--method", "pseudo_label", "--mode", "prototype"),
-         _pseudo_label("pixel", "--method", "pseudo_label", "--mode", "pixel", "--anchors-per-class", "128")),
+         _pseudo_label("prototype", "--method", "pseudo_label", "--mode", "prototype", stage1_from="supervised"),
+         _pseudo_label("pixel", "--method", "pseudo_label", "--mode", "pixel", "--anchors-per-class", "128",
+                       stage1_from="supervised")),
         seeds=(0, 1, 2), common={"train_pseudo_label.py": ACDC_CPU}, data={"train_pseudo_label.py": "acdc"},
         baseline={"train_pseudo_label.py": "supervised"}),
     # One data set per device call (each packed copy nearly fills the 64 MiB a call carries). Iteration
@@ -112,7 +116,7 @@ PLANS = {
         "the agenda's machinery on synthetic data in seconds (CI): both scripts, two arms each, two seeds",
         (_cross_level("supervised", "--method", "supervised"), _cross_level("cross_level", "--method", "cross_level"),
          _pseudo_label("cardiac_supervised", "--method", "supervised"),
-         _pseudo_label("cardiac_prototype", "--method", "pseudo_label")),
+         _pseudo_label("cardiac_prototype", "--method", "pseudo_label", stage1_from="cardiac_supervised")),
         seeds=(0, 1), common={"train_cross_level.py": TINY_POLYP, "train_pseudo_label.py": TINY_CARDIAC},
         data={"train_cross_level.py": "synthetic", "train_pseudo_label.py": "synthetic"},
         baseline={"train_cross_level.py": "supervised", "train_pseudo_label.py": "cardiac_supervised"}),
@@ -134,6 +138,8 @@ def commands(plan: Plan, out: Path, data_root: Path | None, budget_s: float | No
                 data = str(data_root / data)
             argv = [sys.executable, str(HERE / arm.script), *plan.common.get(arm.script, ()), *arm.args,
                     "--data", data, "--seed", str(seed), "--out", str(out / f"{arm.name}_s{seed}")]
+            if arm.stage1_from:
+                argv += [STAGE1_FROM, str(out / f"{arm.stage1_from}_s{seed}")]
             if plan.threads:
                 argv += ["--threads", str(plan.threads)]
             if budget_s:
@@ -144,26 +150,48 @@ def commands(plan: Plan, out: Path, data_root: Path | None, budget_s: float | No
     return runs
 
 
+def _waits_for(argv: list[str]) -> Path | None:
+    """The stage-1 checkpoint a run starts from, if it starts from another run's."""
+    return Path(argv[argv.index(STAGE1_FROM) + 1]) / "stage1.pt" if STAGE1_FROM in argv else None
+
+
 def run_plan(plan: Plan, out: Path, jobs: int, runs: list[tuple[str, list[str]]], deadline_s: float | None) -> list:
-    """Runs ``jobs`` at a time; a run still going at ``deadline_s`` (the scripts stop themselves at their
-    budget first) is ended. A run with a ``metrics.json`` is skipped and one with only a ``last.pt``
-    resumes from it, so a study stopped at any point continues where it was. Returns (name, exit
-    code, seconds) per run."""
+    """Runs ``jobs`` at a time, in order, except that a run starting from another's stage 1 waits
+    until that run has written it (the next ready run takes the slot). A run still going at
+    ``deadline_s`` (the scripts stop themselves at their budget first) is ended. A run with a
+    ``metrics.json`` is skipped and one with only a ``last.pt`` resumes from it, so a study stopped
+    at any point continues where it was. Returns (name, exit code, seconds) per run; a run whose
+    stage 1 never came (its source failed) counts as failed."""
     out.mkdir(parents=True, exist_ok=True)
     pending, running, done = list(runs), {}, []
     start = time.monotonic()
+
+    def ready(run):
+        name, argv = run
+        source = _waits_for(argv)
+        return source is None or source.is_file() or (out / name / "last.pt").is_file() \
+            or (out / name / "metrics.json").is_file()
+
     while pending or running:
-        while pending and len(running) < jobs:
-            name, argv = pending.pop(0)
+        while len(running) < jobs and any(ready(run) for run in pending):
+            name, argv = pending.pop(next(i for i, run in enumerate(pending) if ready(run)))
             if (out / name / "metrics.json").is_file():
                 done.append((name, 0, 0.0))  # finished in an earlier call: a study resumes where it stopped
                 continue
             last = out / name / "last.pt"
             if last.is_file():  # cut short in an earlier call: continue from its checkpoint (resume is bit-exact)
+                if STAGE1_FROM in argv:
+                    at = argv.index(STAGE1_FROM)
+                    argv = argv[:at] + argv[at + 2:]
                 argv = [*argv, "--resume", str(last)]
             log = open(out / f"{name}.log", "a" if last.is_file() else "w")  # noqa: SIM115 - closed when it ends
             running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, time.monotonic())
             print(f"started {name}", flush=True)
+        if pending and not running and not any(ready(run) for run in pending):
+            for name, argv in pending:
+                print(f"FAILED {name}: {_waits_for(argv)} was never written", flush=True)
+                done.append((name, 1, 0.0))
+            pending = []
         for name, (process, log, began) in list(running.items()):
             code = process.poll()
             if code is None and deadline_s is not None and time.monotonic() - start > deadline_s:

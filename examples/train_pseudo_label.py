@@ -9,7 +9,9 @@ Stage 1 trains a U-Net on the labeled patients with Dice + cross-entropy. Stage 
 λ · PseudoLabelContrast on the projection head, with ground truth on the labeled slices and
 pseudo-labels on the unlabeled ones; the pseudo-labels come from the best model so far (by
 validation Dice) and are refreshed every ``--refresh-every`` iterations, ``--rounds`` times.
-``--method supervised`` is the baseline: stage 1 only, for the iterations of both stages.
+``--method supervised`` is the baseline: stage 1 only, for the iterations of both stages. Stage 1
+is the same for every method, so ``--stage1-from DIR`` starts stage 2 from the end of stage 1 of
+the run in ``DIR`` (every run writes ``stage1.pt``): a study trains stage 1 once per seed.
 Test metrics are 3D Dice and HD95 per class at each volume's own size; HD95 is in mm for NIfTI
 volumes (spacing from the headers) and in voxels otherwise (the ACDC HDF5 files carry no spacing).
 Under torchrun every process takes an equal share of each batch (``--batch`` and
@@ -18,6 +20,8 @@ Under torchrun every process takes an equal share of each batch (``--batch`` and
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -99,6 +103,10 @@ def parse_args(argv=None):
                    help="pseudo-labels below this softmax confidence are ignored")
     p.add_argument("--anchors-per-class", type=int, default=None, help="sample anchors (default: all pixels)")
     p.add_argument("--synthetic-volumes", type=int, default=20, help="synthetic training volumes")
+    p.add_argument("--stage1-from", default=None, metavar="DIR",
+                   help="start stage 2 from the end of stage 1 of the run in DIR (its stage1.pt and stage1_best.pt, "
+                   "written by every run): stage 1 is the same for every --method, so the arms of a study train it "
+                   "once; DIR's settings must equal these but for the stage-2 ones")
     p.add_argument("--val-volumes", type=int, default=None, help="use only the first N validation volumes")
     p.add_argument("--test-volumes", type=int, default=None, help="use only the first N test volumes")
     add_run_arguments(p, lr=2e-3, out="runs/pseudo_label")
@@ -130,6 +138,9 @@ def check_args(parser, args, world):
         if count % world:
             what = flag(args, dest) if dest == "labeled_batch" else f"the {unlabeled} unlabeled slices per batch"
             parser.error(f"{what} cannot be split evenly over {world} processes")
+    if args.stage1_from is not None and (args.method != "pseudo_label" or args.resume):
+        parser.error("--stage1-from starts a pseudo-label run's stage 2; it takes neither --method supervised "
+                     "nor --resume (a run cut short resumes from its own last.pt)")
     if args.sync_bn and (args.norm != "batch" or (world > 1 and not args.device.startswith("cuda"))):
         parser.error("--sync-bn needs --norm batch and, under torchrun, CUDA devices")
 
@@ -198,6 +209,31 @@ def hd95_unit(volumes):
     return "mm" if getattr(volumes, "spacings", None) else "voxel"
 
 
+# Settings stage 1 does not read: a run may start from another's stage 1 when all the others agree.
+# Execution settings (device, threads) may differ too.
+STAGE2_ONLY = {"method", "mode", "lam", "tau", "confidence_threshold", "anchors_per_class", "stage1_from", "resume",
+               "out", "time_budget", "device", "threads", "preset"}
+
+
+def stage1_state(folder, args, stage1):
+    """The paths of ``folder``'s end-of-stage-1 checkpoints after checking that its run had the
+    settings of ``args`` (but for :data:`STAGE2_ONLY`) and stopped stage 1 at step ``stage1``."""
+    folder = Path(folder)
+    last, best = folder / "stage1.pt", folder / "stage1_best.pt"
+    for path in (last, best):
+        if not path.is_file():
+            raise FileNotFoundError(f"--stage1-from {folder}: no {path.name} (a run writes it when its stage 1 ends)")
+    state = torch.load(last, map_location="cpu", weights_only=False)["state"]
+    theirs, ours = state.get("config", {}), vars(args)
+    differ = sorted(k for k in theirs.keys() & ours.keys() - STAGE2_ONLY if theirs[k] != ours[k])
+    if differ:
+        raise ValueError(f"--stage1-from {folder}: its run was trained with other settings: "
+                         + ", ".join(f"{k}={theirs[k]!r} (here {ours[k]!r})" for k in differ))
+    if state["step"] != stage1:
+        raise ValueError(f"--stage1-from {folder}: stage1.pt is at step {state['step']}, stage 1 ends at {stage1}")
+    return last, best
+
+
 def test_metrics(model, volumes, args):
     """Per-volume Dice and HD95 (in ``hd95_unit(volumes)``) per class and their mean, and the aggregate."""
     per_volume = []
@@ -263,8 +299,13 @@ def train(args, context):
 
     code = code_version()  # of the process that finishes the run (a resumed run may have started on another)
     step, best, best_step, history, start, refreshed = 0, -1.0, 0, History(), time.time(), None
-    if args.resume:
-        step, best, best_step, history, start = resume_run(args.resume, net, optimizer, context.device,
+    if args.resume or args.stage1_from:
+        resume_from = args.resume
+        if args.stage1_from:
+            resume_from, stage1_best = stage1_state(args.stage1_from, args, stage1)
+            if main_process:  # the first round's teacher, and the best model if stage 2 never beats it
+                shutil.copyfile(stage1_best, out / "best.pt")
+        step, best, best_step, history, start = resume_run(resume_from, net, optimizer, context.device,
                                                            scheduler=schedule, scaler=amp)
 
     def checkpoint(path):
@@ -324,6 +365,10 @@ def train(args, context):
                     checkpoint(out / "best.pt")
             if main_process:
                 checkpoint(out / "last.pt")
+                if step == stage1:  # what another method's run may start its stage 2 from (--stage1-from)
+                    shutil.copyfile(out / "best.pt", out / "stage1_best.tmp")
+                    os.replace(out / "stage1_best.tmp", out / "stage1_best.pt")
+                    checkpoint(out / "stage1.pt")  # last: a waiting run starts when this one appears
                 bar.write(f"step {step}: val dice {val_dice:.4f} (best {best:.4f} at {best_step})")
             barrier()  # the next round's teacher and a resume read what rank 0 wrote
     bar.close()
@@ -335,7 +380,8 @@ def train(args, context):
     print(f"test ({len(test)} volumes), best checkpoint (step {best_step}, val dice {best:.4f}):\n"
           f"{format_summary(summary)}")
     wall = time.time() - start
-    result = {"config": vars(args), "code": code, "iterations": {"stage1": stage1, "stage2": stage2, "total": total},
+    result = {"config": vars(args), "code": code, "stage1_from": args.stage1_from,
+              "iterations": {"stage1": stage1, "stage2": stage2, "total": total},
               "iterations_done": step, "stopped_at_time_budget": budget.stopped,
               "labeled_slices": n_lab, "unlabeled_slices": n_unl, "best_step": best_step, "best_val_dice": best,
               "hd95_unit": hd95_unit(test), "test": summary, "per_volume": per_volume, "wall_time_s": wall,

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -145,6 +146,41 @@ def test_resume_mid_round_matches_an_uninterrupted_run(script, tmp_path, monkeyp
     assert _leaves(resumed["per_volume"]) == pytest.approx(_leaves(full["per_volume"]), rel=1e-5, abs=1e-6)
     history = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [r["step"] for r in history] == [2, 4, 6, 8]
+
+
+def test_stage2_from_the_baselines_stage1_matches_a_run_of_its_own(script, tmp_path):
+    args = TINY + ["--iterations", "2", "--rounds", "2", "--refresh-every", "2", "--eval-every", "2"]
+    own = script.main(args + ["--mode", "pixel", "--out", str(tmp_path / "own")])
+    baseline = script.main(args + ["--method", "supervised", "--out", str(tmp_path / "base")])
+    assert baseline["stage1_from"] is None and (tmp_path / "base" / "stage1_best.pt").is_file()
+    assert torch.load(tmp_path / "base" / "stage1.pt", weights_only=False)["state"]["step"] == 2
+    forked = script.main(args + ["--mode", "pixel", "--out", str(tmp_path / "fork"),
+                                 "--stage1-from", str(tmp_path / "base")])
+    _check_outputs(tmp_path / "fork")
+    assert forked["stage1_from"] == str(tmp_path / "base") and forked["best_step"] == own["best_step"]
+    assert _leaves(forked["test"]) == pytest.approx(_leaves(own["test"]), rel=1e-5, abs=1e-6)
+    history = json.loads((tmp_path / "fork" / "history.json").read_text())
+    assert history == json.loads((tmp_path / "own" / "history.json").read_text())
+
+
+def test_stage1_from_refuses_what_it_cannot_continue(script, tmp_path, capsys):
+    args = TINY + ["--iterations", "2", "--rounds", "1", "--eval-every", "2"]
+    with pytest.raises(FileNotFoundError, match="stage1.pt"):
+        script.main(args + ["--out", str(tmp_path / "a"), "--stage1-from", str(tmp_path / "nothing")])
+    script.main(args + ["--method", "supervised", "--out", str(tmp_path / "base")])
+    with pytest.raises(ValueError, match=r"other settings: image_size=48 \(here 32\)"):
+        script.main([*args, "--image-size", "32", "--out", str(tmp_path / "b"),
+                     "--stage1-from", str(tmp_path / "base")])
+    wrong = tmp_path / "wrong"  # a checkpoint of the right run but from the wrong step
+    wrong.mkdir()
+    for name in ("stage1.pt", "stage1_best.pt"):
+        shutil.copyfile(tmp_path / "base" / "last.pt", wrong / name)
+    with pytest.raises(ValueError, match="stage1.pt is at step 4, stage 1 ends at 2"):
+        script.main(args + ["--out", str(tmp_path / "c"), "--stage1-from", str(wrong)])
+    for extra in (["--method", "supervised"], ["--resume", "x.pt"]):
+        with pytest.raises(SystemExit):
+            script.main([*args, *extra, "--stage1-from", str(tmp_path / "base")])
+        assert "--stage1-from starts a pseudo-label run" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(find_acdc_root() is None, reason="ACDC not found (set CONTRASTKIT_DATA or ../shared/data/acdc)")

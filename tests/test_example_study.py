@@ -136,12 +136,37 @@ def test_a_stopped_study_continues_where_it_was(study, tmp_path):
     (tmp_path / "cut_s0" / "last.pt").write_bytes(b"checkpoint")
     (tmp_path / "done_s0").mkdir()
     (tmp_path / "done_s0" / "metrics.json").write_text("{}")
+    runs.append(("cutfork_s0", [*runs[0][1][:3], str(tmp_path / "cutfork_s0.args"), "--stage1-from", "elsewhere"]))
+    (tmp_path / "cutfork_s0").mkdir()  # started from another run's stage 1, then cut: resumes from its own
+    (tmp_path / "cutfork_s0" / "last.pt").write_bytes(b"checkpoint")
     done = study.run_plan(study.PLANS["tiny"], tmp_path, 2, runs, None)
-    assert sorted(name for name, code, _ in done if code == 0) == ["cut_s0", "done_s0", "fresh_s0"]
+    assert sorted(name for name, code, _ in done if code == 0) == ["cut_s0", "cutfork_s0", "done_s0", "fresh_s0"]
+    resumed = ["--resume", str(tmp_path / "cutfork_s0" / "last.pt")]
+    assert json.loads((tmp_path / "cutfork_s0.args").read_text()) == resumed
     assert json.loads((tmp_path / "fresh_s0.args").read_text()) == ["--seed", "0"]
     assert json.loads((tmp_path / "cut_s0.args").read_text()) == ["--seed", "0", "--resume",
                                                                   str(tmp_path / "cut_s0" / "last.pt")]
     assert not (tmp_path / "done_s0.args").exists()  # finished earlier: not run again
+
+
+def test_a_run_that_starts_from_another_stage1_waits_for_it(study, tmp_path):
+    # "base" writes its stage1.pt after a while; "fork" must start after that, and "free" (no wait)
+    # takes the second slot meanwhile. "orphan" waits for a run that never writes one: it fails.
+    log = tmp_path / "order.txt"
+    stamp = (f"import pathlib, sys, time; open({str(log)!r}, 'a').write(sys.argv[1] + ' start ' + "
+             f"str(pathlib.Path({str(tmp_path / 'base_s0' / 'stage1.pt')!r}).is_file()) + '\\n')")
+    base = stamp + f"; time.sleep(1.5); p = pathlib.Path({str(tmp_path / 'base_s0')!r}); p.mkdir(exist_ok=True); " \
+        "(p / 'stage1.pt').write_text('x'); time.sleep(0.5)"
+    runs = [("base_s0", [sys.executable, "-c", base, "base"]),
+            ("fork_s0", [sys.executable, "-c", stamp, "fork", "--stage1-from", str(tmp_path / "base_s0")]),
+            ("orphan_s0", [sys.executable, "-c", stamp, "orphan", "--stage1-from", str(tmp_path / "nobody_s0")]),
+            ("free_s0", [sys.executable, "-c", stamp, "free"])]
+    done = {name: code for name, code, _ in study.run_plan(study.PLANS["tiny"], tmp_path, 2, runs, None)}
+    assert done == {"base_s0": 0, "fork_s0": 0, "free_s0": 0, "orphan_s0": 1}
+    lines = log.read_text().split("\n")[:-1]
+    assert lines[:2] == ["base start False", "free start False"] and lines[2] == "fork start True"
+    assert study.commands(study.PLANS["acdc-cpu"], tmp_path, Path("/d"), None, None)[1][1][-4:-2] == [
+        "--stage1-from", str(tmp_path / "supervised_s0")]
 
 
 def test_the_tiny_agenda_runs_end_to_end(tmp_path):
