@@ -317,6 +317,8 @@ def markdown(summary: dict, title: str) -> str:
     if len(commits) > 1:
         lines += [f"**The runs trained at different commits ({', '.join(commits)})**: the differences below may "
                   "mix code changes with the methods' effects.", ""]
+    elif commits == ["unknown"]:
+        lines += ["The runs do not record the commit they trained at (they predate that record).", ""]
     elif commits:
         lines += [f"Trained at commit: {commits[0]}.", ""]
     arms = summary["arms"]

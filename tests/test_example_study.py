@@ -100,6 +100,8 @@ def test_summaries_say_which_commits_the_runs_trained_at(study, tmp_path):
     mixed = study.summarize(tmp_path / "mixed", "supervised")
     assert mixed["trained_at"] == ["b" * 10 + "+", "unknown"]
     assert "trained at different commits" in study.markdown(mixed, "t")
+    write_runs(tmp_path / "old", {"supervised": {0: 0.4}})
+    assert "do not record the commit" in study.markdown(study.summarize(tmp_path / "old", None), "t")
 
 
 def test_summaries_refuse_what_they_cannot_read(study, tmp_path):
