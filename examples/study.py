@@ -21,6 +21,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,7 +416,7 @@ def figure(summary: dict, path: Path, metric: str = "dice", title: str = "") -> 
         ax.set_ylabel(f"paired difference in test {metric}")
         ax.set_title("against the baseline, same seeds")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(textwrap.fill(title, 110), fontsize=9)  # long titles wrap, never run off the figure
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
