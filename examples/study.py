@@ -270,13 +270,12 @@ def summarize(runs_dir: Path, baseline: str | None, facts: dict | None = None) -
         names = list(next(iter(per_seed.values())))
         arms[arm] = {
             "seeds": sorted(per_seed),
-            "metrics": {name: dict(zip(("mean", "std"), _mean_std([per_seed[s][name] for s in sorted(per_seed)]),
-                                       strict=True)) | {"per_seed": [per_seed[s][name] for s in sorted(per_seed)]}
-                        for name in names},
+            "metrics": {name: _spread([per_seed[s][name] for s in sorted(per_seed)]) for name in names},
             "wall_time_s": [by_seed[s].get("wall_time_s") for s in sorted(per_seed)],
             "iterations_done": [by_seed[s].get("iterations_done") for s in sorted(per_seed)],
             "stopped_at_time_budget": [by_seed[s].get("stopped_at_time_budget", False) for s in sorted(per_seed)],
             "best_step": [by_seed[s].get("best_step") for s in sorted(per_seed)],
+            "best_val_dice": _selection(by_seed),
             "config": {k: v for k, v in next(iter(by_seed.values()))["config"].items() if k not in ("seed", "out")},
         }
     differences = {}
@@ -291,6 +290,17 @@ def summarize(runs_dir: Path, baseline: str | None, facts: dict | None = None) -
                                 for name in next(iter(mine.values()))}
     return {"facts": facts or {}, "baseline": baseline, "arms": arms, "differences": differences,
             "trained_at": trained_at(runs)}
+
+
+def _spread(values: list[float]) -> dict:
+    return dict(zip(("mean", "std"), _mean_std(values), strict=True)) | {"per_seed": values}
+
+
+def _selection(by_seed: dict[int, dict]) -> dict | None:
+    """The validation Dice of each seed's chosen checkpoint: the number to choose settings by (never
+    the test columns). ``None`` when a run does not record it."""
+    values = [by_seed[s].get("best_val_dice") for s in sorted(by_seed)]
+    return None if any(v is None for v in values) else _spread(values)
 
 
 def trained_at(runs: dict[str, dict[int, dict]]) -> list[str]:
@@ -324,10 +334,15 @@ def markdown(summary: dict, title: str) -> str:
         lines += [f"Trained at commit: {commits[0]}.", ""]
     arms = summary["arms"]
     names = list(next(iter(arms.values()))["metrics"])
-    lines += ["| arm | seeds | " + " | ".join(names) + " | wall time per run | s per iteration |",
-              "|---|---|" + "---|" * len(names) + "---|---|"]
+    selection = all(data.get("best_val_dice") for data in arms.values())
+    if selection:
+        lines += ["`val dice` is the validation Dice of each run's chosen checkpoint: choose settings by it; "
+                  "the other columns are test.", ""]
+    lines += ["| arm | seeds | " + "val dice | " * selection + " | ".join(names) + " | wall time per run | s per iteration |",
+              "|---|---|" + "---|" * (len(names) + selection) + "---|---|"]
     for arm, data in arms.items():
-        cells = [f"{_fmt(m['mean'])} ± {_fmt(m['std'])}" for m in data["metrics"].values()]
+        cells = [f"{_fmt(m['mean'])} ± {_fmt(m['std'])}"
+                 for m in ([data["best_val_dice"]] if selection else []) + list(data["metrics"].values())]
         walls = [w for w in data["wall_time_s"] if w]
         seconds = sum(walls) / len(walls) if walls else None
         wall = "n/a" if seconds is None else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

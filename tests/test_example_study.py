@@ -104,6 +104,25 @@ def test_summaries_say_which_commits_the_runs_trained_at(study, tmp_path):
     assert "do not record the commit" in study.markdown(study.summarize(tmp_path / "old", None), "t")
 
 
+def test_summaries_show_the_validation_number_settings_are_chosen_by(study, tmp_path):
+    def with_val(dice, seed):
+        return {**polyp_metrics(dice, seed), "best_val_dice": dice + 0.1}
+
+    write_runs(tmp_path / "val", {"supervised": {0: 0.4, 1: 0.5}, "cross_level": {0: 0.45, 1: 0.55}}, with_val)
+    summary = study.summarize(tmp_path / "val", "supervised")
+    chosen = summary["arms"]["cross_level"]["best_val_dice"]
+    assert chosen["per_seed"] == pytest.approx([0.55, 0.65]) and chosen["mean"] == pytest.approx(0.6)
+    assert chosen["std"] == pytest.approx(stats.tstd([0.55, 0.65]))
+    table = [line for line in study.markdown(summary, "t").splitlines() if line.startswith("|")][:4]
+    assert table[0].startswith("| arm | seeds | val dice | dice |")
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    row = next(line for line in table if line.startswith("| cross_level |"))
+    assert row.split(" | ")[2:4] == ["0.600 ± 0.071", "0.500 ± 0.071"]  # validation, then test
+    write_runs(tmp_path / "val", {"old": {0: 0.3}})  # a run that does not record it: no column
+    summary = study.summarize(tmp_path / "val", "supervised")
+    assert summary["arms"]["old"]["best_val_dice"] is None and "val dice" not in study.markdown(summary, "t")
+
+
 def test_summaries_refuse_what_they_cannot_read(study, tmp_path):
     with pytest.raises(FileNotFoundError, match="arm"):
         study.summarize(tmp_path, None)
