@@ -413,7 +413,9 @@ def figure(summary: dict, path: Path, metric: str = "dice", title: str = "") -> 
         half = t_quantile(0.975, len(values) - 1) * std / math.sqrt(len(values)) if len(values) > 1 else 0.0
         ax.errorbar(i + 0.12, mean, yerr=half, fmt="D", color="#D55E00", capsize=4, ms=6,
                     label="mean, 95% interval" if i == 0 else None)
-    ax.set_xticks(range(len(order)), order)
+    # arm names that would run into each other break at their underscores
+    crowded = sum(map(len, order)) > 9 * len(order)
+    ax.set_xticks(range(len(order)), [a.replace("_", "\n") if crowded else a for a in order])
     ax.set_xlim(-0.5, len(order) - 0.5)
     ax.set_ylabel(f"test {metric}")
     ax.set_title(f"per seed (n = {len(seeds)}), lines join a seed")
