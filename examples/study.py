@@ -338,8 +338,9 @@ def markdown(summary: dict, title: str) -> str:
     if selection:
         lines += ["`val dice` is the validation Dice of each run's chosen checkpoint: choose settings by it; "
                   "the other columns are test.", ""]
-    lines += ["| arm | seeds | " + "val dice | " * selection + " | ".join(names) + " | wall time per run | s per iteration |",
-              "|---|---|" + "---|" * (len(names) + selection) + "---|---|"]
+    columns = ["val dice"] * selection + names
+    lines += ["| arm | seeds | " + " | ".join(columns) + " | wall time per run | s per iteration |",
+              "|---|---|" + "---|" * len(columns) + "---|---|"]
     for arm, data in arms.items():
         cells = [f"{_fmt(m['mean'])} ± {_fmt(m['std'])}"
                  for m in ([data["best_val_dice"]] if selection else []) + list(data["metrics"].values())]
