@@ -11,7 +11,9 @@ triton row is reported as that bound over its measured time, in percent (``perce
   dSᵀ·Q): 8·N·M·D; 10·N·M·D in all;
 - self-contrast: the forward, then one symmetric backward kernel that computes each logit tile
   once and adds both directions' gradients with one product: 4·N·M·D; 6·N·M·D in all;
-- each_positive adds a second forward sweep over the tiles that hold positives;
+- each_positive adds a positive pass over the key ranges that hold each row chunk's positives
+  (tiles aligned to the classes: about the positive logits, e.g. 13-19% of the visited ones
+  with 8 classes);
 - tiles whose groups never meet are skipped: every term scales with the share of visited tiles.
 It is the number to compare with the tensor cores' rate when judging the kernels' own efficiency;
 the ideal bound is the one to compare with other implementations.
@@ -54,8 +56,8 @@ def executed_flops(n: int, m: int, d: int, *, self_contrast: bool, denominator: 
     """Matrix-product flops the kernels issue for one forward + backward.
 
     ``visited``: share of the N x M tile pairs the kernels visit (below 1 when groups skip tiles);
-    ``positive_share``: share of the visited tile pairs that hold positives (each_positive's second
-    forward sweep runs over those)."""
+    ``positive_share``: the logits each_positive's positive pass computes, as a share of the
+    visited ones (``kernels/info_nce.py::hot_loop_weights`` gives it per layout)."""
     product = 2.0 * n * m * d * visited
     forward = product * (1.0 + (positive_share if denominator == "each_positive" else 0.0))
     backward = 2 * product if self_contrast else 4 * product

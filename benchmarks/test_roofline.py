@@ -17,7 +17,7 @@ def test_ideal_and_executed_work_are_apart():
     assert executed_flops(n, m, d, self_contrast=False) == 10 * n * m * d
     # self-contrast: one symmetric backward product pair
     assert executed_flops(n, n, d, self_contrast=True) == 6 * n * n * d
-    # each_positive: a second forward sweep over the tiles holding positives
+    # each_positive: a positive pass over about the positive logits
     assert executed_flops(n, n, d, self_contrast=True, denominator="each_positive",
                           positive_share=0.125) == (6 + 0.25) * n * n * d
     assert executed_flops(n, m, d, self_contrast=False, visited=0.25) == 2.5 * n * m * d

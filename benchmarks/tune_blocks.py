@@ -1,10 +1,12 @@
-"""Measure the tile shapes of the four InfoNCE kernels on a GPU (feeds ``kernels/info_nce.py::GPU_BLOCKS``).
+"""Measure the tile shapes of the InfoNCE kernels on a GPU (feeds ``kernels/info_nce.py::GPU_BLOCKS``).
 
     python benchmarks/tune_blocks.py --out-dir /tmp/tune          # N = M = 32,768, D in {64, 128, 256}
 
-For every kernel (forward, symmetric backward, backward dq, backward dk), padded D and dtype it
-times each candidate (BLOCK_N, BLOCK_M, num_warps, num_stages) with ``triton.testing.do_bench``
-(median) — the forward and the symmetric backward on a SupCon self-contrast batch, dq and dk on
+For every kernel (forward, each_positive's positive pass, symmetric backward, backward dq, backward
+dk), padded D and dtype it times each candidate (BLOCK_N, BLOCK_M, num_warps, num_stages) with
+``triton.testing.do_bench`` (median) — the forward and the symmetric backward on a SupCon
+self-contrast batch (the positive pass: the whole each_positive forward, its forward kernel at
+the table's shape), dq and dk on
 the same rows as queries against a second set of keys (normalised, 8 classes, denominator
 "all") — and checks that the candidate's output equals the first candidate's, so that a fast but
 wrong shape cannot win. ``benchmarks/sass_budget.py`` checks a candidate's instructions per logit
@@ -41,11 +43,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Most used first: a run cut short still has the settings that matter.
 SETTINGS = [(128, "bfloat16"), (64, "bfloat16"), (128, "float32"), (256, "bfloat16"), (64, "float32"),
             (256, "float32")]
-KINDS = ("forward", "backward_symmetric", "backward_query", "backward_key")
+POSITIVE = {64: [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
+            256: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (32, 64, 4, 2)]}
+KINDS = ("forward", "forward_positive", "backward_symmetric", "backward_query", "backward_key")
 
 
 def candidates(kind: str, d: int):
-    table = SMALL if kind == "forward" else BACKWARD
+    table = {"forward": SMALL, "forward_positive": POSITIVE}.get(kind, BACKWARD)
     return table[64 if d <= 128 else 256]
 
 
@@ -60,6 +64,7 @@ def make_batch(n: int, d: int, dtype: torch.dtype, seed: int = 0):
 
 
 SUPCON = InfoNCEOptions(self_key_offset=0).encode()
+SUPCON_EACH_POSITIVE = InfoNCEOptions(self_key_offset=0, denominator="each_positive").encode()
 QUERY_KEY = InfoNCEOptions().encode()
 
 
@@ -93,6 +98,9 @@ def run_kind(kind: str, batch, block, stats=None):
         if kind == "forward":
             loss, _, lse, *_ = ops.symmetric_forward_op(*_inputs(batch, True), SUPCON)
             return loss, lse
+        if kind == "forward_positive":
+            loss, _, _, _, pos_sigmoid = ops.symmetric_forward_op(*_inputs(batch, True), SUPCON_EACH_POSITIVE)
+            return loss, pos_sigmoid
         symmetric = kind == "backward_symmetric"
         loss, valid, lse, n_pos, pos_sigmoid = stats[0] if symmetric else stats[1]
         saved = (valid, lse, n_pos, pos_sigmoid)

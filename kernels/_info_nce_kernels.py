@@ -27,6 +27,9 @@ from triton.language.extra.cuda import libdevice
 NORM_EPS = tl.constexpr(1e-12)  # F.normalize divides by max(|x|, eps)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# each_positive's positive pass multiplies factors in [1, 2] over this many tiles before one log2:
+# at most 2^64, a finite float32.
+PRODUCT_TILES = tl.constexpr(64)
 DENOMINATOR_CODES = {"all": 0, "each_positive": 1, "negatives": 2}
 
 
@@ -195,35 +198,11 @@ def _fwd_tile(q, c, m, l, pos_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr,
 
 
 @triton.jit
-def _softplus_tile(q, c, lse2, softplus_sum, sigmoid_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr,
-                   k_label_ptr, k_group_ptr, kt, KIND: tl.constexpr, HAS_GROUPS: tl.constexpr,
-                   HAS_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                   INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
-    """each_positive's second sweep over one key tile: sums over positives of softplus(lse_neg - s)
-    (log2 units) and sigmoid(lse_neg - s)."""
-    cols = kt * BLOCK_M + tl.arange(0, BLOCK_M)
-    k = _tile(k_ptr, kt, BLOCK_M, D_PAD)
-    x = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST) * tl.load(k_inv_ptr + cols)[None, :]
-    k_label, k_group = _ids(k_label_ptr, k_group_ptr, cols, HAS_GROUPS)
-    positive = q_label[:, None] == k_label[None, :]
-    if KIND == 2:
-        positive &= _candidates(q_label, k_label, q_group, k_group, self_col[:, None] != cols[None, :],
-                                HAS_GROUPS, HAS_SELF, False)
-    z = lse2[:, None] - x * c[:, None]
-    t = tl.exp2(-tl.abs(z))
-    softplus = tl.maximum(z, 0.0) + _log2(1.0 + t, INTERPRETED)
-    sigmoid = tl.fdiv(tl.where(z >= 0, 1.0, t), 1.0 + t, approx=True)
-    softplus_sum += tl.sum(tl.where(positive, softplus, 0.0), axis=1)
-    sigmoid_sum += tl.sum(tl.where(positive, sigmoid, 0.0), axis=1)
-    return softplus_sum, sigmoid_sum
-
-
-@triton.jit
 def info_nce_fwd_kernel(
     q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr, self_col_ptr,
-    order_ptr, counts_ptr, n_pos_ptr, valid_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, tau_ptr, key_tiles,
+    order_ptr, counts_ptr, n_pos_ptr, valid_ptr, loss_ptr, lse_ptr, tau_ptr, key_tiles,
     DENOM: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERPRETED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """Per sorted query row: log2-sum-exp of its denominator set and loss (positive counts and the
@@ -259,28 +238,119 @@ def info_nce_fwd_kernel(
     pos_count = tl.maximum(tl.load(n_pos_ptr + rows), 1).to(tl.float32)
 
     if DENOM == 1:
-        # each_positive: softplus(lse_neg - s_ip) over positives needs the final lse_neg: a second
-        # sweep over the tiles that hold positives. It also gives sum_p sigmoid(lse_neg - s_ip) for
-        # the backward.
-        softplus_sum = tl.zeros([BLOCK_N], tl.float32)
-        sigmoid_sum = tl.zeros([BLOCK_N], tl.float32)
-        for t in range(first_positive, first_masked):
-            softplus_sum, sigmoid_sum = _softplus_tile(
-                q, c, lse2, softplus_sum, sigmoid_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
-                k_group_ptr, tl.load(order + t), 1, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_M,
-                D_PAD)
-        for t in range(first_masked, end):
-            softplus_sum, sigmoid_sum = _softplus_tile(
-                q, c, lse2, softplus_sum, sigmoid_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr, k_label_ptr,
-                k_group_ptr, tl.load(order + t), 2, HAS_GROUPS, HAS_SELF, DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_M,
-                D_PAD)
-        row_loss = softplus_sum * LN2 / pos_count
-        tl.store(pos_sigmoid_ptr + rows, sigmoid_sum)
+        row_loss = tl.zeros([BLOCK_N], tl.float32)  # info_nce_fwd_positive_kernel writes it
     else:
         row_loss = (lse2 - pos_sum * c / pos_count) * LN2
     valid = tl.load(valid_ptr + rows) != 0
     tl.store(loss_ptr + rows, tl.where(valid, row_loss, 0.0))
     tl.store(lse_ptr + rows, lse2)
+
+
+@triton.jit
+def _positive_tile(q, c, lse2, product, softplus_acc, sigmoid_acc, row_label, self_col, k_ptr, k_inv_ptr,
+                   k_label_ptr, start, end, ONE_LABEL: tl.constexpr, HAS_SELF: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """One key tile [start, start + BLOCK_M) of a range ending at ``end``, into element-wise accumulators
+    of softplus(z) = max(z, 0) + log2(1 + t) and sigmoid(z) = (1 or t) / (1 + t), z = lse - s (log2
+    units), t = 2^-|z|: ``softplus_acc`` takes max(z, 0), ``product`` multiplies the (1 + t), whose
+    log2 the caller takes once every PRODUCT_TILES tiles. Non-positives get z = -inf: terms exactly 0
+    and a factor of 1. ONE_LABEL: every key in range is a positive of every row (the chunk's
+    ``exact`` flag), so no label compare."""
+    columns = tl.arange(0, BLOCK_M)
+    in_range = columns < end - start
+    # Unmasked: keys past the range are other keys or the copy's tail (finite, _plan.POSITIVE_TAIL).
+    k = tl.load(k_ptr + tl.cast(start, tl.int64) * D_PAD + columns[:, None] * D_PAD + tl.arange(0, D_PAD)[None, :])
+    k_inv = tl.load(k_inv_ptr + start + columns)
+    dot = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST)
+    if ONE_LABEL:
+        # A key out of range gets x = +inf, so z = -inf, in the same FMA.
+        x = dot * k_inv[None, :] + tl.where(in_range, 0.0, float("inf"))[None, :]
+        z = lse2[:, None] - x * c[:, None]
+    else:
+        x = dot * k_inv[None, :]
+        positive = row_label[:, None] == tl.load(k_label_ptr + start + columns, mask=in_range, other=-3)[None, :]
+        z = tl.where(positive, lse2[:, None] - x * c[:, None], float("-inf"))
+    if HAS_SELF:
+        z = tl.where(self_col[:, None] != (start + columns)[None, :], z, float("-inf"))
+    t = tl.exp2(-tl.abs(z))
+    v = 1.0 + t
+    return (product * v, softplus_acc + tl.maximum(z, 0.0),
+            sigmoid_acc + tl.fdiv(tl.where(z >= 0, 1.0, t), v, approx=True))
+
+
+@triton.jit
+def _positive_sweep(q, c, lse2, row_label, self_col, k_ptr, k_inv_ptr, k_label_ptr, ranges_ptr,
+                    ONE_LABEL: tl.constexpr, HAS_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                    D_PAD: tl.constexpr):
+    """(sum of softplus, sum of sigmoid) over each row's positives in the program's two key ranges
+    (``ranges_ptr``: lo, hi, lo, hi), tile by tile from each range's start."""
+    softplus_acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    sigmoid_acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for r in range(0, 2):
+        lo, hi = tl.load(ranges_ptr + 2 * r), tl.load(ranges_ptr + 2 * r + 1)
+        for first in range(lo, hi, PRODUCT_TILES * BLOCK_M):
+            product = tl.full([BLOCK_N, BLOCK_M], 1.0, tl.float32)
+            for start in range(first, tl.minimum(first + PRODUCT_TILES * BLOCK_M, hi), BLOCK_M):
+                product, softplus_acc, sigmoid_acc = _positive_tile(
+                    q, c, lse2, product, softplus_acc, sigmoid_acc, row_label, self_col, k_ptr, k_inv_ptr,
+                    k_label_ptr, start, hi, ONE_LABEL, HAS_SELF, DOT_PRECISION, UPCAST, BLOCK_M, D_PAD)
+            softplus_acc += _log2(product, INTERPRETED)
+    return tl.sum(softplus_acc, axis=1), tl.sum(sigmoid_acc, axis=1)
+
+
+@triton.jit
+def _positive_chunk(table, q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr, self_col_ptr, n_pos_ptr,
+                    valid_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, scale, HAS_SELF: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERPRETED: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
+    """Loss and sigmoid sum of the rows of one chunk (``table``: one row of _plan.positive_chunks)."""
+    row_start, row_end = tl.load(table), tl.load(table + 1)
+    rows = row_start + tl.arange(0, BLOCK_N)
+    inside = rows < row_end
+    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D_PAD + tl.arange(0, D_PAD)[None, :], mask=inside[:, None],
+                other=0.0)
+    c = tl.load(q_inv_ptr + rows, mask=inside, other=1.0) * scale
+    lse2 = tl.load(lse_ptr + rows, mask=inside, other=float("-inf"))  # rows past the chunk: z = -inf
+    row_label = tl.load(q_label_ptr + rows, mask=inside, other=-2)
+    if HAS_SELF:
+        self_col = tl.load(self_col_ptr + rows, mask=inside, other=-1)
+    else:
+        self_col = row_label
+    if tl.load(table + 6) != 0:
+        softplus_sum, sigmoid_sum = _positive_sweep(
+            q, c, lse2, row_label, self_col, k_ptr, k_inv_ptr, k_label_ptr, table + 2, True, HAS_SELF,
+            DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_N, BLOCK_M, D_PAD)
+    else:
+        softplus_sum, sigmoid_sum = _positive_sweep(
+            q, c, lse2, row_label, self_col, k_ptr, k_inv_ptr, k_label_ptr, table + 2, False, HAS_SELF,
+            DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_N, BLOCK_M, D_PAD)
+    pos_count = tl.maximum(tl.load(n_pos_ptr + rows, mask=inside, other=1), 1).to(tl.float32)
+    valid = tl.load(valid_ptr + rows, mask=inside, other=0) != 0
+    tl.store(loss_ptr + rows, tl.where(valid, softplus_sum * LN2 / pos_count, 0.0), mask=inside)
+    tl.store(pos_sigmoid_ptr + rows, sigmoid_sum, mask=inside)
+
+
+@triton.jit
+def info_nce_fwd_positive_kernel(
+    q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr, self_col_ptr, chunks_ptr, n_chunks_ptr, n_pos_ptr,
+    valid_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, tau_ptr, HAS_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
+    """each_positive's loss, after the forward's log2-sum-exp of the negatives (lse): per sorted query
+    row the sums over its positives of softplus(lse - s_ip) and sigmoid(lse - s_ip).
+
+    A chunk is at most BLOCK_N rows of one group (_plan.positive_chunks); its program visits only the
+    two key ranges that hold the chunk's positives, in tiles that start where the ranges start: a
+    (group, label)'s rows and keys are contiguous after the sort, so a large class is covered
+    without the grid's misalignment. The number of chunks lives on the device (no host
+    synchronisation): the grid is a bound, and each program takes every grid-th chunk."""
+    scale = LOG2E / tl.load(tau_ptr)
+    for chunk in range(tl.program_id(0), tl.load(n_chunks_ptr), tl.num_programs(0)):
+        _positive_chunk(chunks_ptr + 7 * chunk, q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr,
+                        self_col_ptr, n_pos_ptr, valid_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, scale, HAS_SELF,
+                        DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_N, BLOCK_M, D_PAD)
 
 
 # ----------------------------------------------------------------------------- backward

@@ -41,6 +41,7 @@ import torch
 from .._options import SHARED
 
 ROW_PAD = 128  # rows of the gathered copies are padded to a multiple of the largest tile side
+POSITIVE_TAIL = 64  # rows behind a gathered copy: the positive pass's key tiles (BLOCK_M <= 64) read them
 SKIP, MASKED, POSITIVE, CLEAN = 0, 1, 2, 3
 # Symmetric backward: largest spread of log2-sum-exp (in log2 units) inside a clean tile pair (see
 # docs/kernels.md: one exponential per element is exact as long as 2**-(24 + SPREAD) stays a normal
@@ -228,6 +229,78 @@ def schedule(cat: torch.Tensor) -> Schedule:
     order = torch.sort(cat, dim=1, descending=True, stable=True).indices.to(torch.int32)
     counts = torch.stack([(cat == kind).sum(1) for kind in (CLEAN, POSITIVE, MASKED)], 1).to(torch.int32)
     return Schedule(order.contiguous(), counts)
+
+
+def positive_chunks(plan: Plan, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunks of each_positive's positive pass (``info_nce_fwd_positive_kernel``): a (rows, 7)
+    int32 table, per chunk the sorted query rows [start, end) it owns, two key ranges [lo_a, hi_a),
+    [lo_b, hi_b) that hold every positive of those rows, and ``exact``: 1 where every key of the
+    ranges is a positive of every row (one label, not SHARED), so the kernel needs no label compare;
+    and the number of chunks (a one-element int32 tensor: no host synchronisation).
+
+    Chunks of at most ``block_n`` rows never cross a group. A (group, label) segment of at least
+    ``block_n`` rows starts its own chunks, so its tiles line up with its own rows and keys instead of
+    the grid; runs of smaller segments share chunks. The ranges: the keys of the chunk's group whose
+    labels lie between its first and last label, and the SHARED keys of those labels (a SHARED
+    chunk: every valid key). Rows of the table past the last chunk are 0."""
+    label, group = plan.q.label, plan.q.group
+    n = label.numel()
+    device = label.device
+    index = torch.arange(n, device=device)
+    valid = label >= 0  # valid rows come first
+
+    def changes(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.ones(1, dtype=torch.bool, device=device), x[1:] != x[:-1]])
+
+    group_start = valid & changes(group) if group is not None else valid & (index == 0)
+    segment_start = valid & changes(label) | group_start
+    segment = (torch.cumsum(segment_start, 0) - 1).clamp_min(0)
+    size = torch.zeros(n, dtype=torch.int64, device=device).scatter_add_(0, segment, valid.to(torch.int64))
+    large = size[segment] >= block_n
+    after_large = torch.cat([torch.zeros(1, dtype=torch.bool, device=device), large[:-1]])
+    unit_start = group_start | (segment_start & (large | after_large))
+    unit_first = torch.cummax(torch.where(unit_start, index, 0), 0).values
+    chunk_start = valid & ((index - unit_first) % block_n == 0)
+    chunk = torch.cumsum(chunk_start, 0) - 1
+    spare = torch.full_like(index, n)
+    start = torch.zeros(n + 1, dtype=torch.int64, device=device).scatter_(
+        0, torch.where(chunk_start, chunk, spare), index)[:n]
+    end = torch.zeros(n + 1, dtype=torch.int64, device=device).scatter_reduce_(
+        0, torch.where(valid, chunk, spare), index + 1, reduce="amax")[:n]
+    owns = end > start
+    first = label[start].to(torch.int64)
+    last = label[(end - 1).clamp_min(0)].to(torch.int64)
+
+    k = plan.k
+    k_valid = k.label >= 0
+    big = torch.iinfo(torch.int64).max
+    codes = k.label.to(torch.int64)
+    if k.group is not None:
+        codes = codes | (k.group.to(torch.int64) + 1) << 31
+    codes = torch.where(k_valid, codes, big)  # sorted: the keys' sort order
+    empty = torch.zeros_like(start)
+    if group is None:
+        lo_a, hi_a = _range(codes, first, last)
+        lo_b, hi_b = empty, empty
+    else:
+        chunk_group = group[start].to(torch.int64)
+        lo_a, hi_a = _range(codes, first | (chunk_group + 1) << 31, last | (chunk_group + 1) << 31)
+        lo_b, hi_b = _range(codes, first, last)  # SHARED keys: group code 0
+        shared = chunk_group < 0
+        lo_a = torch.where(shared, 0, lo_a)
+        hi_a = torch.where(shared, k_valid.sum(), hi_a)
+        lo_b, hi_b = torch.where(shared, empty, lo_b), torch.where(shared, empty, hi_b)
+    exact = first == last
+    if group is not None:
+        exact &= ~shared
+    table = torch.stack([start, end, lo_a, hi_a, lo_b, hi_b, exact.to(torch.int64)], 1)
+    count = chunk_start.sum().to(torch.int32).reshape(1)
+    return torch.where(owns[:, None], table, 0).to(torch.int32).contiguous(), count
+
+
+def _range(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[first index of a code >= lo, first index of a code > hi) in sorted ``codes``."""
+    return torch.searchsorted(codes, lo, right=False), torch.searchsorted(codes, hi, right=True)
 
 
 # ----------------------------------------------------------------------------- counts

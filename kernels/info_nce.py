@@ -34,7 +34,7 @@ from . import _info_nce_kernels as K
 from . import _plan as P
 from ._layout import check_kernel_input, embedding_size, interpreting, layout, num_rows, padded_size
 
-KINDS = ("forward", "backward_query", "backward_key", "backward_symmetric")
+KINDS = ("forward", "forward_positive", "backward_query", "backward_key", "backward_symmetric")
 _INTERPRETER_BLOCKS = (32, 32, 4, 1)
 
 # (BLOCK_N, BLOCK_M, num_warps, num_stages) by element size (2: bf16/fp16, 4: fp32), kernel and
@@ -47,6 +47,8 @@ GPU_BLOCKS = {
     2: {
         "forward": {64: (128, 128, 8, 2), 128: (128, 128, 8, 2), 256: (128, 64, 8, 2), 512: (64, 32, 4, 2),
                     1024: (32, 32, 4, 1)},
+        "forward_positive": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (64, 64, 4, 2), 512: (32, 32, 4, 1),
+                             1024: (16, 16, 4, 1)},
         "backward_query": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 64, 4, 2), 512: (32, 32, 4, 1),
                            1024: (16, 16, 4, 1)},
         "backward_key": {64: (64, 128, 8, 2), 128: (64, 128, 8, 2), 256: (64, 64, 4, 2), 512: (32, 32, 4, 1),
@@ -56,6 +58,7 @@ GPU_BLOCKS = {
     },
     4: {  # float32 takes D <= 512 (_layout.MAX_EMBEDDING_SIZE)
         "forward": {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 32, 4, 2), 512: (32, 32, 4, 1)},
+        "forward_positive": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
         "backward_query": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
         "backward_key": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
         "backward_symmetric": {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 32, 4, 1), 512: (16, 16, 4, 1)},
@@ -121,18 +124,27 @@ def _launch(kernel, kind: str, d_pad: int, element_size: int, args_for, flags):
             _SHRUNK[_shape_key(kind, d_pad, element_size)] = block
 
 
-def hot_loop_weights(kernel_name: str, args: dict) -> list[float] | None:
+def hot_loop_weights(kernel_name: str, args: dict, forward_logits: dict) -> list[float] | None:
     """Share of a launch's visited tiles that each of its tile loops runs, in source order
-    (benchmarks/sass_budget.py weighs the loops it finds in the SASS with these)."""
+    (benchmarks/sass_budget.py weighs the loops it finds in the SASS with these).
+
+    each_positive's positive pass counts per logit its forward kernel visits: the forward's launch
+    (which comes first) records that number in ``forward_logits``."""
+    block_n, block_m = args.get("BLOCK_N"), args.get("BLOCK_M")
+    if kernel_name == "info_nce_fwd_positive_kernel":  # loops: exact chunks, then the others
+        chunks = args["chunks_ptr"].to(torch.int64)
+        tiles = -(-(chunks[:, 3] - chunks[:, 2]) // block_m) - (-(chunks[:, 5] - chunks[:, 4]) // block_m)
+        exact = chunks[:, 6] != 0
+        logits = block_n * block_m / forward_logits["visited"]
+        return [float(tiles[exact].sum()) * logits, float(tiles[~exact].sum()) * logits]
     counts = args.get("counts_ptr")
     if counts is None:
         return None
     clean, positive, masked = (float(v) for v in counts.to(torch.float64).sum(0))
     total = max(clean + positive + masked, 1.0)
-    weights = [clean / total, positive / total, masked / total]
-    if kernel_name == "info_nce_fwd_kernel" and args.get("DENOM") == K.DENOMINATOR_CODES["each_positive"]:
-        weights += [positive / total, masked / total]  # the second sweep
-    return weights
+    if kernel_name == "info_nce_fwd_kernel":
+        forward_logits["visited"] = total * block_n * block_m
+    return [clean / total, positive / total, masked / total]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -150,8 +162,13 @@ def gather_rows(x: torch.Tensor, perm: torch.Tensor, normalize: bool) -> tuple[t
     strides, rows or a (B, C, H, W) map."""
     n, d = num_rows(x), embedding_size(x)
     d_pad, n_pad = padded_size(d), P.padded_rows(n)
-    rows = torch.empty(n_pad, d_pad, dtype=x.dtype, device=x.device)
-    inv = torch.empty(n_pad, dtype=torch.float32, device=x.device)
+    # A key tile of the positive pass may start at any row: POSITIVE_TAIL more rows (zero, norm 1)
+    # behind the copy let it load without masks.
+    rows = torch.empty(n_pad + P.POSITIVE_TAIL, d_pad, dtype=x.dtype, device=x.device)
+    inv = torch.empty(n_pad + P.POSITIVE_TAIL, dtype=torch.float32, device=x.device)
+    rows[n_pad:].zero_()
+    inv[n_pad:].fill_(1.0)
+    rows, inv = rows[:n_pad], inv[:n_pad]
     block = min(P.ROW_PAD, max(1, 4096 // d_pad))
     K.gather_rows_kernel[(n_pad // block,)](x, perm, rows, inv, n, d, *layout(x), NORMALIZE=normalize, BLOCK=block,
                                             D_PAD=d_pad)
@@ -209,11 +226,29 @@ def _forward_impl(inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
     def args_for(block_n, block_m):
         sched = prep.schedule(block_n, block_m)
         return (n_pad // block_n,), (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, *prep.ids, sched.order,
-                                     sched.counts, n_pos, valid.view(torch.int8), loss, lse2, pos_sigmoid, tau,
+                                     sched.counts, n_pos, valid.view(torch.int8), loss, lse2, tau,
                                      sched.order.shape[1])
 
+    has_self = options.self_key_offset is not None
     _launch(K.info_nce_fwd_kernel, "forward", prep.d_pad, query.element_size(), args_for,
-            dict(_flags(inputs, options), HAS_SELF=options.self_key_offset is not None, INTERPRETED=interpreting()))
+            dict(_flags(inputs, options), HAS_SELF=has_self))
+    if options.denominator == "each_positive":
+        def positive_args_for(block_n, block_m):
+            if block_m > P.POSITIVE_TAIL:
+                raise ValueError(f"the positive pass's key tiles read at most {P.POSITIVE_TAIL} rows past a range, "
+                                 f"not BLOCK_M = {block_m}")
+            chunks, n_chunks = P.positive_chunks(prep.plan, block_n)
+            q_label, k_label, _, _, self_col = prep.ids
+            # Chunks number at most rows / block_n plus one per class or group run: a grid of twice the
+            # row tiles takes them in one round in the usual layouts, and loops otherwise.
+            grid = (min(chunks.shape[0], 2 * (n_pad // block_n)),)
+            return grid, (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, q_label, k_label, self_col, chunks,
+                          n_chunks, n_pos, valid.view(torch.int8), loss, lse2, pos_sigmoid, tau)
+
+        flags = _flags(inputs, options)
+        _launch(K.info_nce_fwd_positive_kernel, "forward_positive", prep.d_pad, query.element_size(),
+                positive_args_for, dict(DOT_PRECISION=flags["DOT_PRECISION"], UPCAST=flags["UPCAST"],
+                                        HAS_SELF=has_self, INTERPRETED=interpreting()))
     perm = prep.plan.q.perm
     out_loss = torch.empty(n, **f32)
     out_loss[perm] = loss[:n]

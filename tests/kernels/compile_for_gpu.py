@@ -26,21 +26,23 @@ from triton.compiler import ASTSource
 TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 ROW_POINTERS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "dx_ptr", "x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr")
 ID_POINTERS = ("q_label", "k_label", "q_group", "k_group", "self_col", "label", "group")
-FIXED_POINTERS = {"perm_ptr": "*i64", "order_ptr": "*i32", "counts_ptr": "*i32", "valid_ptr": "*i8",
-                  "n_pos_ptr": "*i32", **{f"{name}_ptr": "*i32" for name in ID_POINTERS}}
+FIXED_POINTERS = {"perm_ptr": "*i64", "order_ptr": "*i32", "counts_ptr": "*i32", "chunks_ptr": "*i32",
+                  "n_chunks_ptr": "*i32", "valid_ptr": "*i8", "n_pos_ptr": "*i32",
+                  **{f"{name}_ptr": "*i32" for name in ID_POINTERS}}
 # Every other pointer is float32: norms, per-row statistics and weights, scales, the temperature.
 FLOAT_ARGS = ()
 
 # (DENOM, NORMALIZE, HAS_GROUPS, HAS_SELF, TAU_GRAD): every denominator, each flag both ways.
 INFO_NCE_FLAGS = [(0, True, False, True, True), (1, True, True, True, False), (2, False, True, False, True)]
-INFO_NCE_KERNELS = {"forward": K.info_nce_fwd_kernel, "backward_query": K.info_nce_bwd_query_kernel,
-                    "backward_key": K.info_nce_bwd_key_kernel, "backward_symmetric": K.info_nce_bwd_symmetric_kernel}
+INFO_NCE_KERNELS = {"forward": K.info_nce_fwd_kernel, "forward_positive": K.info_nce_fwd_positive_kernel,
+                    "backward_query": K.info_nce_bwd_query_kernel, "backward_key": K.info_nce_bwd_key_kernel,
+                    "backward_symmetric": K.info_nce_bwd_symmetric_kernel}
 
 
 def info_nce_constexprs(dtype, flags, block_n, block_m, d_pad):
     denom, normalize, groups, self_, tau_grad = flags
     return dict(DENOM=denom, NORMALIZE=normalize, HAS_GROUPS=groups, HAS_SELF=self_, TAU_GRAD=tau_grad,
-                DOT_PRECISION="tf32x3" if dtype == "float32" else "tf32", UPCAST=False,
+                DOT_PRECISION="tf32x3" if dtype == "float32" else "tf32", UPCAST=False, INTERPRETED=False,
                 BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad)
 
 

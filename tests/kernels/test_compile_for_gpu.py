@@ -64,8 +64,9 @@ def test_tuned_shapes_fit_hopper_shared_memory():
     # Every tuned shape was compiled at its padded size or a larger one (which needs more memory).
     compiled = {(r["kernel"], r["dtype"], r["flags"]["BLOCK_N"], r["flags"]["BLOCK_M"], r["num_warps"],
                  r["num_stages"], r["flags"]["D_PAD"]) for r in records}
-    kernels = {"forward": "info_nce_fwd_kernel", "backward_query": "info_nce_bwd_query_kernel",
-               "backward_key": "info_nce_bwd_key_kernel", "backward_symmetric": "info_nce_bwd_symmetric_kernel"}
+    kernels = {"forward": "info_nce_fwd_kernel", "forward_positive": "info_nce_fwd_positive_kernel",
+               "backward_query": "info_nce_bwd_query_kernel", "backward_key": "info_nce_bwd_key_kernel",
+               "backward_symmetric": "info_nce_bwd_symmetric_kernel"}
     for element_size, dtype in ((2, "bfloat16"), (4, "float32")):
         for kind, table in GPU_BLOCKS[element_size].items():
             for d_pad, shape in table.items():

@@ -446,6 +446,67 @@ def test_rows_sorted_by_group_skip_tiles_and_match(mode, denominator):
     assert valid.sum() > n // 2
 
 
+def test_each_positive_pass_covers_every_kind_of_chunk(monkeypatch):
+    """each_positive's positive pass on a layout with every kind of chunk: a large class (exact chunks,
+    no label compare), runs of small classes (label compare), SHARED keys (a second key range) and a
+    large SHARED class of one label (every key in range, label compare) — against float64."""
+    import contrastkit.kernels.info_nce as module
+
+    tables = []
+    launch = module._launch
+
+    def spy(kernel, kind, d_pad, element_size, args_for, flags):
+        def recording(block_n, block_m):
+            grid, args = args_for(block_n, block_m)
+            if kind == "forward_positive":
+                tables.append(next(a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2
+                                   and a.shape[1] == 7).cpu())
+            return grid, args
+        return launch(kernel, kind, d_pad, element_size, args_for if kind != "forward_positive" else recording, flags)
+
+    monkeypatch.setattr(module, "_launch", spy)
+    g = torch.Generator().manual_seed(7)
+    n, m, d = 150, 170, 24
+    labels = torch.cat([torch.zeros(90, dtype=torch.int64), torch.randint(1, 8, (n - 90,), generator=g)])
+    groups = torch.cat([torch.full((40,), SHARED), torch.zeros(50, dtype=torch.int64),
+                        torch.randint(0, 2, (n - 90,), generator=g)])
+    labels[torch.rand(n, generator=g) < 0.05] = IGNORE
+    key_labels = torch.randint(0, 4, (m,), generator=g)
+    key_groups = torch.randint(0, 2, (m,), generator=g)
+    key_groups[torch.rand(m, generator=g) < 0.15] = SHARED
+    q, k = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+    case = dict(labels=labels, key_labels=key_labels, groups=groups, key_groups=key_groups, self_key_offset=None)
+    run_and_compare(q, k, case, torch.float32, "each_positive")
+    (table,) = tables
+    owns = table[:, 1] > table[:, 0]
+    assert (owns & (table[:, 6] == 1)).any() and (owns & (table[:, 6] == 0)).any()
+    assert (table[:, 5] > table[:, 4]).any()  # SHARED keys: a second range
+
+
+def test_each_positive_pass_with_more_chunks_than_programs(monkeypatch):
+    """Three-row groups make a chunk per group, more chunks than the positive pass's grid: every
+    program takes several chunks in turn."""
+    import contrastkit.kernels.info_nce as module
+
+    seen = []
+    launch = module._launch
+
+    def spy(kernel, kind, d_pad, element_size, args_for, flags):
+        def recording(block_n, block_m):
+            grid, args = args_for(block_n, block_m)
+            seen.append((grid[0], next(a for a in args if isinstance(a, torch.Tensor) and a.shape == (1,)
+                                       and a.dtype == torch.int32).item()))
+            return grid, args
+        return launch(kernel, kind, d_pad, element_size, recording if kind == "forward_positive" else args_for, flags)
+
+    monkeypatch.setattr(module, "_launch", spy)
+    q, _, case = make_case("self", 130, None, 24, torch.float32, classes=2, seed=21)
+    case["groups"] = torch.arange(130) // 3
+    rows, _ = run_and_compare(q, None, case, torch.float32, "each_positive")
+    ((programs, chunks),) = seen
+    assert chunks > 2 * programs and (rows[-30:] > 0).sum() > 5
+
+
 def test_group_ids_are_relabelled_densely():
     """Group ids beyond int32 and SHARED rows on both sides: the kernels compare dense int32 ranks."""
     q, k, case = make_case("qk", 130, 257, 24, torch.float32, with_groups=True, ignore_frac=0.1, seed=11)
@@ -540,8 +601,13 @@ def test_every_tile_loop_runs(mode, denominator, monkeypatch):
     def spy(kernel, kind, d_pad, element_size, args_for, flags):
         def recording(block_n, block_m):
             grid, args = args_for(block_n, block_m)
-            counts[kind] = next(a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32
-                                and a.dim() == 2 and a.shape[1] == 3).sum(0).tolist()
+            table = next(a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32
+                         and a.dim() == 2 and a.shape[1] in (3, 7))
+            if kind == "forward_positive":  # chunks that own rows, key columns in their ranges
+                rows, columns = table[:, 1] - table[:, 0], table[:, 3] - table[:, 2] + table[:, 5] - table[:, 4]
+                counts[kind] = [int((rows > 0).sum()), int(columns.sum())]
+            else:
+                counts[kind] = table.sum(0).tolist()
             return grid, args
         return launch(kernel, kind, d_pad, element_size, recording, flags)
 
@@ -550,5 +616,7 @@ def test_every_tile_loop_runs(mode, denominator, monkeypatch):
                            ignore_frac=0.05, seed=14, with_groups=denominator == "each_positive")
     run_and_compare(q, k, case, torch.float32, denominator)
     kinds = {"forward", "backward_symmetric"} if mode == "self" else {"forward", "backward_query", "backward_key"}
+    if denominator == "each_positive":
+        kinds.add("forward_positive")
     assert set(counts) == kinds
     assert all(min(count) > 0 for count in counts.values()), counts

@@ -108,3 +108,49 @@ def test_pair_counts_match_the_masks():
     cand &= (groups[:, None] == groups[None, :]) | (groups[:, None] == SHARED) | (groups[None, :] == SHARED)
     pos = cand & (labels[:, None] == labels[None, :])
     assert positives[:n].tolist() == pos.sum(1)[plan.q.perm].tolist()
+
+
+def _meets(q_group, k_group):
+    return q_group < 0 or k_group < 0 or q_group == k_group
+
+
+def test_positive_chunks_cover_each_row_once_and_hold_all_its_positives():
+    """each_positive's chunks, brute force on a random layout with large and small classes, SHARED
+    rows on both sides, ignored rows and an own key per query."""
+    g = torch.Generator().manual_seed(3)
+    n, m, block = 300, 320, 16
+    labels = torch.cat([torch.zeros(40, dtype=torch.int64), torch.randint(0, 6, (n - 40,), generator=g)])
+    groups = torch.randint(0, 3, (n,), generator=g)
+    groups[torch.rand(n, generator=g) < 0.1] = SHARED
+    groups[:20] = SHARED  # a large SHARED class: one label, yet not every key of its range is a positive
+    labels[torch.rand(n, generator=g) < 0.05] = -1
+    key_labels = torch.randint(-1, 6, (m,), generator=g)
+    key_groups = torch.randint(0, 3, (m,), generator=g)
+    key_groups[torch.rand(m, generator=g) < 0.15] = SHARED
+    plan = P.make_plan(labels, key_labels, groups, key_groups, -1, 5, symmetric=False)
+    table, count = P.positive_chunks(plan, block)
+    assert table.dtype == torch.int32 and table.shape == (plan.q.label.numel(), 7)
+    assert count.tolist() == [int((table[:, 1] > table[:, 0]).sum())] and (table[count.item():] == 0).all()
+    q_label, q_group = plan.q.label.tolist(), plan.q.group.tolist()
+    k_label, k_group = plan.k.label.tolist(), plan.k.group.tolist()
+    owner = {}
+    for index, (start, end, lo_a, hi_a, lo_b, hi_b, exact) in enumerate(table.tolist()):
+        if end <= start:
+            assert (start, end, hi_a - lo_a, hi_b - lo_b) == (0, 0, 0, 0)
+            continue
+        assert end - start <= block and len({q_group[i] for i in range(start, end)}) == 1
+        ranges = set(range(lo_a, hi_a)) | set(range(lo_b, hi_b))
+        assert hi_a <= lo_b or hi_b <= lo_a or hi_b == lo_b, "ranges overlap"
+        for i in range(start, end):
+            assert i not in owner
+            owner[i] = index
+            positives = {j for j in range(len(k_label)) if k_label[j] == q_label[i] and k_label[j] >= 0
+                         and _meets(q_group[i], k_group[j])}
+            assert positives <= ranges
+            if exact:
+                assert positives == ranges
+        assert bool(exact) == (len({q_label[i] for i in range(start, end)}) == 1 and q_group[start] >= 0)
+    assert set(owner) == {i for i, label in enumerate(q_label) if label >= 0}
+    # the 40 rows of class 0 in each group start chunks of their own: exact chunks of `block` rows
+    assert (table[:, 6] == 1).sum() >= 3 and ((table[:, 1] - table[:, 0]) == block).any()
+    assert ((table[:, 6] == 0) & (table[:, 1] > table[:, 0])).any() and (table[:, 5] > table[:, 4]).any()

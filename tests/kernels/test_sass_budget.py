@@ -62,7 +62,8 @@ def test_every_kernel_meets_its_budget(tmp_path):
     """The budgets of the issue on sm_90 SASS, at the benchmark's settings (bf16, D = 128, N = M = 32,768):
     "all" forward <= 12, dq / dk / symmetric backward <= 16 instructions per logit, <= 1.5 MUFU ops per
     logit, no spills, asynchronous copies in every hot loop, each_positive, negatives, grouped and
-    feature-map variants within 1.5x of "all"."""
+    feature-map variants within 1.5x of "all" (a forward: the forward kernel plus each_positive's
+    positive pass)."""
     tool = load_tool()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -73,9 +74,14 @@ def test_every_kernel_meets_its_budget(tmp_path):
     rows = json.loads((tmp_path / "budget.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == set(tool.CHECKED)
     kernels = {r["kernel"] for r in rows}
-    assert {"info_nce_fwd_kernel", "info_nce_bwd_query_kernel", "info_nce_bwd_key_kernel",
-            "info_nce_bwd_symmetric_kernel"} <= kernels
-    assert all(r["loops"] and abs(sum(loop["weight"] for loop in r["loops"][:3]) - 1) < 1e-3 for r in rows)
+    assert {"info_nce_fwd_kernel", "info_nce_fwd_positive_kernel", "info_nce_bwd_query_kernel",
+            "info_nce_bwd_key_kernel", "info_nce_bwd_symmetric_kernel"} <= kernels
+    tile_loops = [r for r in rows if r["kernel"] != "info_nce_fwd_positive_kernel"]
+    assert all(r["loops"] and abs(sum(loop["weight"] for loop in r["loops"][:3]) - 1) < 1e-3 for r in tile_loops)
+    # each_positive's positive pass visits a few times the positive logits (1/8 of the candidates)
+    passes = [r for r in rows if r["kernel"] == "info_nce_fwd_positive_kernel"]
+    assert {r["variant"] for r in passes} == {"self_each_positive", "qk_grouped_each_positive"}
+    assert all(0.12 <= sum(loop["weight"] for loop in r["loops"]) <= 0.3 for r in passes)
     assert not tool.over_budget(rows), "\n".join(tool.over_budget(rows))
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert all((tmp_path / f"{variant}.sass").stat().st_size > 0 for variant in tool.CHECKED)
