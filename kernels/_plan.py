@@ -279,6 +279,7 @@ def positive_chunks(plan: Plan, block_n: int) -> tuple[torch.Tensor, torch.Tenso
         codes = codes | (k.group.to(torch.int64) + 1) << 31
     codes = torch.where(k_valid, codes, big)  # sorted: the keys' sort order
     empty = torch.zeros_like(start)
+    exact = first == last
     if group is None:
         lo_a, hi_a = _range(codes, first, last)
         lo_b, hi_b = empty, empty
@@ -290,8 +291,6 @@ def positive_chunks(plan: Plan, block_n: int) -> tuple[torch.Tensor, torch.Tenso
         lo_a = torch.where(shared, 0, lo_a)
         hi_a = torch.where(shared, k_valid.sum(), hi_a)
         lo_b, hi_b = torch.where(shared, empty, lo_b), torch.where(shared, empty, hi_b)
-    exact = first == last
-    if group is not None:
         exact &= ~shared
     table = torch.stack([start, end, lo_a, hi_a, lo_b, hi_b, exact.to(torch.int64)], 1)
     count = chunk_start.sum().to(torch.int32).reshape(1)

@@ -229,9 +229,8 @@ def _forward_impl(inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
                                      sched.counts, n_pos, valid.view(torch.int8), loss, lse2, tau,
                                      sched.order.shape[1])
 
-    has_self = options.self_key_offset is not None
-    _launch(K.info_nce_fwd_kernel, "forward", prep.d_pad, query.element_size(), args_for,
-            dict(_flags(inputs, options), HAS_SELF=has_self))
+    flags = dict(_flags(inputs, options), HAS_SELF=options.self_key_offset is not None)
+    _launch(K.info_nce_fwd_kernel, "forward", prep.d_pad, query.element_size(), args_for, flags)
     if options.denominator == "each_positive":
         def positive_args_for(block_n, block_m):
             if block_m > P.POSITIVE_TAIL:
@@ -245,10 +244,9 @@ def _forward_impl(inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
             return grid, (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, q_label, k_label, self_col, chunks,
                           n_chunks, n_pos, valid.view(torch.int8), loss, lse2, pos_sigmoid, tau)
 
-        flags = _flags(inputs, options)
         _launch(K.info_nce_fwd_positive_kernel, "forward_positive", prep.d_pad, query.element_size(),
-                positive_args_for, dict(DOT_PRECISION=flags["DOT_PRECISION"], UPCAST=flags["UPCAST"],
-                                        HAS_SELF=has_self, INTERPRETED=interpreting()))
+                positive_args_for, dict({k: flags[k] for k in ("DOT_PRECISION", "UPCAST", "HAS_SELF")},
+                                        INTERPRETED=interpreting()))
     perm = prep.plan.q.perm
     out_loss = torch.empty(n, **f32)
     out_loss[perm] = loss[:n]

@@ -446,25 +446,34 @@ def test_rows_sorted_by_group_skip_tiles_and_match(mode, denominator):
     assert valid.sum() > n // 2
 
 
-def test_each_positive_pass_covers_every_kind_of_chunk(monkeypatch):
-    """each_positive's positive pass on a layout with every kind of chunk: a large class (exact chunks,
-    no label compare), runs of small classes (label compare), SHARED keys (a second key range) and a
-    large SHARED class of one label (every key in range, label compare) — against float64."""
+@pytest.fixture
+def launches(monkeypatch):
+    """kind -> (grid, args) of each kernel launch of the test, as the launcher builds them."""
     import contrastkit.kernels.info_nce as module
 
-    tables = []
+    seen = {}
     launch = module._launch
 
     def spy(kernel, kind, d_pad, element_size, args_for, flags):
         def recording(block_n, block_m):
-            grid, args = args_for(block_n, block_m)
-            if kind == "forward_positive":
-                tables.append(next(a for a in args if isinstance(a, torch.Tensor) and a.dim() == 2
-                                   and a.shape[1] == 7).cpu())
-            return grid, args
-        return launch(kernel, kind, d_pad, element_size, args_for if kind != "forward_positive" else recording, flags)
+            seen[kind] = args_for(block_n, block_m)
+            return seen[kind]
+        return launch(kernel, kind, d_pad, element_size, recording, flags)
 
     monkeypatch.setattr(module, "_launch", spy)
+    return seen
+
+
+def int_table(args, width: int) -> torch.Tensor:
+    """The launch argument that is an int32 table of ``width`` columns (tile counts, chunks)."""
+    return next(a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32 and a.dim() == 2
+                and a.shape[1] == width).cpu()
+
+
+def test_each_positive_pass_covers_every_kind_of_chunk(launches):
+    """each_positive's positive pass on a layout with every kind of chunk: a large class (exact chunks,
+    no label compare), runs of small classes (label compare), SHARED keys (a second key range) and a
+    large SHARED class of one label (every key in range, label compare) — against float64."""
     g = torch.Generator().manual_seed(7)
     n, m, d = 150, 170, 24
     labels = torch.cat([torch.zeros(90, dtype=torch.int64), torch.randint(1, 8, (n - 90,), generator=g)])
@@ -477,34 +486,21 @@ def test_each_positive_pass_covers_every_kind_of_chunk(monkeypatch):
     q, k = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
     case = dict(labels=labels, key_labels=key_labels, groups=groups, key_groups=key_groups, self_key_offset=None)
     run_and_compare(q, k, case, torch.float32, "each_positive")
-    (table,) = tables
+    table = int_table(launches["forward_positive"][1], 7)
     owns = table[:, 1] > table[:, 0]
     assert (owns & (table[:, 6] == 1)).any() and (owns & (table[:, 6] == 0)).any()
     assert (table[:, 5] > table[:, 4]).any()  # SHARED keys: a second range
 
 
-def test_each_positive_pass_with_more_chunks_than_programs(monkeypatch):
+def test_each_positive_pass_with_more_chunks_than_programs(launches):
     """Three-row groups make a chunk per group, more chunks than the positive pass's grid: every
     program takes several chunks in turn."""
-    import contrastkit.kernels.info_nce as module
-
-    seen = []
-    launch = module._launch
-
-    def spy(kernel, kind, d_pad, element_size, args_for, flags):
-        def recording(block_n, block_m):
-            grid, args = args_for(block_n, block_m)
-            seen.append((grid[0], next(a for a in args if isinstance(a, torch.Tensor) and a.shape == (1,)
-                                       and a.dtype == torch.int32).item()))
-            return grid, args
-        return launch(kernel, kind, d_pad, element_size, recording if kind == "forward_positive" else args_for, flags)
-
-    monkeypatch.setattr(module, "_launch", spy)
     q, _, case = make_case("self", 130, None, 24, torch.float32, classes=2, seed=21)
     case["groups"] = torch.arange(130) // 3
     rows, _ = run_and_compare(q, None, case, torch.float32, "each_positive")
-    ((programs, chunks),) = seen
-    assert chunks > 2 * programs and (rows[-30:] > 0).sum() > 5
+    (programs,), args = launches["forward_positive"]
+    chunks = next(a for a in args if isinstance(a, torch.Tensor) and a.shape == (1,) and a.dtype == torch.int32)
+    assert chunks.item() > 2 * programs and (rows[-30:] > 0).sum() > 5
 
 
 def test_group_ids_are_relabelled_densely():
@@ -590,33 +586,20 @@ def test_fp16_gradients_do_not_flush_to_zero(mode):
 
 @pytest.mark.parametrize("mode,denominator", [("self", "all"), ("self", "each_positive"), ("qk", "negatives"),
                                               ("qk", "each_positive")])
-def test_every_tile_loop_runs(mode, denominator, monkeypatch):
+def test_every_tile_loop_runs(mode, denominator, launches):
     """Rows sorted by label leave tile pairs without positives and pairs of one label: every kernel
     runs its clean, positive and masked loops here, and the result still matches float64."""
-    import contrastkit.kernels.info_nce as module
-
-    counts = {}
-    launch = module._launch
-
-    def spy(kernel, kind, d_pad, element_size, args_for, flags):
-        def recording(block_n, block_m):
-            grid, args = args_for(block_n, block_m)
-            table = next(a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32
-                         and a.dim() == 2 and a.shape[1] in (3, 7))
-            if kind == "forward_positive":  # chunks that own rows, key columns in their ranges
-                rows, columns = table[:, 1] - table[:, 0], table[:, 3] - table[:, 2] + table[:, 5] - table[:, 4]
-                counts[kind] = [int((rows > 0).sum()), int(columns.sum())]
-            else:
-                counts[kind] = table.sum(0).tolist()
-            return grid, args
-        return launch(kernel, kind, d_pad, element_size, recording, flags)
-
-    monkeypatch.setattr(module, "_launch", spy)
     q, k, case = make_case(mode, 257 if mode == "self" else 130, 257, 24, torch.float32, classes=3,
                            ignore_frac=0.05, seed=14, with_groups=denominator == "each_positive")
     run_and_compare(q, k, case, torch.float32, denominator)
     kinds = {"forward", "backward_symmetric"} if mode == "self" else {"forward", "backward_query", "backward_key"}
     if denominator == "each_positive":
         kinds.add("forward_positive")
-    assert set(counts) == kinds
+    assert set(launches) == kinds
+    counts = {kind: int_table(args, 3).sum(0).tolist() for kind, (_, args) in launches.items()
+              if kind != "forward_positive"}
+    if denominator == "each_positive":  # chunks that own rows, key columns in their ranges
+        table = int_table(launches["forward_positive"][1], 7)
+        rows, columns = table[:, 1] - table[:, 0], table[:, 3] - table[:, 2] + table[:, 5] - table[:, 4]
+        counts["forward_positive"] = [int((rows > 0).sum()), int(columns.sum())]
     assert all(min(count) > 0 for count in counts.values()), counts
