@@ -3,6 +3,7 @@
 from . import data, metrics, models, segmentation, training
 from ._options import SHARED, InfoNCEOptions
 from ._temperature import TemperatureModule
+from ._validation import set_value_checks, value_checks, value_checks_enabled
 from .classic import NTXentLoss, PatchNCELoss, SupConLoss, nt_xent_loss, patch_nce_loss, supcon_loss
 from .core import info_nce
 from .cross_level import (
@@ -30,6 +31,9 @@ from .queue import MemoryQueue, append_queue
 __version__ = "0.1.0"
 
 __all__ = [
+    "set_value_checks",
+    "value_checks",
+    "value_checks_enabled",
     "info_nce",
     "InfoNCEOptions",
     "SHARED",

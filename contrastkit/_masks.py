@@ -20,7 +20,7 @@ def prepare(x: torch.Tensor, temperature: torch.Tensor | None, normalize: bool) 
     """Rows in the compute dtype, L2-normalised if asked, optionally pre-scaled by 1/temperature."""
     x = x.to(compute_dtype(x.dtype))
     if normalize:
-        x = F.normalize(x, dim=1)
+        x = F.normalize(x, dim=-1)
     if temperature is not None:
         x = x / temperature
     return x
@@ -65,19 +65,21 @@ def pair_masks(
 
 
 def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row-wise log-sum-exp over the masked entries: -inf for a row with none, with a finite gradient."""
+    """Log-sum-exp over the masked entries of the last dimension: -inf for a row with none, with a
+    finite gradient."""
     masked = torch.where(mask, s, float("-inf"))
-    peak = masked.amax(dim=1, keepdim=True).detach()
+    peak = masked.amax(dim=-1, keepdim=True).detach()
     has_any = torch.isfinite(peak)
-    total = (masked - torch.where(has_any, peak, 0.0)).exp().sum(dim=1, keepdim=True)
+    total = (masked - torch.where(has_any, peak, 0.0)).exp().sum(dim=-1, keepdim=True)
     # Rows with no entry: log(1) keeps the gradient finite; the result is replaced by -inf.
     lse = torch.where(has_any, total, 1.0).log() + torch.where(has_any, peak, 0.0)
-    return torch.where(has_any, lse, float("-inf")).squeeze(1)
+    return torch.where(has_any, lse, float("-inf")).squeeze(-1)
 
 
 def contributing_rows(
-    labels: torch.Tensor, n_pos: torch.Tensor, n_neg: torch.Tensor, denominator: str, ignore_index: int
+    labels: torch.Tensor, n_pos: torch.Tensor, n_neg: torch.Tensor | None, denominator: str, ignore_index: int
 ) -> torch.Tensor:
+    """Queries that contribute: not ignored, with a positive and (``"negatives"``) a negative."""
     valid = (labels != ignore_index) & (n_pos > 0)
     if denominator == "negatives":
         valid = valid & (n_neg > 0)

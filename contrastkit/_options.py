@@ -35,6 +35,9 @@ class InfoNCEOptions:
     ignore_index: int = -1
     self_key_offset: int | None = None
     chunk_size: int | None = None  # the torch backend's query rows per block; None: about 1M logits a block
+    # Structure known without reading values (no device sync), for the dense path:
+    blocks: int | None = None  # the groups are this many equal, contiguous blocks of queries and of keys
+    paired: bool = False  # labels=None with a key: key i is the one positive of query i
 
     def encode(self) -> str:
         """One string for a custom op's schema (which cannot take a Python object)."""

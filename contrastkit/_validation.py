@@ -1,14 +1,19 @@
-"""Argument checks shared by every public entry point, and the dtype policy.
+"""Argument checks shared by every public entry point, the value-check switch, and the dtype policy.
 
 Shape, dtype and device checks are static and run on every call. Checks that need the
-values (NaN/Inf, label ranges, a tensor temperature's value) synchronise with the device, so
-they run together in one synchronisation and are skipped while ``torch.compile`` traces a call.
+values (NaN/Inf, label ranges, a tensor temperature's value) wait for the device (a host
+sync, which stalls a GPU's pipeline), so they run only where :func:`value_checks_enabled` says:
+by default on the CPU and not on CUDA, always off while ``torch.compile`` traces a call, and
+as :func:`set_value_checks` or the environment variable ``CONTRASTKIT_VALUE_CHECKS`` (``1`` /
+``0``) say otherwise. Each entry point tests all of its value checks in one synchronisation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
 
 import torch
 
@@ -16,7 +21,49 @@ from ._options import SHARED
 
 DENOMINATORS = ("all", "each_positive", "negatives")
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "reference", "torch", "triton")
+BACKENDS = ("auto", "reference", "dense", "torch", "triton")
+
+
+VALUE_CHECKS_ENV = "CONTRASTKIT_VALUE_CHECKS"
+_value_checks: bool | None = None  # set_value_checks; None: the environment, else by device
+
+
+def set_value_checks(enabled: bool | None) -> None:
+    """Turn the value checks (NaN/Inf embeddings, label and group ranges, a tensor τ's value) on
+    or off for every device; ``None`` restores the default: ``CONTRASTKIT_VALUE_CHECKS`` if set,
+    else on for CPU tensors and off for CUDA ones (each check there is a host sync)."""
+    global _value_checks
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool or None; got {type(enabled).__name__}")
+    _value_checks = enabled
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool | None):
+    """:func:`set_value_checks` for the duration of a ``with`` block."""
+    global _value_checks
+    before = _value_checks
+    set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        _value_checks = before
+
+
+def value_checks_enabled(device: torch.device) -> bool:
+    """Whether calls on ``device`` check their values now (never while torch.compile traces)."""
+    if torch.compiler.is_compiling():
+        return False
+    if _value_checks is not None:
+        return _value_checks
+    setting = os.environ.get(VALUE_CHECKS_ENV, "").strip().lower()
+    if setting in ("1", "true", "on", "yes"):
+        return True
+    if setting in ("0", "false", "off", "no"):
+        return False
+    if setting:
+        raise ValueError(f"{VALUE_CHECKS_ENV} must be 1 or 0 (or unset); got {setting!r}")
+    return device.type == "cpu"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -104,6 +151,11 @@ def check_embeddings(name: str, x) -> tuple[int, int]:
     return n, d
 
 
+def num_rows(x: torch.Tensor) -> int:
+    """Embeddings in (N, D) rows or a (B, C, H, W) map: N, or B*H*W."""
+    return x.shape[0] * x.shape[2] * x.shape[3] if x.dim() == 4 else x.shape[0]
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B*H*W, C), row b*H*W + h*W + w being pixel (b, h, w); rows pass through."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
@@ -156,9 +208,11 @@ def check_values(
     groups: torch.Tensor | None = None,
     key_groups: torch.Tensor | None = None,
     temperature: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> None:
     """Value checks: NaN/Inf embeddings, negative labels other than ignore_index, negative groups
-    other than ``SHARED``, a non-positive or non-finite tensor temperature.
+    other than ``SHARED``, a non-positive or non-finite tensor temperature, negative or
+    non-finite weights.
 
     On a GPU every test of a device value waits for the device, so all are combined into one
     synchronisation; the message naming the culprit is worked out only when one fails.
@@ -177,6 +231,8 @@ def check_values(
     flags = [~torch.isfinite(x).all() for _, x in embeddings] + [bad(x).any() for _, x, bad in ids]
     if temperature is not None:
         flags.append(~(torch.isfinite(temperature) & (temperature > 0)))
+    if weights is not None:
+        flags.append(~(torch.isfinite(weights) & (weights >= 0)).all())
     if not bool(torch.stack(flags).any()):
         return
     for name, x in embeddings:
@@ -191,8 +247,4 @@ def check_values(
             raise ValueError(f"{name} must be non-negative {kind} or {allowed}; found {int(x[found][0])}")
     if temperature is not None:
         check_temperature_value(temperature)
-
-
-def check_weight_values(weights: torch.Tensor) -> None:
-    if not torch.isfinite(weights).all() or (weights < 0).any():
-        raise ValueError("weights must be finite and non-negative")
+    raise ValueError("weights must be finite and non-negative")

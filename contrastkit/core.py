@@ -1,19 +1,14 @@
-"""The one operation under every loss: a masked InfoNCE over query and key embeddings, and
-the one place that picks the backend of every fused operation (``info_nce``, ``pool_patches``)."""
+"""The one operation under every loss: a masked InfoNCE over query and key embeddings, and its
+reduction. The backend that computes it is picked in ``_backends.py``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
-from einops import reduce
 
 from . import _validation as v
-from ._chunked import chunked_rows
+from ._backends import resolve_backend
+from ._dense import dense_logits
 from ._options import InfoNCEOptions, OpInputs
-from ._reference import dense_rows
 
 
 def info_nce(
@@ -22,7 +17,7 @@ def info_nce(
     *,
     labels: torch.Tensor | None = None,
     key_labels: torch.Tensor | None = None,
-    groups: torch.Tensor | None = None,
+    groups: torch.Tensor | int | None = None,
     key_groups: torch.Tensor | None = None,
     temperature: float | torch.Tensor = 0.1,
     normalize: bool = True,
@@ -58,6 +53,11 @@ def info_nce(
             query only when their groups are equal. :data:`contrastkit.SHARED` (-1) on either side
             matches every group: mark keys shared by all images (a memory queue's) this way.
             ``key_groups`` defaults to ``groups`` in self-contrast and for paired views.
+            ``groups`` may instead be an int B (``key_groups`` None): the queries are B equal,
+            consecutive blocks and so are the keys (B images, e.g. per-image negatives), query
+            block b against key block b. The values are the same as with the ids
+            ``arange(N) // (N / B)`` and ``arange(M) // (M / B)``, but the structure is known
+            without reading them, so small calls take batched (B, N/B, M/B) products.
         temperature: τ > 0, a number or a 0-dim floating tensor on the query's device; gradients
             flow to a tensor τ on every backend (e.g. ``log_tau.exp()`` for a learnable τ).
         normalize: L2-normalise rows first, so that similarities are cosines.
@@ -68,9 +68,11 @@ def info_nce(
         reduction: ``"mean"`` — weighted mean over contributing anchors; **exactly 0, still
             attached to the graph, when no anchor contributes**; ``"sum"``; ``"none"`` — the
             weighted per-query loss, 0 where a query does not contribute.
-        backend: ``"reference"`` (dense, the specification), ``"torch"`` (chunked,
-            memory-lean), ``"triton"`` (fused kernels) or ``"auto"`` (triton for CUDA tensors
-            when available, torch otherwise).
+        backend: ``"reference"`` (dense, the specification), ``"dense"`` (dense and lean,
+            batched over the blocks of an int ``groups``), ``"torch"`` (chunked, memory-lean),
+            ``"triton"`` (fused kernels) or ``"auto"``: dense up to a device's crossover in
+            logits, above it triton for CUDA tensors the kernels take and torch otherwise
+            (``contrastkit._backends.DENSE_MAX_LOGITS``).
         self_key_offset: query i is the same embedding as key ``i + self_key_offset`` and is
             excluded from its own positives and candidates. Self-contrast sets it to 0; use it
             when the keys are the queries followed or preceded by other keys (a memory queue,
@@ -82,10 +84,12 @@ def info_nce(
 
     The loss is float32 for float32/bfloat16/float16 inputs (half inputs are accumulated in
     float32) and float64 for float64 inputs. Value checks (NaN/Inf, negative labels or groups,
-    a tensor τ's value) are skipped while ``torch.compile`` traces the call.
+    a tensor τ's value, weights) need a host sync: they run where
+    :func:`contrastkit.value_checks_enabled` says (by default on the CPU, not on CUDA, never
+    while ``torch.compile`` traces; :func:`contrastkit.set_value_checks` switches them).
     """
     n, dim = v.check_embeddings("query", query)
-    self_contrast = key is None
+    self_contrast, paired = key is None, False
     if self_contrast:
         key, m = query, n
     else:
@@ -104,7 +108,12 @@ def info_nce(
 
     labels = v.check_index_vector("labels", labels, n, device, "query")
     key_labels = v.check_index_vector("key_labels", key_labels, m, device, "key")
-    groups = v.check_index_vector("groups", groups, n, device, "query")
+    blocks = None
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        blocks = _check_blocks(groups, key_groups, n, m)
+        groups = None
+    else:
+        groups = v.check_index_vector("groups", groups, n, device, "query")
     key_groups = v.check_index_vector("key_groups", key_groups, m, device, "key")
     weights = v.check_weights(weights, n, device)
 
@@ -123,6 +132,7 @@ def info_nce(
             raise ValueError("key_labels needs labels: without labels, query i and key i are paired views")
         if n != m:
             raise ValueError(f"paired views (labels=None) need as many keys as queries; got N={n}, M={m}")
+        paired = True
         labels = key_labels = torch.arange(n, device=device)
         if key_groups is None:
             key_groups = groups
@@ -138,21 +148,36 @@ def info_nce(
             raise ValueError(f"self_key_offset must lie in [0, M - N] = [0, {m - n}]; got {self_key_offset}")
     tau = v.temperature_tensor(temperature, v.compute_dtype(query.dtype), device)
 
-    if not torch.compiler.is_compiling():
+    if v.value_checks_enabled(device):
         v.check_values(query, key, labels, key_labels, ignore_index, groups, key_groups,
-                       tau if isinstance(temperature, torch.Tensor) else None)
-        if weights is not None:
-            v.check_weight_values(weights)
+                       tau if isinstance(temperature, torch.Tensor) else None, weights)
 
     options = InfoNCEOptions(denominator=denominator, normalize=normalize, ignore_index=ignore_index,
-                             self_key_offset=self_key_offset, chunk_size=chunk_size)
+                             self_key_offset=self_key_offset, chunk_size=chunk_size, blocks=blocks,
+                             paired=paired)
+    chosen = resolve_backend(backend, query, dim, "info_nce", dense_logits(n, m, options))
+    if blocks is not None and chosen.name != "dense":
+        # Only the dense path reads the block structure; the others take it as group ids.
+        groups = torch.arange(n, device=device) // (n // blocks)
+        key_groups = torch.arange(m, device=device) // (m // blocks)
     inputs = OpInputs(query, key, labels, key_labels, groups, key_groups, tau)
-    loss, valid = resolve_backend(backend, query, dim, "info_nce").info_nce_rows(inputs, options)
+    loss, valid = chosen.info_nce_rows(inputs, options)
     return reduce_rows(loss, valid, weights, reduction)
 
 
-def reduce_rows(loss: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor | None, reduction: str):
-    """Weighted reduction of per-row losses that are already 0 where a row does not contribute."""
+def _check_blocks(blocks: int, key_groups, n: int, m: int) -> int:
+    if key_groups is not None:
+        raise ValueError("key_groups must be None when groups is an int (the number of equal blocks of "
+                         "queries and of keys)")
+    if blocks < 1 or n % blocks or m % blocks:
+        raise ValueError(f"groups as an int is the number of equal, consecutive blocks of queries and keys: "
+                         f"it must be >= 1 and divide N={n} and M={m}; got {blocks}")
+    return blocks
+
+
+def reduce_rows(loss: torch.Tensor, valid: torch.Tensor | None, weights: torch.Tensor | None, reduction: str):
+    """Weighted reduction of per-row losses that are already 0 where a row does not contribute
+    (``valid`` None: every row contributes)."""
     if weights is not None:
         weights = weights.detach().to(loss.dtype)
         loss = loss * weights
@@ -161,70 +186,11 @@ def reduce_rows(loss: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor |
     total = loss.sum()
     if reduction == "sum":
         return total
-    count = valid.to(loss.dtype) if weights is None else torch.where(valid, weights, 0.0)
-    count = count.sum()
+    if valid is None:
+        if weights is None:
+            return total / loss.shape[0]
+        count = weights.sum()
+    else:
+        count = (valid.to(loss.dtype) if weights is None else torch.where(valid, weights, 0.0)).sum()
     # An empty batch gives exactly 0 that is still attached to the graph (total is 0 then).
     return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), total)
-
-
-# ----------------------------------------------------------------------------- backends
-
-
-class Backend(NamedTuple):
-    """One implementation of every fused operation, and what it takes."""
-
-    name: str
-    supports: Callable[[str, torch.Tensor, int], bool]  # (operation, input, embedding size or channels)
-    info_nce_rows: Callable[[OpInputs, InfoNCEOptions], tuple[torch.Tensor, torch.Tensor]]
-    pool_patches: Callable[[torch.Tensor, int, int, bool], torch.Tensor]
-
-
-def _mean_pool(features: torch.Tensor, grid_h: int, grid_w: int, normalize: bool) -> torch.Tensor:
-    pooled = reduce(features, "b c (gh ph) (gw pw) -> b c gh gw", "mean", gh=grid_h, gw=grid_w)
-    return F.normalize(pooled, dim=1) if normalize else pooled
-
-
-def _any_input(operation: str, x: torch.Tensor, size: int) -> bool:
-    return True
-
-
-def _triton_supports(operation: str, x: torch.Tensor, size: int) -> bool:
-    """Kernels available for this device, dtype and size: float64 and over-long rows stay on torch."""
-    from . import kernels
-
-    if x.device.type != "cuda" or not kernels.available():
-        return False
-    return kernels.supports(x.dtype, size) if operation == "info_nce" else x.dtype in kernels.KERNEL_DTYPES
-
-
-def _triton(operation: str):
-    def run(*args):
-        from . import kernels
-
-        reason = kernels.unavailable_reason()
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run: {reason}")
-        return getattr(kernels, operation)(*args)
-
-    return run
-
-
-BACKEND_TABLE = {
-    "reference": Backend("reference", _any_input, dense_rows, _mean_pool),
-    "torch": Backend("torch", _any_input, chunked_rows, _mean_pool),
-    "triton": Backend("triton", _triton_supports, _triton("info_nce_rows"), _triton("pool_patches")),
-}
-
-
-def resolve_backend(backend: str, x: torch.Tensor, size: int, operation: str) -> Backend:
-    """The backend that runs ``operation`` on ``x``: the named one, or for ``"auto"`` the Triton
-    kernels when they take ``x`` (CUDA, a kernel dtype, a supported size) and torch otherwise.
-
-    A backend named explicitly runs even where ``auto`` would not pick it, so its own errors
-    (e.g. the kernels' refusal of float64) reach the caller.
-    """
-    v.check_choice("backend", backend, v.BACKENDS)
-    if backend == "auto":
-        triton = BACKEND_TABLE["triton"]
-        return triton if triton.supports(operation, x, size) else BACKEND_TABLE["torch"]
-    return BACKEND_TABLE[backend]

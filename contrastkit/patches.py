@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from ._backends import resolve_backend
 from ._validation import check_flag
-from .core import resolve_backend
 
 
 def _is_int(g) -> bool:

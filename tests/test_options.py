@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import contrastkit._chunked as chunked
 from contrastkit import InfoNCEOptions, info_nce
+from contrastkit._backends import BACKEND_TABLE
 from contrastkit._options import OpInputs, input_gradients, op_schema, split_op_args
-from contrastkit.core import BACKEND_TABLE, resolve_backend
 
 FIELD_VALUES = {
     "denominator": st.sampled_from(["all", "each_positive", "negatives"]),
@@ -21,6 +21,8 @@ FIELD_VALUES = {
     "ignore_index": st.integers(-1000, 1000),
     "self_key_offset": st.none() | st.integers(0, 10_000),
     "chunk_size": st.none() | st.integers(1, 1 << 20),
+    "blocks": st.none() | st.integers(1, 1 << 20),
+    "paired": st.booleans(),
 }
 
 
@@ -63,8 +65,6 @@ def test_split_op_args_and_gradients_by_name():
 def test_every_backend_takes_inputs_and_options():
     for backend in BACKEND_TABLE.values():
         rows = backend.info_nce_rows
-        if getattr(rows, "__name__", "") == "run":  # the triton entry loads the kernels lazily
-            from contrastkit.kernels.info_nce import info_nce_rows as rows
         assert list(inspect.signature(rows).parameters) == ["inputs", "options"], backend.name
 
 
@@ -87,14 +87,16 @@ VARIATIONS = {
 
 @pytest.mark.parametrize("field", list(VARIATIONS))
 def test_every_option_reaches_every_backend(field):
-    assert set(VARIATIONS) | {"chunk_size"} == {f.name for f in dataclasses.fields(InfoNCEOptions)}
+    # chunk_size is the torch backend's alone (tested below); blocks and paired are structure
+    # that info_nce derives from its arguments (tests/test_dense.py).
+    assert set(VARIATIONS) | {"chunk_size", "blocks", "paired"} == {f.name for f in dataclasses.fields(InfoNCEOptions)}
     case = _case()
     case["key"][3:16] = case["query"]  # keys 3.. are the queries, as self_key_offset=3 says
     case["key_labels"][3:16] = case["labels"]
     base = info_nce(**case, reduction="none", backend="reference")
     varied = info_nce(**case, **VARIATIONS[field], reduction="none", backend="reference")
     assert not torch.allclose(base, varied), f"{field} does not change the reference"
-    for backend in ("torch", "triton"):
+    for backend in ("dense", "torch", "triton"):
         if backend == "triton":
             pytest.importorskip("triton")
             from contrastkit.kernels import available
@@ -117,30 +119,3 @@ def test_chunk_size_reaches_the_torch_backend(monkeypatch):
     want = info_nce(**case, backend="reference")
     torch.testing.assert_close(info_nce(**case, backend="torch", chunk_size=4), want)
     assert blocks == [0, 4, 8, 12]
-
-
-def test_resolve_backend_picks_by_device_dtype_and_size(monkeypatch):
-    from contrastkit import kernels
-
-    cpu = torch.zeros(1)
-    assert resolve_backend("auto", cpu, 128, "info_nce").name == "torch"
-    assert resolve_backend("reference", cpu, 128, "info_nce").name == "reference"
-    with pytest.raises(ValueError, match="backend"):
-        resolve_backend("cuda", cpu, 128, "info_nce")
-    # On a CUDA tensor: the kernels take bf16/fp16/fp32 up to their size limits, never float64.
-    monkeypatch.setattr(kernels, "available", lambda: True)
-
-    class Cuda:
-        device = torch.device("cuda")
-
-        def __init__(self, dtype):
-            self.dtype = dtype
-
-    assert resolve_backend("auto", Cuda(torch.bfloat16), 128, "info_nce").name == "triton"
-    assert resolve_backend("auto", Cuda(torch.float64), 128, "info_nce").name == "torch"
-    assert resolve_backend("auto", Cuda(torch.bfloat16), 4096, "info_nce").name == "torch"
-    assert resolve_backend("auto", Cuda(torch.float32), 1024, "info_nce").name == "torch"
-    assert resolve_backend("auto", Cuda(torch.float16), 4096, "pool_patches").name == "triton"
-    assert resolve_backend("auto", Cuda(torch.float64), 16, "pool_patches").name == "torch"
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    assert resolve_backend("auto", Cuda(torch.bfloat16), 128, "info_nce").name == "torch"

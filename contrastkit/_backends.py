@@ -1,0 +1,92 @@
+"""The backends of every fused operation (``info_nce``, ``pool_patches``) and the one place that
+picks among them.
+
+============  =================================================================  ==============
+backend       what it is                                                         ``auto`` picks it
+============  =================================================================  ==============
+reference     dense, autograd; the specification (``_reference.py``)              never
+dense         dense and lean: (B, Gq, Gk) logits by batched products when the     up to
+              groups are B equal blocks, one (N, M) block otherwise               ``DENSE_MAX_LOGITS``
+torch         chunked: query blocks against all keys, closed-form backward        larger, off CUDA
+triton        the fused kernels (``kernels/``, through ``_triton.py``)            larger, on CUDA
+============  =================================================================  ==============
+
+Every backend takes the same two objects: the tensors (``OpInputs``) and the static settings
+(``InfoNCEOptions``); ``pool_patches`` is a torch mean on every backend but triton.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import reduce
+
+from . import _triton
+from ._chunked import chunked_rows
+from ._dense import dense_block_rows
+from ._options import InfoNCEOptions, OpInputs
+from ._reference import dense_rows
+from ._validation import BACKENDS, check_choice
+
+# The most logits for which ``auto`` takes the dense path, by device type. Above it the chunked
+# path (CPU) or the kernels (CUDA) win: their per-call cost is fixed, the dense path's grows with
+# every logit it materialises (and its memory with it).
+# CPU: measured with benchmarks/crossover.py (results in benchmarks/results/), one thread.
+# CUDA: an estimate until a GPU session's crossover run sets it: the kernels' path costs about
+# 300 launches (~1.5 ms of host time) beside its kernels, the dense path about 80 ps a logit
+# (~30 ops over fp32 logits at ~3 TB/s), so they cross near 2^24 logits.
+DENSE_MAX_LOGITS = {"cpu": 1 << 22, "cuda": 1 << 24}
+_DEFAULT_DENSE_MAX_LOGITS = 1 << 22
+
+
+class Backend(NamedTuple):
+    """One implementation of every fused operation, and what it takes."""
+
+    name: str
+    supports: Callable[[str, torch.Tensor, int], bool]  # (operation, input, embedding size or channels)
+    info_nce_rows: Callable[[OpInputs, InfoNCEOptions], tuple[torch.Tensor, torch.Tensor | None]]
+    pool_patches: Callable[[torch.Tensor, int, int, bool], torch.Tensor]
+
+
+def mean_pool(features: torch.Tensor, grid_h: int, grid_w: int, normalize: bool) -> torch.Tensor:
+    pooled = reduce(features, "b c (gh ph) (gw pw) -> b c gh gw", "mean", gh=grid_h, gw=grid_w)
+    return F.normalize(pooled, dim=1) if normalize else pooled
+
+
+def _any_input(operation: str, x: torch.Tensor, size: int) -> bool:
+    return True
+
+
+BACKEND_TABLE = {
+    "reference": Backend("reference", _any_input, dense_rows, mean_pool),
+    "dense": Backend("dense", _any_input, dense_block_rows, mean_pool),
+    "torch": Backend("torch", _any_input, chunked_rows, mean_pool),
+    "triton": Backend("triton", _triton.supports, _triton.info_nce_rows, _triton.pool_patches),
+}
+
+
+def dense_max_logits(device: torch.device) -> int:
+    return DENSE_MAX_LOGITS.get(device.type, _DEFAULT_DENSE_MAX_LOGITS)
+
+
+def resolve_backend(backend: str, x: torch.Tensor, size: int, operation: str, logits: int | None = None) -> Backend:
+    """The backend that runs ``operation`` on ``x``: the named one, or for ``"auto"``
+
+    * the dense path when the call forms at most ``DENSE_MAX_LOGITS[device]`` logits
+      (``logits``: how many the dense path would form; ``None`` for operations without one);
+    * else the Triton kernels when they take ``x`` (CUDA, a kernel dtype, a supported size);
+    * else the chunked torch path.
+
+    A backend named explicitly runs even where ``auto`` would not pick it, so its own errors
+    (e.g. the kernels' refusal of float64) reach the caller.
+    """
+    check_choice("backend", backend, BACKENDS)
+    if backend != "auto":
+        return BACKEND_TABLE[backend]
+    if logits is not None and logits <= dense_max_logits(x.device):
+        return BACKEND_TABLE["dense"]
+    triton = BACKEND_TABLE["triton"]
+    return triton if triton.supports(operation, x, size) else BACKEND_TABLE["torch"]

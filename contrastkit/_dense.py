@@ -1,0 +1,85 @@
+"""The lean dense path of the masked InfoNCE: every logit at once, by batched products.
+
+When the groups are B equal, contiguous blocks of queries and keys (per-image negatives: B
+images of G cells each), only the B diagonal blocks can hold candidates, so the logits are one
+(B, Gq, Gk) batched product: memory B·Gq·Gk, not N·M. Otherwise the (N, M) matrix is one block
+and the groups are a mask. Paired views (key i the one positive of query i) need no masks at
+all: the loss is a row's log-sum-exp minus its diagonal logit.
+
+Autograd differentiates it. It is the path for problems small enough that a handful of ops over
+all logits beats the chunked loop's or the kernels' bookkeeping (``_backends.DENSE_MAX_LOGITS``).
+Unlike ``_reference.py`` (the specification) it is written for few device ops and no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._masks import contributing_rows, masked_logsumexp, prepare, same_group
+from ._options import InfoNCEOptions, OpInputs
+from ._validation import as_rows, num_rows
+
+
+def block_count(options: InfoNCEOptions, num_queries: int, num_keys: int) -> int | None:
+    """The number of diagonal blocks the dense path can compute separately, or None for one block."""
+    blocks, offset = options.blocks, options.self_key_offset
+    if blocks is None or num_queries % blocks or num_keys % blocks:
+        return None
+    if offset is not None and (offset != 0 or num_queries != num_keys):
+        return None  # a query's own key would not sit on its block's diagonal
+    return blocks
+
+
+def dense_logits(num_queries: int, num_keys: int, options: InfoNCEOptions) -> int:
+    """How many logits the dense path forms for this call."""
+    blocks = block_count(options, num_queries, num_keys) or 1
+    return num_queries * num_keys // blocks
+
+
+def _as_blocks(x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(N, D) rows or a (B, C, H, W) map -> (blocks, N / blocks, D); a view of a map of B images."""
+    if x.dim() == 4 and x.shape[0] == blocks:
+        return x.flatten(2).transpose(1, 2)
+    return as_rows(x).reshape(blocks, -1, x.shape[1])
+
+
+def dense_block_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-query loss (0 where the query does not contribute) and the contributing mask (None when
+    every query contributes, which the structure alone shows for paired views)."""
+    n, m = num_rows(inputs.query), num_rows(inputs.key)
+    blocks = block_count(options, n, m)
+    group_mask = blocks is None and inputs.groups is not None
+    q = prepare(_as_blocks(inputs.query, blocks or 1), inputs.temperature, options.normalize)
+    k = prepare(_as_blocks(inputs.key, blocks or 1), None, options.normalize)
+    s = q @ k.transpose(1, 2)
+    denominator, ignore_index, offset = options.denominator, options.ignore_index, options.self_key_offset
+    if options.paired and not group_mask and offset is None and ignore_index < 0 and (
+            denominator != "negatives" or s.shape[2] > 1):
+        # Paired views: every query has exactly its own key as positive, and every key of its
+        # block as a candidate (ids are 0..N-1, so none equals a negative ignore_index).
+        positive = s.diagonal(dim1=1, dim2=2)
+        if denominator == "negatives":
+            s = s.masked_fill(torch.eye(s.shape[1], dtype=torch.bool, device=s.device), float("-inf"))
+        return (s.logsumexp(dim=2) - positive).reshape(n), None
+
+    labels = inputs.labels.view(s.shape[0], s.shape[1])
+    key_labels = inputs.key_labels.view(s.shape[0], 1, s.shape[2])
+    candidate = key_labels != ignore_index
+    if group_mask:
+        candidate = candidate & same_group(inputs.groups, inputs.key_groups)
+    if offset is not None:
+        rows = torch.arange(s.shape[1], device=s.device)
+        cols = torch.arange(s.shape[2], device=s.device)
+        candidate = candidate & (rows[:, None] + (0 if blocks else offset) != cols)
+    positive = candidate & (labels[:, :, None] == key_labels)
+    negative = candidate & ~positive
+    n_pos = positive.sum(dim=2)
+    valid = contributing_rows(labels, n_pos, negative.sum(dim=2) if denominator == "negatives" else None,
+                              denominator, ignore_index)
+    if denominator == "each_positive":
+        log_denominator = torch.logaddexp(s, masked_logsumexp(s, negative)[:, :, None])
+        loss = torch.where(positive, log_denominator - s, 0.0).sum(dim=2) / n_pos.clamp_min(1)
+    else:
+        lse = masked_logsumexp(s, candidate if denominator == "all" else negative)
+        loss = lse - torch.where(positive, s, 0.0).sum(dim=2) / n_pos.clamp_min(1)
+    return torch.where(valid, loss, 0.0).reshape(n), valid.reshape(n)

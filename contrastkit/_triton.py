@@ -1,0 +1,38 @@
+"""The Triton backend: contrastkit's side of the kernels in ``kernels/`` (``contrastkit.kernels``).
+
+``kernels/`` is a layer below the library: it takes tensors and flags. This module adapts the
+core op's :class:`~contrastkit._options.OpInputs` and :class:`~contrastkit._options.InfoNCEOptions`
+to it, and says which inputs the kernels take.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._options import InfoNCEOptions, OpInputs
+
+
+def supports(operation: str, x: torch.Tensor, size: int) -> bool:
+    """Kernels available for this device, dtype and size: float64 and over-long rows stay on torch."""
+    from . import kernels
+
+    if x.device.type != "cuda" or not kernels.available():
+        return False
+    return kernels.supports(x.dtype, size) if operation == "info_nce" else x.dtype in kernels.KERNEL_DTYPES
+
+
+def _require_kernels():
+    from . import kernels
+
+    reason = kernels.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    return kernels
+
+
+def info_nce_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    return _require_kernels().info_nce_rows(inputs, options)
+
+
+def pool_patches(features: torch.Tensor, grid_h: int, grid_w: int, normalize: bool) -> torch.Tensor:
+    return _require_kernels().pool_patches(features, grid_h, grid_w, normalize)
