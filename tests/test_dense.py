@@ -1,0 +1,155 @@
+"""The lean dense path against the float64 specification: values and gradients, at awkward sizes,
+for block structure (int groups), paired views, id groups with SHARED keys and self-contrast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contrastkit import SHARED, info_nce
+from contrastkit._dense import block_count, dense_logits
+from contrastkit._options import InfoNCEOptions
+
+DENOMINATORS = ("all", "each_positive", "negatives")
+
+
+def _leaves(case):
+    return {k: v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+            for k, v in case.items()}
+
+
+def _agree(case, **options):
+    """Value and gradient (query, key, tensor τ) of the dense path equal the reference's."""
+    got_case, want_case = _leaves(case), _leaves(case)
+    got = info_nce(**got_case, **options, backend="dense")
+    want = info_nce(**want_case, **options, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    weights = torch.rand(got.shape, dtype=got.dtype)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    for name in ("query", "key", "temperature"):
+        a, b = got_case.get(name), want_case.get(name)
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _rows(g, n, d=5, scale=1.0):
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).requires_grad_()
+
+
+@settings(max_examples=60, deadline=None)
+@given(blocks=st.integers(1, 4), per_query=st.integers(1, 5), per_key=st.integers(1, 6),
+       classes=st.integers(1, 3), denominator=st.sampled_from(DENOMINATORS), normalize=st.booleans(),
+       reduction=st.sampled_from(["mean", "sum", "none"]), weighted=st.booleans(), seed=st.integers(0, 2**16))
+def test_int_groups_equal_the_reference(blocks, per_query, per_key, classes, denominator, normalize, reduction,
+                                        weighted, seed):
+    g = torch.Generator().manual_seed(seed)
+    n, m = blocks * per_query, blocks * per_key
+    case = dict(query=_rows(g, n), key=_rows(g, m, scale=2.0),
+                labels=torch.randint(-1, classes, (n,), generator=g),
+                key_labels=torch.randint(-1, classes, (m,), generator=g),
+                temperature=torch.tensor(0.3, dtype=torch.float64).requires_grad_())
+    if weighted:
+        case["weights"] = torch.rand(n, generator=g, dtype=torch.float64)
+    got = dict(case, groups=blocks)
+    _agree(got, denominator=denominator, normalize=normalize, reduction=reduction)
+    # The same blocks written as ids take the general path of every backend: equal values.
+    ids = dict(case, groups=torch.arange(n) // per_query, key_groups=torch.arange(m) // per_key)
+    torch.testing.assert_close(info_nce(**_leaves(got), denominator=denominator, normalize=normalize,
+                                        reduction=reduction, backend="dense"),
+                               info_nce(**_leaves(ids), denominator=denominator, normalize=normalize,
+                                        reduction=reduction, backend="reference"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(blocks=st.integers(1, 4), size=st.integers(1, 6), denominator=st.sampled_from(DENOMINATORS),
+       seed=st.integers(0, 2**16), as_map=st.booleans())
+def test_paired_views_in_blocks(blocks, size, denominator, seed, as_map):
+    g = torch.Generator().manual_seed(seed)
+    n = blocks * size
+    query, key = _rows(g, n), _rows(g, n)
+    if as_map:  # (B, C, h, w) maps of B images: the dense path reads them as blocks without a copy
+        query = query.detach().reshape(blocks, size, 1, 5).permute(0, 3, 1, 2).requires_grad_()
+    _agree(dict(query=query, key=key, groups=blocks), denominator=denominator, reduction="none")
+    _agree(dict(query=query, key=key), denominator=denominator)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 9), extra=st.integers(0, 5), offset_at=st.integers(0, 5), classes=st.integers(1, 3),
+       denominator=st.sampled_from(DENOMINATORS), seed=st.integers(0, 2**16))
+def test_id_groups_shared_keys_and_self_offset(n, extra, offset_at, classes, denominator, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = n + extra
+    offset = min(offset_at, extra)
+    query = _rows(g, n)
+    key = torch.cat([_rows(g, offset), query.detach(), _rows(g, extra - offset)]).requires_grad_()
+    labels = torch.randint(0, classes, (n,), generator=g)
+    key_labels = torch.randint(-1, classes, (m,), generator=g)
+    key_labels[offset:offset + n] = labels
+    groups = torch.randint(0, 2, (n,), generator=g)
+    key_groups = torch.randint(-1, 2, (m,), generator=g)  # -1 is SHARED: a candidate of every query
+    assert SHARED == -1
+    _agree(dict(query=query, key=key, labels=labels, key_labels=key_labels, groups=groups, key_groups=key_groups),
+           denominator=denominator, self_key_offset=offset, reduction="none")
+
+
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+def test_self_contrast_in_blocks(denominator):
+    g = torch.Generator().manual_seed(3)
+    query = _rows(g, 12)
+    _agree(dict(query=query, labels=torch.randint(-1, 3, (12,), generator=g), groups=3), denominator=denominator)
+    _agree(dict(query=query, labels=torch.randint(-1, 3, (12,), generator=g)), denominator=denominator)
+
+
+def test_gradcheck_through_blocks_and_temperature():
+    g = torch.Generator().manual_seed(0)
+    query, key = _rows(g, 6), _rows(g, 4)
+    tau = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    labels, key_labels = torch.tensor([0, 1, 1, 0, 2, 2]), torch.tensor([0, 1, 2, 2])
+    for denominator in DENOMINATORS:
+        assert torch.autograd.gradcheck(
+            lambda q, k, t, d=denominator: info_nce(q, k, labels=labels, key_labels=key_labels, groups=2,
+                                                    temperature=t, denominator=d, backend="dense"),
+            (query, key, tau))
+
+
+def test_half_inputs_accumulate_in_float32():
+    g = torch.Generator().manual_seed(1)
+    query = torch.randn(4, 25, 64, generator=g).to(torch.bfloat16)
+    key = torch.randn(4, 25, 64, generator=g).to(torch.bfloat16)
+    rows = dict(query=query.reshape(100, 64), key=key.reshape(100, 64), groups=4)
+    got = info_nce(**rows, temperature=0.07, backend="dense")
+    want = info_nce(**{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in rows.items()},
+                    temperature=0.07, backend="reference")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_contributes_gives_an_attached_zero():
+    query = torch.randn(4, 3, requires_grad=True)
+    loss = info_nce(query, torch.randn(4, 3), groups=4, denominator="negatives", backend="dense")  # 1 key a block
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(query.grad, torch.zeros_like(query))
+
+
+def test_block_structure_is_used_only_where_it_holds():
+    assert block_count(InfoNCEOptions(blocks=4), 8, 12) == 4
+    assert block_count(InfoNCEOptions(blocks=4, self_key_offset=0), 8, 8) == 4
+    assert block_count(InfoNCEOptions(blocks=4, self_key_offset=2), 8, 12) is None  # own key off the diagonal
+    assert block_count(InfoNCEOptions(), 8, 12) is None
+    assert dense_logits(8, 12, InfoNCEOptions(blocks=4)) == 2 * 3 * 4
+    assert dense_logits(8, 12, InfoNCEOptions()) == 96
+
+
+def test_int_groups_are_checked():
+    x = torch.randn(8, 3)
+    with pytest.raises(ValueError, match="divide N=8 and M=6"):
+        info_nce(x, torch.randn(6, 3), labels=torch.zeros(8, dtype=torch.long),
+                 key_labels=torch.zeros(6, dtype=torch.long), groups=4)
+    with pytest.raises(ValueError, match=">= 1"):
+        info_nce(x, x, groups=0)
+    with pytest.raises(ValueError, match="key_groups must be None"):
+        info_nce(x, x, groups=2, key_groups=torch.zeros(8, dtype=torch.long))
