@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from ._masks import contributing_rows, masked_logsumexp, prepare, same_group
+from ._masks import contributing_rows, masked_logsumexp, same_group
 from ._options import InfoNCEOptions, OpInputs
-from ._validation import as_rows, num_rows
+from ._validation import as_rows, compute_dtype, num_rows
+
+# F.normalize's floor on a row's norm, squared: rows of smaller norm are divided by 1e-12 alike.
+_NORM_FLOOR_SQUARED = 1e-24
 
 
 def block_count(options: InfoNCEOptions, num_queries: int, num_keys: int) -> int | None:
@@ -43,14 +46,25 @@ def _as_blocks(x: torch.Tensor, blocks: int) -> torch.Tensor:
     return as_rows(x).reshape(blocks, -1, x.shape[1])
 
 
+def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None) -> torch.Tensor:
+    """Rows in the compute dtype, L2-normalised (as F.normalize) and divided by τ if given, with
+    one per-row scale: a sum of squares reduces fast over a strided view of a map where a norm
+    does not, and τ joins the per-row scale instead of costing a pass over the rows."""
+    x = x.to(compute_dtype(x.dtype))
+    if normalize:
+        scale = x.square().sum(dim=-1, keepdim=True).clamp_min(_NORM_FLOOR_SQUARED).rsqrt()
+        return x * (scale if temperature is None else scale / temperature)
+    return x if temperature is None else x / temperature
+
+
 def dense_block_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-query loss (0 where the query does not contribute) and the contributing mask (None when
     every query contributes, which the structure alone shows for paired views)."""
     n, m = num_rows(inputs.query), num_rows(inputs.key)
     blocks = block_count(options, n, m)
     group_mask = blocks is None and inputs.groups is not None
-    q = prepare(_as_blocks(inputs.query, blocks or 1), inputs.temperature, options.normalize)
-    k = prepare(_as_blocks(inputs.key, blocks or 1), None, options.normalize)
+    q = _scaled(_as_blocks(inputs.query, blocks or 1), options.normalize, inputs.temperature)
+    k = _scaled(_as_blocks(inputs.key, blocks or 1), options.normalize, None)
     s = q @ k.transpose(1, 2)
     denominator, ignore_index, offset = options.denominator, options.ignore_index, options.self_key_offset
     if options.paired and not group_mask and offset is None and ignore_index < 0 and (
@@ -62,8 +76,11 @@ def dense_block_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.T
             s = s.masked_fill(torch.eye(s.shape[1], dtype=torch.bool, device=s.device), float("-inf"))
         return (s.logsumexp(dim=2) - positive).reshape(n), None
 
-    labels = inputs.labels.view(s.shape[0], s.shape[1])
-    key_labels = inputs.key_labels.view(s.shape[0], 1, s.shape[2])
+    labels, key_labels = inputs.labels, inputs.key_labels
+    if options.paired:  # key i is the one positive of query i
+        labels = key_labels = torch.arange(n, device=s.device)
+    labels = labels.view(s.shape[0], s.shape[1])
+    key_labels = key_labels.view(s.shape[0], 1, s.shape[2])
     candidate = key_labels != ignore_index
     if group_mask:
         candidate = candidate & same_group(inputs.groups, inputs.key_groups)

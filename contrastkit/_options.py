@@ -62,12 +62,13 @@ def _literal(text: str):
 
 
 class OpInputs(NamedTuple):
-    """The tensors of one core op call; labels are always given by then (paired views get ids)."""
+    """The tensors of one core op call. Labels are given by then, except for paired views on the
+    dense path (``InfoNCEOptions.paired``), which needs no ids; every other backend gets 0..N-1."""
 
     query: torch.Tensor  # (N, D) rows or a (B, C, H, W) map
     key: torch.Tensor  # (M, D) or a map; the query itself in self-contrast
-    labels: torch.Tensor  # (N,) int64
-    key_labels: torch.Tensor  # (M,) int64
+    labels: torch.Tensor  # (N,) int64 (None: paired views on the dense path)
+    key_labels: torch.Tensor  # (M,) int64 (None: as labels)
     groups: torch.Tensor | None  # (N,) int64 or None
     key_groups: torch.Tensor | None  # (M,) int64 or None
     temperature: torch.Tensor  # 0-dim, in the compute dtype; may require grad

@@ -133,7 +133,6 @@ def info_nce(
         if n != m:
             raise ValueError(f"paired views (labels=None) need as many keys as queries; got N={n}, M={m}")
         paired = True
-        labels = key_labels = torch.arange(n, device=device)
         if key_groups is None:
             key_groups = groups
     elif key_labels is None:
@@ -156,6 +155,8 @@ def info_nce(
                              self_key_offset=self_key_offset, chunk_size=chunk_size, blocks=blocks,
                              paired=paired)
     chosen = resolve_backend(backend, query, dim, "info_nce", dense_logits(n, m, options))
+    if paired and chosen.name != "dense":  # the dense path reads paired views from the options
+        labels = key_labels = torch.arange(n, device=device)
     if blocks is not None and chosen.name != "dense":
         # Only the dense path reads the block structure; the others take it as group ids.
         groups = torch.arange(n, device=device) // (n // blocks)

@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from . import _validation as v
@@ -56,8 +55,10 @@ def _check_same_device_dtype(name: str, x: torch.Tensor, ref_name: str, ref: tor
         raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; use one dtype")
 
 
-def _cell_rows(global_map: torch.Tensor, local_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both inputs as (B·gh·gw, C) rows in :func:`patchify` order (image, then row-major cell)."""
+def _cells(global_map: torch.Tensor, local_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs as embeddings in :func:`patchify` order (image, then row-major cell) that
+    :func:`~contrastkit.info_nce` takes without a copy: the global map as it is, the local one as
+    a map of the same shape or as (B·gh·gw, C) rows."""
     _check_float_tensor("global_map", global_map)
     _check_float_tensor("local_map", local_map)
     if global_map.dim() != 4:
@@ -69,18 +70,15 @@ def _cell_rows(global_map: torch.Tensor, local_map: torch.Tensor) -> tuple[torch
     cells = b * gh * gw
     expected = f"(B, C, gh, gw) = {tuple(global_map.shape)} or (B·gh·gw, C) = ({cells}, {c})"
     if local_map.dim() == 4 and local_map.shape == global_map.shape:
-        local_rows = rearrange(local_map, "b c gh gw -> (b gh gw) c")
-    elif local_map.dim() == 4 and local_map.shape == (cells, c, 1, 1):
+        return global_map, local_map
+    if (local_map.dim() == 4 and local_map.shape == (cells, c, 1, 1)) or (
+            local_map.dim() == 2 and local_map.shape == (cells, c)):
         # The per-patch projections pooled to 1x1, as pool_patches(proj, 1) returns them.
-        local_rows = local_map.reshape(cells, c)
-    elif local_map.dim() == 2 and local_map.shape == (cells, c):
-        local_rows = local_map
-    else:
-        raise ValueError(
-            f"local_map must match global_map's batch, channels and grid: expected {expected}; "
-            f"got shape {tuple(local_map.shape)}"
-        )
-    return rearrange(global_map, "b c gh gw -> (b gh gw) c"), local_rows
+        return global_map, local_map.reshape(cells, c)
+    raise ValueError(
+        f"local_map must match global_map's batch, channels and grid: expected {expected}; "
+        f"got shape {tuple(local_map.shape)}"
+    )
 
 
 def cross_level_contrast(
@@ -101,35 +99,34 @@ def cross_level_contrast(
                        ("gather_distributed", gather_distributed)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
-    global_rows, local_rows = _cell_rows(global_map, local_map)
+    global_cells, local_cells = _cells(global_map, local_map)
     if detach_local:
-        local_rows = local_rows.detach()
-    cells_per_image = global_map.shape[2] * global_map.shape[3]
-    image_ids = None
-    if negatives == "image":
-        image_ids = torch.arange(global_map.shape[0], device=global_map.device)
-        image_ids = image_ids.repeat_interleave(cells_per_image)
+        local_cells = local_cells.detach()
     options = dict(temperature=temperature, normalize=normalize, denominator="all", backend=backend)
     if gather_distributed and negatives == "batch":
         # The cells of every rank are negatives: cell ids must be unique across ranks.
-        n = global_rows.shape[0]
-        first_cell = rank_offset(n, global_rows.device)
-        cell_ids = torch.arange(first_cell, first_cell + n, device=global_rows.device)
+        n = global_map.shape[0] * global_map.shape[2] * global_map.shape[3]
+        first_cell = rank_offset(n, global_map.device)
+        cell_ids = torch.arange(first_cell, first_cell + n, device=global_map.device)
 
         def direction(queries, keys):
-            all_keys, all_cell_ids, _ = gather_keys(keys, cell_ids)
+            all_keys, all_cell_ids, _ = gather_keys(v.as_rows(keys), cell_ids)
             return info_nce(queries, all_keys, labels=cell_ids, key_labels=all_cell_ids, **options)
     else:
         # Paired views (labels=None): key i, the own patch, is the only positive of query i.
-        # With negatives="image" every negative is local, so gathering would change nothing.
-        def direction(queries, keys):
-            return info_nce(queries, keys, groups=image_ids, **options)
+        # Per-image negatives are the B images as equal blocks (groups=B): small calls are one
+        # batched product. With negatives="image" every negative is local, so gathering would
+        # change nothing.
+        groups = global_map.shape[0] if negatives == "image" else None
 
-    loss = direction(global_rows, local_rows)
+        def direction(queries, keys):
+            return info_nce(queries, keys, groups=groups, **options)
+
+    loss = direction(global_cells, local_cells)
     if symmetric:
         # Local cells as queries against the global cells as keys. detach_local keeps its
         # meaning — no gradient reaches local_map — so here the gradient flows through the keys.
-        loss = 0.5 * (loss + direction(local_rows, global_rows))
+        loss = 0.5 * (loss + direction(local_cells, global_cells))
     return loss
 
 
