@@ -160,12 +160,14 @@ def patch_nce_loss(
     keys = feat_k.detach().flatten(2).transpose(1, 2).gather(1, where).reshape(-1, c)
     # One call for the batch: each query's own location is its positive, the other sampled
     # locations of its image (its group) and the queue's keys (shared by all) its negatives.
+    options = dict(temperature=temperature, normalize=normalize, denominator="all", reduction="sum", backend=backend)
+    if queue is None:  # paired views in B equal blocks, one per image
+        return info_nce(queries, keys, groups=b, **options) / queries.shape[0]
     locations = torch.arange(queries.shape[0], device=feat_q.device)
     images = torch.div(locations, queries.shape[0] // b, rounding_mode="floor")
     keys, key_labels, key_groups = append_queue(queue, keys, locations, images, labels=locations)
     total = info_nce(queries, keys, labels=locations, key_labels=key_labels, groups=images, key_groups=key_groups,
-                     temperature=temperature, normalize=normalize, denominator="all", reduction="sum",
-                     backend=backend)
+                     **options)
     return total / queries.shape[0]
 
 

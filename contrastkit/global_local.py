@@ -200,11 +200,14 @@ def local_contrast(
                              f"(2R - 2 other regions + {extra} queue keys); got {negatives_per_region!r}")
     # One core call for the batch: the regions of an image are one group; queue keys are shared.
     region = torch.arange(regions, device=f1.device).repeat(2)
-    labels = (torch.arange(b, device=f1.device)[:, None] * regions + region).reshape(-1)
-    images = torch.arange(b, device=f1.device).repeat_interleave(2 * regions)
     flat = rows.reshape(b * 2 * regions, -1)
     options = dict(temperature=temperature, normalize=normalize, reduction="sum", backend=backend)
-    if negatives_per_region is None:
+    if negatives_per_region is None and queue is None:
+        # Self-contrast in B equal blocks (one per image): region ids need only be unique within one.
+        total = info_nce(flat, labels=region.repeat(b), groups=b, **options)
+    elif negatives_per_region is None:
+        labels = (torch.arange(b, device=f1.device)[:, None] * regions + region).reshape(-1)
+        images = torch.arange(b, device=f1.device).repeat_interleave(2 * regions)
         keys, key_labels, key_groups = append_queue(queue, flat, labels, images, labels=labels)
         total = info_nce(flat, keys, labels=labels, key_labels=key_labels, groups=images, key_groups=key_groups,
                          self_key_offset=0, **options)
@@ -235,10 +238,9 @@ def _nearest_negatives_loss(rows, queued, k, normalize, options):
     keys = candidates.reshape(-1, dim)[(chosen + torch.arange(b, device=rows.device)[:, None, None]
                                         * candidates.shape[1]).reshape(-1)]
     queries = rows.reshape(-1, dim)
-    owner = torch.arange(queries.shape[0], device=rows.device)
     key_labels = (torch.arange(k + 1, device=rows.device) > 0).long().repeat(queries.shape[0])
-    return info_nce(queries, keys, labels=torch.zeros_like(owner), key_labels=key_labels,
-                    groups=owner, key_groups=owner.repeat_interleave(k + 1), **options)
+    labels = torch.zeros(queries.shape[0], dtype=torch.long, device=rows.device)
+    return info_nce(queries, keys, labels=labels, key_labels=key_labels, groups=queries.shape[0], **options)
 
 
 class GlobalContrast(TemperatureModule):
