@@ -185,6 +185,30 @@ def check_index_vector(name: str, x, length: int, device: torch.device, what: st
     return x.reshape(length).long()
 
 
+def nonfinite_screen(x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim flag, true when ``x`` may hold NaN or Inf: its sum is not finite. A sum costs a
+    fraction of testing every element; a finite tensor whose sum overflows raises the flag too,
+    which :func:`nonfinite_message` then clears."""
+    return ~torch.isfinite(x.detach().sum(dtype=compute_dtype(x.dtype)))
+
+
+def nonfinite_message(name: str, x: torch.Tensor) -> str | None:
+    return None if bool(torch.isfinite(x).all()) else f"{name} contains NaN or Inf"
+
+
+def raise_first_failure(checks) -> None:
+    """Value checks in one host sync: ``checks`` are (0-dim bool flag, message) pairs, a message
+    being a string or a function returning one (or None: a false alarm) that runs only when its
+    flag is set. Raises ``ValueError`` with the first message."""
+    if not checks or not bool(torch.stack([flag for flag, _ in checks]).any()):
+        return
+    for flag, message in checks:
+        if bool(flag):
+            text = message() if callable(message) else message
+            if text is not None:
+                raise ValueError(text)
+
+
 def check_weights(weights, length: int, device: torch.device) -> torch.Tensor | None:
     if weights is None:
         return None

@@ -100,74 +100,90 @@ def _check_inputs(embeddings, labels, confidence, pair_index, generator):
 
 
 def _check_values(embeddings, labels, confidence, pair_index, ignore_index, num_classes):
-    if not torch.isfinite(embeddings).all():
-        raise ValueError("embeddings contains NaN or Inf")
-    bad = (labels < 0) & (labels != ignore_index)
+    """The value checks, tested in one host sync (see :func:`contrastkit.value_checks_enabled`)."""
+    bad_labels = (labels < 0) & (labels != ignore_index)
     if num_classes is not None:
-        bad |= (labels >= num_classes) & (labels != ignore_index)
-    if bad.any():
-        expected = f"class ids in [0, {num_classes})" if num_classes is not None else "non-negative class ids"
-        raise ValueError(f"labels must be {expected} or ignore_index={ignore_index}; "
-                         f"found {int(labels[bad][0])}")
-    if confidence is not None and not ((confidence >= 0) & (confidence <= 1)).all():
-        raise ValueError("confidence must lie in [0, 1] (and not be NaN)")
-    if pair_index is not None and ((pair_index < 0) | (pair_index >= labels.shape[0])).any():
-        raise ValueError(f"pair_index values must be image indices in [0, {labels.shape[0]})")
+        bad_labels |= (labels >= num_classes) & (labels != ignore_index)
+    expected = f"class ids in [0, {num_classes})" if num_classes is not None else "non-negative class ids"
+    checks = [(v.nonfinite_screen(embeddings), lambda: v.nonfinite_message("embeddings", embeddings)),
+              (bad_labels.any(), lambda: f"labels must be {expected} or ignore_index={ignore_index}; "
+                                         f"found {int(labels[bad_labels][0])}")]
+    if confidence is not None:
+        checks.append((~((confidence >= 0) & (confidence <= 1)).all(),
+                       "confidence must lie in [0, 1] (and not be NaN)"))
+    if pair_index is not None:
+        checks.append((((pair_index < 0) | (pair_index >= labels.shape[0])).any(),
+                       f"pair_index values must be image indices in [0, {labels.shape[0]})"))
+    v.raise_first_failure(checks)
+
+
+def _draw(labels: torch.Tensor, usable: torch.Tensor, generator: torch.Generator | None):
+    """Each image's pixels in a random order within each class: sorted by (usable first, class,
+    uniform noise). Returns (order, class of each sorted pixel, usable, rank within its class),
+    each (B, H·W); the first k of a class's ranks are a uniform sample of k of its pixels
+    without replacement. Shapes never depend on the values: no host synchronisation."""
+    batch = labels.shape[0]
+    flat, use = labels.reshape(batch, -1), usable.reshape(batch, -1)
+    rand_device = generator.device if generator is not None else labels.device
+    noise = torch.rand(flat.shape, generator=generator, device=rand_device).to(labels.device)
+    # float64 holds a class id below 2^28 and the noise's 24 bits side by side, exactly.
+    key = torch.where(use, flat.to(torch.float64) + noise.to(torch.float64), float("inf"))
+    order = key.argsort(dim=1)
+    sorted_labels, sorted_use = flat.gather(1, order), use.gather(1, order)
+    position = torch.arange(flat.shape[1], device=labels.device).expand_as(flat)
+    first = torch.ones_like(sorted_use)
+    first[:, 1:] = sorted_labels[:, 1:] != sorted_labels[:, :-1]
+    run_start = torch.cummax(torch.where(first, position, 0), dim=1).values
+    return order, sorted_labels, sorted_use, position - run_start
 
 
 def sample_anchors(labels: torch.Tensor, usable: torch.Tensor, per_class: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Mask of ``min(per_class, count)`` pixels drawn uniformly without replacement from the
-    usable pixels of each (image, class) of a (B, H, W) label map."""
-    batch = labels.shape[0]
-    flat = labels.reshape(batch, -1)
-    cells = torch.nonzero(usable.reshape(batch, -1))
-    if cells.shape[0] == 0:
-        return torch.zeros_like(usable)
-    image, pixel = cells[:, 0], cells[:, 1]
-    cls = flat[image, pixel]
-    # Shuffle the pixels, then a stable sort by (image, class) keeps each group's order random:
-    # the first per_class of every group are a uniform sample without replacement.
-    rand_device = generator.device if generator is not None else labels.device
-    noise = torch.rand(cells.shape[0], generator=generator, device=rand_device)
-    order = torch.argsort(noise.to(labels.device))
-    group = (image * (int(cls.max()) + 1) + cls)[order]
-    by_group = torch.argsort(group, stable=True)
-    order, group = order[by_group], group[by_group]
-    first = torch.ones_like(group, dtype=torch.bool)
-    first[1:] = group[1:] != group[:-1]
-    position = torch.arange(group.shape[0], device=group.device)
-    group_start = torch.cummax(torch.where(first, position, 0), dim=0).values
-    chosen = order[position - group_start < per_class]
-    mask = torch.zeros(batch, flat.shape[1], dtype=torch.bool, device=labels.device)
-    mask[image[chosen], pixel[chosen]] = True
-    return mask.reshape(usable.shape)
+    usable pixels of each (image, class) of a (B, H, W) label map, without a host sync."""
+    order, _, sorted_use, rank = _draw(labels, usable, generator)
+    chosen = sorted_use & (rank < per_class)
+    return torch.zeros_like(chosen).scatter(1, order, chosen).reshape(usable.shape)
 
 
-def _prototype_keys(rows, labels, usable, pair_index, num_classes, ignore_index):
-    """The class means of each image and of its pair, grouped by the anchor image.
+def _anchor_slots(labels, usable, per_class, first_class, num_classes, generator):
+    """The drawn anchors in a fixed layout: per image, ``per_class`` slots for each class in
+    [first_class, num_classes), filled with pixel indices (B, S) and marked (B, S) where a class
+    has fewer usable pixels. Fixed shapes: no host sync, and every process of a DDP job holds as
+    many rows as the others whatever its batch holds."""
+    order, sorted_labels, sorted_use, rank = _draw(labels, usable, generator)
+    slots = (num_classes - first_class) * per_class
+    chosen = sorted_use & (rank < per_class) & (sorted_labels >= first_class) & (sorted_labels < num_classes)
+    # Pixels not drawn all go to one extra slot, cut off below.
+    slot = torch.where(chosen, (sorted_labels - first_class) * per_class + rank, slots)
+    pixel = torch.zeros(order.shape[0], slots + 1, dtype=order.dtype, device=order.device).scatter(1, slot, order)
+    filled = torch.zeros(order.shape[0], slots + 1, dtype=torch.bool, device=order.device).scatter(1, slot, chosen)
+    return pixel[:, :slots], filled[:, :slots]
+
+
+def _prototype_keys(embeddings, labels, usable, pair_index, num_classes, ignore_index):
+    """The class means of each image and of its pair, as B equal blocks of keys (per anchor image:
+    its own K means, then its pair's K), with their labels.
 
     Every (image, class) slot is a key, so shapes never depend on the values (no host
     synchronisation; ``torch.compile`` traces it): a class absent from an image, and the pair's
-    copy of a self-paired image's means, are labelled ``ignore_index`` and take no part.
+    copy of a self-paired image's means, are labelled ``ignore_index`` and take no part. The sums
+    are one batched product of the (B, D, H·W) map with the (B, H·W, K) class membership.
     """
-    batch, pixels = labels.shape[0], labels[0].numel()
-    image = torch.arange(batch, device=rows.device).repeat_interleave(pixels)
-    slot = image * num_classes + torch.where(usable, labels, 0).reshape(-1)
-    weight = usable.reshape(-1).to(rows.dtype)
-    sums = rows.new_zeros(batch * num_classes, rows.shape[1]).index_add(0, slot, rows * weight[:, None])
-    counts = rows.new_zeros(batch * num_classes).index_add(0, slot, weight)
-    means = (sums / counts.clamp_min(1)[:, None]).view(batch, num_classes, -1)
-
-    own = torch.arange(batch, device=rows.device)
-    classes = torch.arange(num_classes, device=rows.device).expand(batch, num_classes)
-    present = counts.view(batch, num_classes) > 0
+    batch = labels.shape[0]
+    dtype = compute_dtype(embeddings.dtype)  # class means of half inputs are summed in fp32
+    classes = torch.arange(num_classes, device=labels.device)
+    member = ((labels.reshape(batch, 1, -1) == classes[:, None]) & usable.reshape(batch, 1, -1)).to(dtype)
+    sums = torch.bmm(embeddings.flatten(2).to(dtype), member.transpose(1, 2))  # (B, D, K)
+    counts = member.sum(dim=2)  # (B, K)
+    means = (sums / counts.clamp_min(1)[:, None, :]).transpose(1, 2)  # (B, K, D)
+    present = counts > 0
+    own = torch.arange(batch, device=labels.device)
     own_labels = torch.where(present, classes, ignore_index)
     pair_labels = torch.where(present[pair_index] & (pair_index != own)[:, None], classes, ignore_index)
-    keys = torch.cat([means, means[pair_index]]).reshape(2 * batch * num_classes, -1)
-    key_labels = torch.cat([own_labels, pair_labels]).reshape(-1)
-    key_groups = own.repeat_interleave(num_classes).repeat(2)
-    return keys, key_labels, key_groups
+    keys = torch.stack([means, means[pair_index]], dim=1).reshape(batch * 2 * num_classes, -1)
+    key_labels = torch.stack([own_labels, pair_labels], dim=1).reshape(-1)
+    return keys, key_labels
 
 
 def pseudo_label_contrast(
@@ -232,7 +248,7 @@ def pseudo_label_contrast(
         raise ValueError(
             "pair_index applies to mode='prototype' only; mode='pixel' contrasts the whole batch"
         )
-    if not torch.compiler.is_compiling():
+    if v.value_checks_enabled(embeddings.device):
         _check_values(embeddings, labels, confidence, pair_index, ignore_index, num_classes)
 
     batch, _, height, width = embeddings.shape
@@ -244,41 +260,62 @@ def pseudo_label_contrast(
         confidence = resize_nearest(confidence, (height, width))
         if confidence_threshold is not None:
             usable &= confidence >= confidence_threshold
-    anchors = usable
-    if anchors_per_class is not None:
-        anchors = sample_anchors(labels, usable, anchors_per_class, generator)
-
-    weights = None if confidence is None else confidence.reshape(-1)
+    weights = None if confidence is None else confidence.reshape(batch, -1)
     options = dict(temperature=temperature, normalize=True, denominator="all",
                    ignore_index=ignore_index, backend=backend)
     if mode == "pixel":
-        if not bool(anchors.any()):
-            return (embeddings.to(compute_dtype(embeddings.dtype)) * 0).sum()
-        # Gather the anchors (all usable pixels unless sampled) first: the core op's cost is
-        # quadratic in its rows, and background alone is often > 90% of a slice.
-        keep = anchors.reshape(-1)
-        rows = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])[keep]
-        row_labels = labels.reshape(-1)[keep]
-        row_weights = None if weights is None else weights[keep]
+        rows, row_labels, row_weights = _pixel_anchors(embeddings, labels, usable, weights, anchors_per_class,
+                                                       include_background, num_classes, ignore_index, generator)
         if gather_distributed:
+            # Every process reaches the collective, whatever its batch holds: a process without a
+            # usable pixel sends rows labelled ignore_index, which take no part anywhere.
             keys, key_labels, offset = gather_keys(rows, row_labels)
             return info_nce(rows, keys, labels=row_labels, key_labels=key_labels, self_key_offset=offset,
                             weights=row_weights, **options)
         return info_nce(rows, labels=row_labels, weights=row_weights, **options)
 
-    # Prototype mode costs O(pixels x classes): every pixel is a query, the non-anchors ignored.
-    rows = embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1])
-    rows = rows.to(compute_dtype(rows.dtype))  # class means of half inputs are summed in fp32
+    # Prototype mode costs O(pixels x classes): every pixel is a query (the map as it is, B blocks
+    # of H·W queries against their image's 2K means), the non-anchors ignored.
+    anchors = usable
+    if anchors_per_class is not None:
+        anchors = sample_anchors(labels, usable, anchors_per_class, generator)
     if pair_index is None:
         pair_index = torch.arange(batch, device=labels.device)
-    if num_classes is None:
-        num_classes = max(int(labels[usable].max()) + 1, 1) if bool(usable.any()) else 1
-    keys, key_labels, key_groups = _prototype_keys(rows, labels, usable, pair_index.long(), num_classes,
-                                                   ignore_index)
-    image = torch.arange(batch, device=labels.device).repeat_interleave(height * width)
+    if num_classes is None:  # read from the labels: one host sync
+        num_classes = int(torch.where(usable, labels, 0).max()) + 1
+    keys, key_labels = _prototype_keys(embeddings, labels, usable, pair_index.long(), num_classes, ignore_index)
     anchor_labels = torch.where(anchors, labels, ignore_index).reshape(-1)
-    return info_nce(rows, keys, labels=anchor_labels, key_labels=key_labels, groups=image, key_groups=key_groups,
-                    weights=weights, **options)
+    queries = embeddings.to(keys.dtype)  # half maps meet their means (summed in fp32) in fp32
+    return info_nce(queries, keys, labels=anchor_labels, key_labels=key_labels, groups=batch,
+                    weights=None if weights is None else weights.reshape(-1), **options)
+
+
+def _pixel_anchors(embeddings, labels, usable, weights, anchors_per_class, include_background, num_classes,
+                   ignore_index, generator):
+    """Pixel mode's rows: (N, D) embeddings, their labels and weights (or None).
+
+    With ``anchors_per_class`` and ``num_classes`` the anchors fill a fixed number of slots per
+    image and class (unused slots labelled ``ignore_index``): no host sync. Otherwise the usable
+    (or drawn) pixels are gathered first — the core op's cost is quadratic in its rows, and
+    background alone is often > 90% of a slice — which reads their count from the device.
+    """
+    batch, dim = embeddings.shape[:2]
+    flat_labels = labels.reshape(batch, -1)
+    if anchors_per_class is not None and num_classes is not None:
+        first_class = 0 if include_background else BACKGROUND + 1
+        pixel, filled = _anchor_slots(labels, usable, anchors_per_class, first_class, num_classes, generator)
+        rows = embeddings.flatten(2).gather(2, pixel[:, None, :].expand(-1, dim, -1)).transpose(1, 2)
+        row_labels = torch.where(filled, flat_labels.gather(1, pixel), ignore_index).reshape(-1)
+        row_weights = None if weights is None else weights.gather(1, pixel).reshape(-1)
+        return rows.reshape(-1, dim), row_labels, row_weights
+    anchors = usable if anchors_per_class is None else sample_anchors(labels, usable, anchors_per_class, generator)
+    index = anchors.reshape(-1).nonzero().squeeze(1)
+    if index.numel() == 0:
+        # No usable pixel: one row that takes no part keeps the call (and any collective) uniform.
+        index = index.new_zeros(1)
+    row_labels = torch.where(anchors.reshape(-1)[index], flat_labels.reshape(-1)[index], ignore_index)
+    rows = embeddings.permute(0, 2, 3, 1).reshape(-1, dim)[index]
+    return rows, row_labels, None if weights is None else weights.reshape(-1)[index]
 
 
 class PseudoLabelContrast(TemperatureModule):

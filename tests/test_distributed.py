@@ -132,6 +132,15 @@ def worker(rank, port, out_dir):
                                      mode="pixel", gather_distributed=True)
         loss.backward()
         result["pixel"] = (loss.detach(), pixels.grad)
+        # A rank whose batch holds no usable pixel (all background) must still join the gather.
+        for name, extra in (("counted", {}), ("slotted", {"anchors_per_class": 12, "num_classes": 3})):
+            labels = data["pixel_labels"][mine].clone()
+            if rank == 1:
+                labels[:] = 0
+            pixels = data["pixels"][mine].clone().requires_grad_(True)
+            loss = pseudo_label_contrast(pixels, labels, mode="pixel", gather_distributed=True, **extra)
+            loss.backward()
+            result[f"pixel_empty_{name}"] = (loss.detach(), pixels.grad)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -270,3 +279,19 @@ def test_pseudo_label_pixel_mode_matches_single_process(results):
         loss, grad = result["pixel"]
         torch.testing.assert_close(loss, means[rank].detach())
         torch.testing.assert_close(grad, pixels.grad[local_rows(rank)])
+
+
+@pytest.mark.parametrize("path", ["counted", "slotted"])
+def test_pixel_mode_with_a_rank_without_usable_pixels_does_not_hang(results, path):
+    # Rank 1's batch is all background: it returns an attached 0, and rank 0's loss is the one of
+    # its own pixels (rank 1 sent only rows that take no part).
+    data = global_data()
+    mine = local_rows(0)
+    pixels = data["pixels"][mine].clone().requires_grad_(True)
+    want = pseudo_label_contrast(pixels, data["pixel_labels"][mine], mode="pixel")
+    want.backward()
+    loss, grad = results[0][f"pixel_empty_{path}"]
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(grad, pixels.grad)
+    loss, grad = results[1][f"pixel_empty_{path}"]
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))

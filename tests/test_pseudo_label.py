@@ -414,3 +414,51 @@ def test_pixel_mode_gives_only_usable_pixels_to_the_core_op(monkeypatch):
     usable = (labels > 0) & (confidence >= 0.2)
     assert seen == [torch.Size([int(usable.sum()), 4])] and int(usable.sum()) < labels.numel() // 2
     torch.testing.assert_close(got, pixel_formula(emb, labels, confidence, 0.2).to(got.dtype))
+
+
+# ---------------------------------------------------------------- sync-free pixel anchors
+
+
+@pytest.mark.parametrize("include_background", [False, True])
+def test_pixel_anchor_slots_contrast_the_same_draw(include_background):
+    # With num_classes the drawn anchors sit in fixed slots (no host sync); the loss is the one
+    # of the same draw gathered by count, and equals the reference on the drawn pixels.
+    emb, labels, confidence = _batch(12, batch=3, size=6, num_classes=4)
+    labels[1] = 0  # an image with background only: all its foreground slots stay empty
+    labels[0, 0, :3] = -1
+    options = dict(mode="pixel", anchors_per_class=5, include_background=include_background)
+    slotted = ck.pseudo_label_contrast(emb, labels, confidence, num_classes=4, generator=_gen(4), **options)
+    counted = ck.pseudo_label_contrast(emb, labels, confidence, generator=_gen(4), **options)
+    torch.testing.assert_close(slotted, counted)
+    usable = (labels != -1) & ((labels != 0) | include_background)
+    drawn = sample_anchors(labels, usable, 5, _gen(4)).reshape(-1)
+    rows = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])[drawn]
+    want = ck.info_nce(rows, labels=labels.reshape(-1)[drawn], weights=confidence.reshape(-1)[drawn],
+                       backend="reference")
+    torch.testing.assert_close(slotted, want)
+    a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    ck.pseudo_label_contrast(a, labels, confidence, num_classes=4, generator=_gen(4), **options).backward()
+    ck.pseudo_label_contrast(b, labels, confidence, generator=_gen(4), **options).backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_pixel_mode_without_any_usable_pixel_is_an_attached_zero():
+    emb, labels, _ = _batch(2, batch=2, size=4, num_classes=3)
+    emb.requires_grad_()
+    for extra in (dict(), dict(anchors_per_class=3), dict(anchors_per_class=3, num_classes=3)):
+        loss = ck.pseudo_label_contrast(emb, torch.zeros_like(labels), mode="pixel", **extra)
+        assert loss.item() == 0.0 and loss.requires_grad
+        loss.backward()
+        assert torch.equal(emb.grad, torch.zeros_like(emb))
+        emb.grad = None
+
+
+def test_value_checks_follow_the_switch():
+    emb, labels, _ = _batch(3, batch=2, size=4, num_classes=3)
+    emb[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="embeddings contains NaN"):
+        ck.pseudo_label_contrast(emb, labels)
+    with ck.value_checks(False):
+        ck.pseudo_label_contrast(emb, labels)  # unchecked: the NaN goes through, no sync spent on it
+    big = torch.full((2, 3, 4, 4), 1e37)  # finite, but its sum overflows: the screen must not raise
+    ck.pseudo_label_contrast(big, labels)
