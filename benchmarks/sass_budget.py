@@ -262,15 +262,35 @@ def sass_of(cubin: bytes) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- rows
 
 
+def hot_loop_weights(kernel_name: str, args: dict, forward_logits: dict) -> list[float] | None:
+    """Share of a launch's visited tiles that each of its tile loops runs, in source order, read from
+    the launch's arguments (``args``: name -> value); None for a kernel without tile loops.
+
+    The tile-loop kernels take per program the counts of clean, positive and masked tiles
+    (``counts_ptr``, see kernels/_plan.py). each_positive's positive pass takes its chunk table
+    (``chunks_ptr``: rows, two key ranges, exact) and counts per logit its forward kernel visits:
+    the forward's launch (which comes first) records that number in ``forward_logits``."""
+    block_n, block_m = args.get("BLOCK_N"), args.get("BLOCK_M")
+    if kernel_name == "info_nce_fwd_positive_kernel":  # loops: exact chunks, then the others
+        chunks = args["chunks_ptr"].to(torch.int64)
+        tiles = -(-(chunks[:, 3] - chunks[:, 2]) // block_m) - (-(chunks[:, 5] - chunks[:, 4]) // block_m)
+        exact = chunks[:, 6] != 0
+        logits = block_n * block_m / forward_logits["visited"]
+        return [float(tiles[exact].sum()) * logits, float(tiles[~exact].sum()) * logits]
+    counts = args.get("counts_ptr")
+    if counts is None:
+        return None
+    clean, positive, masked = (float(v) for v in counts.to(torch.float64).sum(0))
+    total = max(clean + positive + masked, 1.0)
+    if kernel_name == "info_nce_fwd_kernel":
+        forward_logits["visited"] = total * block_n * block_m
+    return [clean / total, positive / total, masked / total]
+
+
 def loop_weights(launch: Launch, bound: dict, loops: int, forward_logits: dict) -> list[float]:
     """Share of the visited tiles that each hot loop runs (1 each where the kernel says nothing)."""
-    from contrastkit.kernels import info_nce as ops
-
-    weights = getattr(ops, "hot_loop_weights", None)
-    found = weights(launch.fn.__name__, bound, forward_logits) if weights else None
-    if found is None:
-        return [1.0] * loops
-    return list(found)
+    found = hot_loop_weights(launch.fn.__name__, bound, forward_logits)
+    return [1.0] * loops if found is None else found
 
 
 def kernel_kind(name: str) -> str:
@@ -289,7 +309,7 @@ def budget_row(variant_name: str, launch: Launch, forward_logits: dict) -> tuple
     weights = loop_weights(launch, bound, len(loops), forward_logits)
     if len(weights) != len(loops):
         raise RuntimeError(f"{launch.fn.__name__}: {len(loops)} hot loops in the SASS, "
-                           f"{len(weights)} loop weights from the launcher")
+                           f"{len(weights)} loop weights from hot_loop_weights")
     per_logit = 32 * warps / (block_n * block_m)
     spills = sum(1 for i in instructions if i.opcode.startswith(SPILL))
     row = dict(

@@ -124,29 +124,6 @@ def _launch(kernel, kind: str, d_pad: int, element_size: int, args_for, flags):
             _SHRUNK[_shape_key(kind, d_pad, element_size)] = block
 
 
-def hot_loop_weights(kernel_name: str, args: dict, forward_logits: dict) -> list[float] | None:
-    """Share of a launch's visited tiles that each of its tile loops runs, in source order
-    (benchmarks/sass_budget.py weighs the loops it finds in the SASS with these).
-
-    each_positive's positive pass counts per logit its forward kernel visits: the forward's launch
-    (which comes first) records that number in ``forward_logits``."""
-    block_n, block_m = args.get("BLOCK_N"), args.get("BLOCK_M")
-    if kernel_name == "info_nce_fwd_positive_kernel":  # loops: exact chunks, then the others
-        chunks = args["chunks_ptr"].to(torch.int64)
-        tiles = -(-(chunks[:, 3] - chunks[:, 2]) // block_m) - (-(chunks[:, 5] - chunks[:, 4]) // block_m)
-        exact = chunks[:, 6] != 0
-        logits = block_n * block_m / forward_logits["visited"]
-        return [float(tiles[exact].sum()) * logits, float(tiles[~exact].sum()) * logits]
-    counts = args.get("counts_ptr")
-    if counts is None:
-        return None
-    clean, positive, masked = (float(v) for v in counts.to(torch.float64).sum(0))
-    total = max(clean + positive + masked, 1.0)
-    if kernel_name == "info_nce_fwd_kernel":
-        forward_logits["visited"] = total * block_n * block_m
-    return [clean / total, positive / total, masked / total]
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 products follow torch's matmul setting. Without TF32 they use three TF32 products
     # (about float32's accuracy) rather than "ieee", which runs on the CUDA cores and measured

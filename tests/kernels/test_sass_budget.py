@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -56,6 +57,28 @@ def test_hot_loops_are_the_backward_branches_around_mma():
     # 0x20..0x60 (an HGMMA, an async copy, one MUFU) and 0x70..0xc0 (an HMMA, a MUFU, a NOP not
     # counted); the loop at 0xd0 holds no MMA and is not hot.
     assert [(loop.size, loop.count(tool.MUFU), loop.count(tool.ASYNC)) for loop in loops] == [(5, 1, 1), (5, 1, 0)]
+
+
+def test_hot_loop_weights_from_the_launch_arguments():
+    """Tile loops weigh their share of the tile counts; the positive pass weighs its tiles per logit the
+    forward kernel visited (recorded by the forward's launch, which comes first)."""
+    import torch
+
+    tool = load_tool()
+    forward_logits = {}
+    counts = torch.tensor([[2, 1, 1], [0, 0, 4]], dtype=torch.int32)  # clean, positive, masked per program
+    args = dict(counts_ptr=counts, BLOCK_N=32, BLOCK_M=16)
+    assert tool.hot_loop_weights("info_nce_fwd_kernel", args, forward_logits) == [0.25, 0.125, 0.625]
+    assert forward_logits == {"visited": 8 * 32 * 16}
+    assert tool.hot_loop_weights("info_nce_bwd_key_kernel", args, forward_logits) == [0.25, 0.125, 0.625]
+    # chunks: rows [start, end), key ranges [lo_a, hi_a) and [lo_b, hi_b), exact
+    chunks = torch.tensor([[0, 32, 0, 40, 0, 0, 1], [32, 40, 10, 26, 50, 51, 0]], dtype=torch.int32)
+    weights = tool.hot_loop_weights("info_nce_fwd_positive_kernel", dict(chunks_ptr=chunks, BLOCK_N=32, BLOCK_M=16),
+                                    forward_logits)
+    assert weights == [3 * 32 * 16 / (8 * 32 * 16), 2 * 32 * 16 / (8 * 32 * 16)]
+    assert tool.hot_loop_weights("gather_rows_kernel", dict(BLOCK=8), forward_logits) is None
+    gather = tool.Launch(SimpleNamespace(__name__="gather_rows_kernel"), (), {}, ())
+    assert tool.loop_weights(gather, {}, 2, forward_logits) == [1.0, 1.0]  # once per visited tile each
 
 
 def test_every_kernel_meets_its_budget(tmp_path):
