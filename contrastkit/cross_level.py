@@ -256,9 +256,9 @@ def cross_level_consistency(
     if not isinstance(detach_full, bool):
         raise TypeError(f"detach_full must be a bool; got {type(detach_full).__name__}")
     grid = _consistency_grid(patch_logits, full_logits, grid)
-    for name, x in (("patch_logits", patch_logits), ("full_logits", full_logits)):
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or Inf")
+    if v.value_checks_enabled(patch_logits.device):
+        v.raise_first_failure([(v.nonfinite_screen(x), lambda name=name, x=x: v.nonfinite_message(name, x))
+                               for name, x in (("patch_logits", patch_logits), ("full_logits", full_logits))])
     dtype = compute_dtype(patch_logits.dtype)
     full_region = patchify(full_logits, grid).to(dtype)
     if detach_full:

@@ -68,7 +68,7 @@ def _check_ids(z: torch.Tensor, **ids: torch.Tensor) -> list[torch.Tensor]:
         if x is None:
             raise ValueError(f"{name} is required")
         x = v.check_index_vector(name, x, z.shape[0], z.device, "slice embedding")
-        if not torch.compiler.is_compiling() and (x < 0).any():
+        if v.value_checks_enabled(x.device) and (x < 0).any():
             raise ValueError(f"{name} must be non-negative ids; found {int(x[x < 0][0])}")
         checked.append(x)
     return checked

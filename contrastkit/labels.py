@@ -6,7 +6,13 @@ import numbers
 
 import torch
 
-from ._validation import compute_dtype
+from ._validation import (
+    compute_dtype,
+    nonfinite_message,
+    nonfinite_screen,
+    raise_first_failure,
+    value_checks_enabled,
+)
 
 
 def check_label_map(name: str, labels, dims: int | None = None) -> torch.Tensor:
@@ -112,8 +118,8 @@ def pseudo_labels(
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be None or a number in [0, 1]; got {threshold!r}")
-    if not torch.compiler.is_compiling() and not torch.isfinite(logits).all():
-        raise ValueError("logits contains NaN or Inf")
+    if value_checks_enabled(logits.device):
+        raise_first_failure([(nonfinite_screen(logits), lambda: nonfinite_message("logits", logits))])
 
     logits = logits.to(compute_dtype(logits.dtype))
     if logits.shape[1] == 1:

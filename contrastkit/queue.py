@@ -101,8 +101,8 @@ class MemoryQueue(nn.Module):
                         f"this queue {'holds' if held else 'holds no'} {name}: enqueue with "
                         f"{name}={'a tensor' if held else 'None'}, or reset() it first"
                     )
-        if not torch.isfinite(keys).all():
-            raise ValueError("keys contains NaN or Inf")
+        if v.value_checks_enabled(keys.device):
+            v.raise_first_failure([(v.nonfinite_screen(keys), lambda: v.nonfinite_message("keys", keys))])
         keys, labels, groups, _ = gather_keys(keys.detach(), labels, groups)
 
         n = keys.shape[0]

@@ -1,0 +1,69 @@
+"""The value-check switch: defaults by device, the environment variable, the setter, and that
+every entry point's value checks follow it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import contrastkit as ck
+from contrastkit._validation import VALUE_CHECKS_ENV, value_checks_enabled
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_defaults_are_on_for_cpu_and_off_for_cuda(monkeypatch):
+    monkeypatch.delenv(VALUE_CHECKS_ENV, raising=False)
+    assert value_checks_enabled(CPU) and not value_checks_enabled(CUDA)
+
+
+@pytest.mark.parametrize("setting, enabled", [("1", True), ("on", True), ("0", False), ("false", False)])
+def test_the_environment_overrides_the_default(monkeypatch, setting, enabled):
+    monkeypatch.setenv(VALUE_CHECKS_ENV, setting)
+    assert value_checks_enabled(CPU) is enabled and value_checks_enabled(CUDA) is enabled
+
+
+def test_a_bad_environment_value_is_named(monkeypatch):
+    monkeypatch.setenv(VALUE_CHECKS_ENV, "maybe")
+    with pytest.raises(ValueError, match=VALUE_CHECKS_ENV):
+        value_checks_enabled(CPU)
+
+
+def test_the_setter_overrides_the_environment_and_none_restores_it(monkeypatch):
+    monkeypatch.setenv(VALUE_CHECKS_ENV, "0")
+    try:
+        ck.set_value_checks(True)
+        assert value_checks_enabled(CPU) and value_checks_enabled(CUDA)
+        with ck.value_checks(False):
+            assert not value_checks_enabled(CPU)
+        assert value_checks_enabled(CPU)
+    finally:
+        ck.set_value_checks(None)
+    assert not value_checks_enabled(CPU)
+    with pytest.raises(TypeError, match="enabled"):
+        ck.set_value_checks(1)
+
+
+def _nan_rows():
+    x = torch.randn(6, 4)
+    x[2, 1] = float("nan")
+    return x
+
+
+CALLS = {
+    "info_nce": lambda x: ck.info_nce(x, labels=torch.tensor([0, 0, 1, 1, 2, 2])),
+    "weights": lambda x: ck.info_nce(x.nan_to_num(), labels=torch.tensor([0, 0, 1, 1, 2, 2]),
+                                     weights=torch.tensor([1.0, -1, 1, 1, 1, 1])),
+    "label range": lambda x: ck.info_nce(x.nan_to_num(), labels=torch.tensor([0, 0, 1, 1, -5, 2])),
+    "pseudo_labels": lambda x: ck.pseudo_labels(x.reshape(1, 6, 2, 2)),
+    "consistency": lambda x: ck.cross_level_consistency(x.reshape(6, 1, 2, 2), x.reshape(6, 1, 2, 2)),
+    "queue": lambda x: ck.MemoryQueue(8, 4).enqueue(x),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+def test_every_value_check_follows_the_switch(call):
+    with pytest.raises(ValueError):
+        CALLS[call](_nan_rows())
+    with ck.value_checks(False):
+        CALLS[call](_nan_rows())  # unchecked: no sync, no error (NaN in, NaN out)
