@@ -1,8 +1,8 @@
 """The Triton backend: contrastkit's side of the kernels in ``kernels/`` (``contrastkit.kernels``).
 
-``kernels/`` is a layer below the library: it takes tensors and flags. This module adapts the
-core op's :class:`~contrastkit._options.OpInputs` and :class:`~contrastkit._options.InfoNCEOptions`
-to it, and says which inputs the kernels take.
+``kernels/`` is a layer below the library: it takes tensors and flags and knows nothing of
+contrastkit. This module adapts the core op's :class:`~contrastkit._options.OpInputs` and
+:class:`~contrastkit._options.InfoNCEOptions` to it, and says which inputs the kernels take.
 """
 
 from __future__ import annotations
@@ -30,8 +30,17 @@ def _require_kernels():
     return kernels
 
 
+# Options the kernels do not read: the torch backend's chunk size, and the dense path's block
+# structure (the core op has turned int groups into group ids by the time the kernels run) and
+# paired views (their labels are ids by then).
+NOT_FOR_KERNELS = ("chunk_size", "blocks", "paired")
+
+
 def info_nce_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    return _require_kernels().info_nce_rows(inputs, options)
+    # OpInputs lists the tensors in the kernels' order.
+    return _require_kernels().info_nce_rows(*inputs, denominator=options.denominator, normalize=options.normalize,
+                                            ignore_index=options.ignore_index,
+                                            self_key_offset=options.self_key_offset)
 
 
 def pool_patches(features: torch.Tensor, grid_h: int, grid_w: int, normalize: bool) -> torch.Tensor:

@@ -1,8 +1,12 @@
 """Triton kernels of contrastkit, installed as ``contrastkit.kernels``.
 
+A layer below the library: the kernels take tensors and flags and import nothing of contrastkit.
+``contrastkit/_triton.py`` (the triton backend) adapts the core op's inputs and options to them.
+
 - :func:`info_nce_rows`: the fused masked InfoNCE (forward and backward), used by
   ``contrastkit.info_nce(..., backend="triton")`` and by ``backend="auto"`` on CUDA.
 - :func:`pool_patches`: the fused grid-cell mean (optionally L2-normalised) of a feature map.
+- :data:`SHARED_GROUP`: the group id that matches every group (``contrastkit.SHARED``).
 
 The kernels run on CUDA devices, or on the CPU through Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set before triton is imported (slow; for tests). Triton itself is
@@ -16,6 +20,10 @@ import importlib.util
 import torch
 
 from ._layout import KERNEL_DTYPES, MAX_EMBEDDING_SIZE, interpreting
+from ._plan import SHARED_GROUP
+
+__all__ = ["KERNEL_DTYPES", "SHARED_GROUP", "available", "info_nce_rows", "pool_patches", "supports",
+           "unavailable_reason"]
 
 # Looked up once: info_nce asks on every call, and torch.compile cannot trace importlib.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -40,10 +48,12 @@ def supports(dtype: torch.dtype, embedding_size: int) -> bool:
     return dtype in KERNEL_DTYPES and embedding_size <= MAX_EMBEDDING_SIZE[dtype]
 
 
-def info_nce_rows(inputs, options):
+def info_nce_rows(query, key, labels, key_labels, groups, key_groups, temperature, *, denominator: str,
+                  normalize: bool, ignore_index: int, self_key_offset: int | None):
     from .info_nce import info_nce_rows as rows
 
-    return rows(inputs, options)
+    return rows(query, key, labels, key_labels, groups, key_groups, temperature, denominator=denominator,
+                normalize=normalize, ignore_index=ignore_index, self_key_offset=self_key_offset)
 
 
 info_nce_rows.__doc__ = "Fused per-row masked InfoNCE; see ``contrastkit.kernels.info_nce.info_nce_rows``."

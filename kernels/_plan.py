@@ -10,8 +10,8 @@ next to each other (its tiles meet only the tiles of the same group) and a label
 each other (a tile pair whose label ranges do not overlap holds no positive pair).
 
 **Ids.** Labels and groups become dense int32 ranks, shared between queries and keys: a label of
--1 marks an ignored row or a padding row (never a candidate), a group of -1 is ``SHARED`` (meets
-every group). The kernels compare them with one 32-bit compare each.
+-1 marks an ignored row or a padding row (never a candidate), a group of -1 is ``SHARED_GROUP``
+(meets every group). The kernels compare them with one 32-bit compare each.
 
 **Tile categories.** For a pair of a query tile and a key tile:
 
@@ -38,7 +38,9 @@ from typing import NamedTuple
 
 import torch
 
-from .._options import SHARED
+SHARED_GROUP = -1
+"""The group id that matches every group: a key of it is a candidate of every query, and a query of it
+meets every key (``contrastkit.SHARED`` is the same id)."""
 
 ROW_PAD = 128  # rows of the gathered copies are padded to a multiple of the largest tile side
 POSITIVE_TAIL = 64  # rows behind a gathered copy: the positive pass's key tiles (BLOCK_M <= 64) read them
@@ -112,9 +114,9 @@ def make_plan(labels, key_labels, groups, key_groups, ignore_index: int, self_ke
     q_group = k_group = None
     if groups is not None:
         q_group, k_group = _joint_dense(groups, None if symmetric else key_groups)
-        q_group = torch.where(groups == SHARED, -1, q_group)
+        q_group = torch.where(groups == SHARED_GROUP, -1, q_group)
         if not symmetric:
-            k_group = torch.where(key_groups == SHARED, -1, k_group)
+            k_group = torch.where(key_groups == SHARED_GROUP, -1, k_group)
     q = _side(q_label, q_group, q_ignored)
     k = q if symmetric else _side(k_label, k_group, key_labels == ignore_index)
     self_col = None

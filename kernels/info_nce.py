@@ -22,17 +22,63 @@ probability (fp16 would flush it to zero at large N): dq applies g_i after the p
 the symmetric kernel prescale their weights by a power of two that brings the largest to ~2^13.
 
 Both directions are ``torch.library`` custom ops with fake implementations, so ``torch.compile``
-traces a loss built on them without a graph break.
+traces a loss built on them without a graph break. Their arguments are the call's tensors
+(:class:`Inputs`) and its static settings (:class:`Settings`), in that order.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from .._options import InfoNCEOptions, OpInputs, input_gradients, op_schema, split_op_args
 from . import _info_nce_kernels as K
 from . import _plan as P
 from ._layout import check_kernel_input, embedding_size, interpreting, layout, num_rows, padded_size
+
+
+class Inputs(NamedTuple):
+    """The tensors of one call, in the order the ops take them."""
+
+    query: torch.Tensor  # (N, D) rows or a (B, C, H, W) map
+    key: torch.Tensor  # (M, D) rows or a map; the query tensor itself in self-contrast
+    labels: torch.Tensor  # (N,) integer ids
+    key_labels: torch.Tensor  # (M,) integer ids
+    groups: torch.Tensor | None  # (N,) integer ids, _plan.SHARED_GROUP meeting every group; or None
+    key_groups: torch.Tensor | None  # (M,) likewise; None exactly when groups is
+    temperature: torch.Tensor  # 0-dim; may require grad
+
+
+class Settings(NamedTuple):
+    """The static settings of one call, in the order the ops take them."""
+
+    denominator: str  # a key of _info_nce_kernels.DENOMINATOR_CODES
+    normalize: bool  # L2-normalise the rows before the products
+    ignore_index: int  # a label that takes no part: such a query has no loss, such a key is no candidate
+    self_key_offset: int | None  # query i's own key is key i + offset, never its candidate; None: no own key
+
+
+_INPUTS_SCHEMA = ("Tensor query, Tensor key, Tensor labels, Tensor key_labels, Tensor? groups, Tensor? key_groups, "
+                  "Tensor temperature")
+_SETTINGS_SCHEMA = "str denominator, bool normalize, int ignore_index, int? self_key_offset"
+
+
+def _schema(returns: str, before: str = "", after: str = "") -> str:
+    """An op's schema: ``before`` arguments, the inputs, ``after`` arguments, the settings."""
+    args = ", ".join(part for part in (before, _INPUTS_SCHEMA, after, _SETTINGS_SCHEMA) if part)
+    return f"({args}) -> {returns}"
+
+
+def _split(args: tuple, before: int = 0) -> tuple[tuple, Inputs, tuple, Settings]:
+    """An op's positional arguments as (before, inputs, after, settings)."""
+    start, end = before + len(Inputs._fields), len(args) - len(Settings._fields)
+    return args[:before], Inputs(*args[before:start]), args[start:end], Settings(*args[end:])
+
+
+def _input_gradients(**gradients: torch.Tensor | None) -> tuple:
+    """An op's backward result: one entry per input by name (None where not given), None per setting."""
+    return (*(gradients.get(name) for name in Inputs._fields), *(None for _ in Settings._fields))
+
 
 KINDS = ("forward", "forward_positive", "backward_query", "backward_key", "backward_symmetric")
 _INTERPRETER_BLOCKS = (32, 32, 4, 1)
@@ -152,9 +198,9 @@ def gather_rows(x: torch.Tensor, perm: torch.Tensor, normalize: bool) -> tuple[t
     return rows, inv
 
 
-def _flags(inputs: OpInputs, options: InfoNCEOptions) -> dict:
+def _flags(inputs: Inputs, settings: Settings) -> dict:
     query = inputs.query
-    return dict(DENOM=K.DENOMINATOR_CODES[options.denominator], HAS_GROUPS=inputs.groups is not None,
+    return dict(DENOM=K.DENOMINATOR_CODES[settings.denominator], HAS_GROUPS=inputs.groups is not None,
                 DOT_PRECISION=_dot_precision(query.dtype), UPCAST=interpreting() and query.dtype == torch.bfloat16)
 
 
@@ -166,14 +212,14 @@ def _kernel_temperature(temperature: torch.Tensor) -> torch.Tensor:
 class _Prepared:
     """What both directions rebuild from the inputs: the plan, the gathered copies and their norms."""
 
-    def __init__(self, inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
+    def __init__(self, inputs: Inputs, settings: Settings, symmetric: bool):
         self.plan = P.make_plan(inputs.labels, inputs.key_labels, inputs.groups, inputs.key_groups,
-                                options.ignore_index, options.self_key_offset, symmetric)
-        self.q_rows, self.q_inv = gather_rows(inputs.query, self.plan.q.perm, options.normalize)
+                                settings.ignore_index, settings.self_key_offset, symmetric)
+        self.q_rows, self.q_inv = gather_rows(inputs.query, self.plan.q.perm, settings.normalize)
         if symmetric:
             self.k_rows, self.k_inv = self.q_rows, self.q_inv
         else:
-            self.k_rows, self.k_inv = gather_rows(inputs.key, self.plan.k.perm, options.normalize)
+            self.k_rows, self.k_inv = gather_rows(inputs.key, self.plan.k.perm, settings.normalize)
         dummy = self.plan.q.label
         self.ids = (self.plan.q.label, self.plan.k.label,
                     dummy if self.plan.q.group is None else self.plan.q.group,
@@ -186,17 +232,17 @@ class _Prepared:
         return P.schedule(cat.T if by_keys else cat)
 
 
-def _forward_impl(inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
+def _forward_impl(inputs: Inputs, settings: Settings, symmetric: bool):
     """(loss, valid, lse2, positive count, sum_p sigmoid(lse - s_ip)); the last three in sorted order."""
     query = inputs.query
     n = num_rows(query)
-    prep = _Prepared(inputs, options, symmetric)
+    prep = _Prepared(inputs, settings, symmetric)
     n_pad = prep.q_rows.shape[0]
     f32 = dict(dtype=torch.float32, device=query.device)
     loss, lse2, pos_sigmoid = torch.empty(n_pad, **f32), torch.empty(n_pad, **f32), torch.zeros(n_pad, **f32)
     n_pos, n_candidates = P.pair_counts(prep.plan)
     valid = n_pos > 0  # (0 on ignored rows)
-    if options.denominator == "negatives":
+    if settings.denominator == "negatives":
         valid &= n_candidates > n_pos
     tau = _kernel_temperature(inputs.temperature)
 
@@ -206,9 +252,9 @@ def _forward_impl(inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
                                      sched.counts, n_pos, valid.view(torch.int8), loss, lse2, tau,
                                      sched.order.shape[1])
 
-    flags = dict(_flags(inputs, options), HAS_SELF=options.self_key_offset is not None)
+    flags = dict(_flags(inputs, settings), HAS_SELF=settings.self_key_offset is not None)
     _launch(K.info_nce_fwd_kernel, "forward", prep.d_pad, query.element_size(), args_for, flags)
-    if options.denominator == "each_positive":
+    if settings.denominator == "each_positive":
         def positive_args_for(block_n, block_m):
             if block_m > P.POSITIVE_TAIL:
                 raise ValueError(f"the positive pass's key tiles read at most {P.POSITIVE_TAIL} rows past a range, "
@@ -233,17 +279,17 @@ def _forward_impl(inputs: OpInputs, options: InfoNCEOptions, symmetric: bool):
 
 
 def _forward(*args):
-    _, inputs, _, options = split_op_args(args)
-    return _forward_impl(inputs, options, symmetric=False)
+    _, inputs, _, settings = _split(args)
+    return _forward_impl(inputs, settings, symmetric=False)
 
 
 def _forward_symmetric(*args):
-    _, inputs, _, options = split_op_args(args)
-    return _forward_impl(inputs, options, symmetric=True)
+    _, inputs, _, settings = _split(args)
+    return _forward_impl(inputs, settings, symmetric=True)
 
 
 def _forward_fake(*args):
-    _, inputs, _, _ = split_op_args(args)
+    _, inputs, _, _ = _split(args)
     query = inputs.query
     n = num_rows(query)
     n_pad = P.padded_rows(n)
@@ -254,10 +300,10 @@ def _forward_fake(*args):
 
 _FORWARD_RETURNS = "(" + ", ".join(["Tensor"] * 5) + ")"
 forward_op = torch.library.custom_op("contrastkit::info_nce_rows_triton", _forward, mutates_args=(),
-                                     schema=op_schema(returns=_FORWARD_RETURNS))
+                                     schema=_schema(_FORWARD_RETURNS))
 forward_op.register_fake(_forward_fake)
 symmetric_forward_op = torch.library.custom_op("contrastkit::info_nce_rows_triton_symmetric", _forward_symmetric,
-                                               mutates_args=(), schema=op_schema(returns=_FORWARD_RETURNS))
+                                               mutates_args=(), schema=_schema(_FORWARD_RETURNS))
 symmetric_forward_op.register_fake(_forward_fake)
 
 _SAVED = "Tensor valid, Tensor lse, Tensor n_pos, Tensor pos_sigmoid"
@@ -299,7 +345,7 @@ class _GradientBuffer:
 class _RowWeights:
     """The backward's per-row inputs in sorted order (see the module docstring)."""
 
-    def __init__(self, grad_loss, valid, lse2, n_pos, pos_sigmoid, perm, options: InfoNCEOptions):
+    def __init__(self, grad_loss, valid, lse2, n_pos, pos_sigmoid, perm, settings: Settings):
         n, n_pad = perm.numel(), lse2.numel()
         sorted_valid = torch.zeros(n_pad, dtype=torch.bool, device=lse2.device)
         sorted_valid[:n] = valid[perm]
@@ -308,26 +354,26 @@ class _RowWeights:
         self.g = torch.where(sorted_valid, g, 0.0)  # g_i
         count = n_pos.clamp_min(1).to(torch.float32)
         self.b = torch.where(sorted_valid, 1.0 / count, 0.0)  # b_i / g_i
-        self.a = self.b * pos_sigmoid if options.denominator == "each_positive" else sorted_valid.to(torch.float32)
+        self.a = self.b * pos_sigmoid if settings.denominator == "each_positive" else sorted_valid.to(torch.float32)
         self.lse2 = lse2  # log2-sum-exp of every row, as the forward found it
         # +inf makes 2^(x c - lse2) vanish on rows that do not contribute, whatever their logits.
         self.lse2_masked = torch.where(sorted_valid, lse2, float("inf"))
 
 
-def _backward_impl(grad_loss, inputs: OpInputs, valid, lse2, n_pos, pos_sigmoid, need_query, need_key,
-                   need_temperature, options: InfoNCEOptions, symmetric: bool):
+def _backward_impl(grad_loss, inputs: Inputs, valid, lse2, n_pos, pos_sigmoid, need_query, need_key,
+                   need_temperature, settings: Settings, symmetric: bool):
     query, key = inputs.query, inputs.key
-    prep = _Prepared(inputs, options, symmetric)
+    prep = _Prepared(inputs, settings, symmetric)
     plan = prep.plan
-    weights = _RowWeights(grad_loss, valid, lse2, n_pos, pos_sigmoid, plan.q.perm, options)
+    weights = _RowWeights(grad_loss, valid, lse2, n_pos, pos_sigmoid, plan.q.perm, settings)
     tau = _kernel_temperature(inputs.temperature)
-    flags = _flags(inputs, options)
+    flags = _flags(inputs, settings)
     element_size = query.element_size()
     n_pad = prep.q_rows.shape[0]
     if symmetric:
         grad = _GradientBuffer(query)
         tau_rows = torch.zeros(n_pad, dtype=torch.float32, device=query.device)
-        _backward_symmetric(prep, weights, tau, grad.rows, tau_rows, inputs, options, flags, need_temperature)
+        _backward_symmetric(prep, weights, tau, grad.rows, tau_rows, inputs, settings, flags, need_temperature)
         # Every pair appears twice in the rows' sums (as ij and as ji).
         return grad.finish(), None, -tau_rows.sum() / (2 * tau[0])
 
@@ -336,7 +382,7 @@ def _backward_impl(grad_loss, inputs: OpInputs, valid, lse2, n_pos, pos_sigmoid,
     grad_key = _GradientBuffer(key) if need_key else None
     tau_rows = torch.zeros(max(n_pad, prep.k_rows.shape[0]), dtype=torch.float32, device=query.device)
     common = (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, *prep.ids)
-    flags = dict(flags, NORMALIZE=options.normalize, HAS_SELF=options.self_key_offset is not None)
+    flags = dict(flags, NORMALIZE=settings.normalize, HAS_SELF=settings.self_key_offset is not None)
     if run_query:
         col_scale = _pow2_prescale(prep.k_inv.amax())
 
@@ -374,8 +420,8 @@ def _spread_weight(a: torch.Tensor, tile_max: torch.Tensor, lse2: torch.Tensor) 
     return torch.where(a == 0, 0.0, a * torch.exp2(exponent))
 
 
-def _backward_symmetric(prep: _Prepared, weights: _RowWeights, tau, grad, tau_rows, inputs: OpInputs,
-                        options: InfoNCEOptions, flags: dict, need_temperature: bool):
+def _backward_symmetric(prep: _Prepared, weights: _RowWeights, tau, grad, tau_rows, inputs: Inputs,
+                        settings: Settings, flags: dict, need_temperature: bool):
     plan = prep.plan
     inv = prep.q_inv
     scale = _pow2_prescale(weights.g.abs().amax() * inv.amax())
@@ -396,7 +442,7 @@ def _backward_symmetric(prep: _Prepared, weights: _RowWeights, tau, grad, tau_ro
             tiles, plan.q.perm, grad, tau_rows, num_rows(inputs.query), embedding_size(inputs.query))
 
     _launch(K.info_nce_bwd_symmetric_kernel, "backward_symmetric", prep.d_pad, inputs.query.element_size(),
-            args_for, dict(flags, NORMALIZE=options.normalize, TAU_GRAD=need_temperature))
+            args_for, dict(flags, NORMALIZE=settings.normalize, TAU_GRAD=need_temperature))
 
 
 def _backward(*args):
@@ -405,8 +451,8 @@ def _backward(*args):
     The temperature's gradient is -(1/tau) sum_ij dL/ds_ij s_ij; one of the kernels adds up
     sum_j dL/ds_ij s_ij per row in its epilogue from its accumulator (dq's when it runs).
     """
-    (grad_loss,), inputs, after, options = split_op_args(args, 1)
-    grad_query, grad_key, grad_tau = _backward_impl(grad_loss, inputs, *after, options, symmetric=False)
+    (grad_loss,), inputs, after, settings = _split(args, 1)
+    grad_query, grad_key, grad_tau = _backward_impl(grad_loss, inputs, *after, settings, symmetric=False)
     temperature = inputs.temperature
     grad_query = torch.zeros_like(inputs.query) if grad_query is None else grad_query
     grad_key = torch.zeros_like(inputs.key) if grad_key is None else grad_key
@@ -415,54 +461,55 @@ def _backward(*args):
 
 def _backward_symmetric_op(*args):
     """(grad of the rows, grad temperature) of self-contrast."""
-    (grad_loss,), inputs, after, options = split_op_args(args, 1)
-    grad, _, grad_tau = _backward_impl(grad_loss, inputs, *after, options, symmetric=True)
+    (grad_loss,), inputs, after, settings = _split(args, 1)
+    grad, _, grad_tau = _backward_impl(grad_loss, inputs, *after, settings, symmetric=True)
     temperature = inputs.temperature
     return grad, grad_tau.to(temperature.dtype).reshape(temperature.shape)
 
 
 def _backward_fake(*args):
-    _, inputs, _, _ = split_op_args(args, 1)
+    _, inputs, _, _ = _split(args, 1)
     return torch.empty_like(inputs.query), torch.empty_like(inputs.key), torch.empty_like(inputs.temperature)
 
 
 def _backward_symmetric_fake(*args):
-    _, inputs, _, _ = split_op_args(args, 1)
+    _, inputs, _, _ = _split(args, 1)
     return torch.empty_like(inputs.query), torch.empty_like(inputs.temperature)
 
 
 _BACKWARD_AFTER = _SAVED + ", bool need_query, bool need_key, bool need_temperature"
 backward_op = torch.library.custom_op(
     "contrastkit::info_nce_rows_triton_backward", _backward, mutates_args=(),
-    schema=op_schema("Tensor grad_loss", _BACKWARD_AFTER, "(Tensor, Tensor, Tensor)"))
+    schema=_schema("(Tensor, Tensor, Tensor)", "Tensor grad_loss", _BACKWARD_AFTER))
 backward_op.register_fake(_backward_fake)
 symmetric_backward_op = torch.library.custom_op(
     "contrastkit::info_nce_rows_triton_symmetric_backward", _backward_symmetric_op, mutates_args=(),
-    schema=op_schema("Tensor grad_loss", _BACKWARD_AFTER, "(Tensor, Tensor)"))
+    schema=_schema("(Tensor, Tensor)", "Tensor grad_loss", _BACKWARD_AFTER))
 symmetric_backward_op.register_fake(_backward_symmetric_fake)
 
 
 def _setup_context(ctx, inputs, output):
     _, valid, lse2, n_pos, pos_sigmoid = output
-    ctx.save_for_backward(*inputs[:-1], valid, lse2, n_pos, pos_sigmoid)
-    ctx.options = inputs[-1]
+    tensors = len(Inputs._fields)
+    ctx.save_for_backward(*inputs[:tensors], valid, lse2, n_pos, pos_sigmoid)
+    ctx.settings = inputs[tensors:]
 
 
 def _autograd_backward(ctx, grad_loss, *_unused_grads):
-    need = dict(zip(OpInputs._fields, ctx.needs_input_grad, strict=False))
+    need = dict(zip(Inputs._fields, ctx.needs_input_grad, strict=False))
     grad_query, grad_key, grad_temperature = backward_op(
-        grad_loss, *ctx.saved_tensors, need["query"], need["key"], need["temperature"], ctx.options)
-    return input_gradients(query=grad_query if need["query"] else None, key=grad_key if need["key"] else None,
+        grad_loss, *ctx.saved_tensors, need["query"], need["key"], need["temperature"], *ctx.settings)
+    return _input_gradients(query=grad_query if need["query"] else None, key=grad_key if need["key"] else None,
                            temperature=grad_temperature if need["temperature"] else None)
 
 
 def _autograd_backward_symmetric(ctx, grad_loss, *_unused_grads):
     # query and key are one tensor: its whole gradient is returned once, as the query's.
-    need = dict(zip(OpInputs._fields, ctx.needs_input_grad, strict=False))
+    need = dict(zip(Inputs._fields, ctx.needs_input_grad, strict=False))
     need_rows = need["query"] or need["key"]
     grad, grad_temperature = symmetric_backward_op(
-        grad_loss, *ctx.saved_tensors, need_rows, need_rows, need["temperature"], ctx.options)
-    return input_gradients(query=grad if need_rows else None,
+        grad_loss, *ctx.saved_tensors, need_rows, need_rows, need["temperature"], *ctx.settings)
+    return _input_gradients(query=grad if need_rows else None,
                            temperature=grad_temperature if need["temperature"] else None)
 
 
@@ -478,31 +525,38 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
-def is_self_contrast(inputs: OpInputs, options: InfoNCEOptions) -> bool:
+def is_self_contrast(inputs: Inputs, settings: Settings) -> bool:
     """Keys, key labels and key groups are the queries' own tensors, each query excluded from its
     own key: the symmetric backward applies."""
-    return (options.self_key_offset == 0 and inputs.key is inputs.query and inputs.key_labels is inputs.labels
+    return (settings.self_key_offset == 0 and inputs.key is inputs.query and inputs.key_labels is inputs.labels
             and inputs.key_groups is inputs.groups)
 
 
-def info_nce_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce_rows(query: torch.Tensor, key: torch.Tensor, labels: torch.Tensor, key_labels: torch.Tensor,
+                  groups: torch.Tensor | None, key_groups: torch.Tensor | None, temperature: torch.Tensor, *,
+                  denominator: str, normalize: bool, ignore_index: int,
+                  self_key_offset: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row masked InfoNCE (float32, 0 where a row does not contribute) and the contributing mask.
 
-    query and key are (N, D) / (M, D) rows or (B, C, H, W) maps; in self-contrast key is query.
-    Differentiable w.r.t. query, key and a tensor temperature.
+    query and key are (N, D) / (M, D) rows or (B, C, H, W) maps of one kernel dtype; labels, groups and
+    their key sides are integer ids (see :class:`Inputs` and :class:`Settings`). Self-contrast passes the
+    query tensor as key, its labels and groups as the keys' and ``self_key_offset=0``. Differentiable
+    w.r.t. query, key and temperature.
     """
-    for name, x in (("query", inputs.query), ("key", inputs.key)):
+    if denominator not in K.DENOMINATOR_CODES:
+        raise ValueError(f"denominator must be one of {sorted(K.DENOMINATOR_CODES)}; got {denominator!r}")
+    inputs = Inputs(query, key, labels, key_labels, groups, key_groups, temperature)
+    settings = Settings(denominator, normalize, ignore_index, self_key_offset)
+    for name, x in (("query", query), ("key", key)):
         check_kernel_input(name, x)
         _check_device(x)
-    symmetric = is_self_contrast(inputs, options)
+    symmetric = is_self_contrast(inputs, settings)
     # O(N) id vectors as int64 (the plan ranks them into dense int32 ids).
-    labels = inputs.labels.to(torch.int64)
-    groups = None if inputs.groups is None else inputs.groups.to(torch.int64)
+    labels = labels.to(torch.int64)
+    groups = None if groups is None else groups.to(torch.int64)
     inputs = inputs._replace(
-        labels=labels, key_labels=labels if symmetric else inputs.key_labels.to(torch.int64),
-        groups=groups, key_groups=groups if symmetric else (
-            None if inputs.key_groups is None else inputs.key_groups.to(torch.int64)))
+        labels=labels, key_labels=labels if symmetric else key_labels.to(torch.int64),
+        groups=groups, key_groups=groups if symmetric else (None if key_groups is None else key_groups.to(torch.int64)))
     op = symmetric_forward_op if symmetric else forward_op
-    loss, valid, *_ = op(*inputs, options.encode())
+    loss, valid, *_ = op(*inputs, *settings)
     return loss, valid
-

@@ -211,9 +211,13 @@ def test_temperature_gradient_from_the_key_kernel_alone():
 @pytest.mark.parametrize("field, value", [("denominator", "each_positive"), ("normalize", False),
                                           ("ignore_index", 2), ("self_key_offset", 3)])
 def test_every_option_reaches_the_kernels(field, value):
-    assert {field for field, _ in [("chunk_size", None), ("denominator", 0), ("normalize", 0),
-                                   ("ignore_index", 0), ("self_key_offset", 0)]} == set(
-        InfoNCEOptions.__dataclass_fields__)
+    from contrastkit.kernels.info_nce import Settings
+
+    from contrastkit._triton import NOT_FOR_KERNELS
+
+    # Each option is a kernel setting or one the kernels do not read; every setting is one case here.
+    assert set(Settings._fields) | set(NOT_FOR_KERNELS) == set(InfoNCEOptions.__dataclass_fields__)
+    assert set(Settings._fields) == {"denominator", "normalize", "ignore_index", "self_key_offset"}
     q, k, case = make_case("qk", 13, 17, 5, torch.float32, offset=3)
     ids = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in case.items()}
     if field != "self_key_offset":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from contrastkit.kernels import _plan as P
 
-from contrastkit import SHARED
+SHARED = P.SHARED_GROUP
 
 
 def test_rows_sorted_ignored_last_then_by_group_and_label():
