@@ -263,3 +263,390 @@ def count_ops(fn: Callable[[], object], warmup: bool = True) -> OpCount:
     counted = count_events(prof.events(), python_syncs)
     return dataclasses.replace(counted, kernels=sum(kernels.values()), kernel_names=kernels,
                                backends=tuple(backends))
+
+
+# ----------------------------------------------------------------------------- the GPU's dispatch
+
+
+@contextlib.contextmanager
+def gpu_dispatch():
+    """Within the block, calls on CPU tensors take the path they would take on CUDA tensors of the
+    same dtype: value checks off, ``auto`` dense up to ``DENSE_MAX_LOGITS["cuda"]`` logits and the
+    Triton kernels above it (where they take the dtype and size), ``pool_patches`` on the kernels.
+    Launches still need :func:`record_kernels` (``count_ops`` installs it)."""
+    import importlib
+    import os
+
+    import contrastkit
+    from contrastkit import _backends
+
+    # The kernels are decorated when their modules are first imported, as TRITON_INTERPRET then
+    # says: import them before it changes, so the block leaves them as the process had them.
+    kernels = importlib.import_module("contrastkit.kernels")
+    for module in ("contrastkit.kernels.info_nce", "contrastkit.kernels.pool"):
+        importlib.import_module(module)
+
+    def supports(operation: str, x: torch.Tensor, size: int) -> bool:
+        if operation == "info_nce":
+            return kernels.supports(x.dtype, size)
+        return x.dtype in kernels.KERNEL_DTYPES
+
+    cuda_limit = _backends.DENSE_MAX_LOGITS["cuda"]
+    saved_limit, saved_triton = _backends.dense_max_logits, _backends.BACKEND_TABLE["triton"]
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    _backends.dense_max_logits = lambda device: cuda_limit
+    _backends.BACKEND_TABLE["triton"] = saved_triton._replace(supports=supports)
+    os.environ["TRITON_INTERPRET"] = "1"  # the launchers' device check lets CPU tensors through
+    try:
+        with contrastkit.value_checks(False):
+            yield
+    finally:
+        _backends.dense_max_logits, _backends.BACKEND_TABLE["triton"] = saved_limit, saved_triton
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+
+
+# ----------------------------------------------------------------------------- cases
+
+PATHS = {
+    "cpu": "auto on the CPU, value checks on (the CPU default)",
+    "cpu_nochecks": "auto on the CPU, value checks off",
+    "gpu": "auto as on a GPU (value checks off, CUDA's dense limit, Triton above it; kernels recorded, not run)",
+}
+
+
+def path_context(path: str):
+    import contrastkit
+
+    if path == "cpu":
+        return contrastkit.value_checks(True)
+    if path == "cpu_nochecks":
+        return contrastkit.value_checks(False)
+    if path == "gpu":
+        return gpu_dispatch()
+    raise ValueError(f"unknown path {path!r}; one of {list(PATHS)}")
+
+
+def training_step(loss_fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, module=None) -> Callable[[], None]:
+    """One forward and backward of ``loss_fn(*inputs)``, the gradients of the inputs that require grad
+    and of the module's parameters cleared first (as ``zero_grad(set_to_none=True)`` does)."""
+    leaves = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    if module is not None:
+        leaves += list(module.parameters())
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        loss_fn(*inputs).backward()
+
+    return step
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    what: str
+    make: Callable[..., Callable[[], None]]  # builds the inputs, returns one training step
+    budgeted: bool = True  # False: a comparison row (a peer's form), no budget
+    fast: dict = dataclasses.field(default_factory=dict)  # make's arguments for CI: the same counts, sooner
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+
+
+def _randint(high, *shape, seed=1):
+    return torch.randint(0, high, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _cross_level(batch: int):
+    def make():
+        from contrastkit import CrossLevelContrast
+
+        loss = CrossLevelContrast()
+        return training_step(loss, _randn(batch, 128, 5, 5), _randn(batch, 128, 5, 5, seed=1), module=loss)
+    return make
+
+
+def _patch_nce_seed():
+    from benchmarks.seeds import patch_nce
+
+    return training_step(patch_nce, _randn(8, 128, 5, 5), _randn(8 * 25, 128, seed=1))
+
+
+def _cross_level_eager():
+    from benchmarks.seeds import cross_level_eager
+
+    return training_step(cross_level_eager, _randn(8, 128, 5, 5), _randn(8, 128, 5, 5, seed=1))
+
+
+def _supcon8(dim: int = 128):
+    from contrastkit import info_nce
+
+    return training_step(lambda z, y: info_nce(z, labels=y), _randn(SUPCON_N, dim), _randint(8, SUPCON_N))
+
+
+def _pseudo_label(mode: str, **options):
+    def make():
+        from contrastkit import PseudoLabelContrast
+
+        loss = PseudoLabelContrast(mode=mode, num_classes=4, **options)
+        return training_step(lambda e, y: loss(e, y, generator=torch.Generator().manual_seed(0)),
+                             _randn(8, 32, 64, 64), _randint(4, 8, 64, 64), module=loss)
+    return make
+
+
+def _ntxent():
+    from contrastkit import NTXentLoss
+
+    loss = NTXentLoss()
+    return training_step(loss, _randn(32, 128), _randn(32, 128, seed=1), module=loss)
+
+
+def _supcon_module():
+    from contrastkit import SupConLoss
+
+    loss = SupConLoss()
+    return training_step(loss, _randn(32, 128), _randint(8, 32), module=loss)
+
+
+def _global_contrast():
+    from contrastkit import GlobalContrast
+
+    volumes, partitions = 4, 4
+    slices = volumes * partitions
+    volume = torch.arange(volumes).repeat_interleave(partitions).repeat(2)
+    partition = torch.arange(partitions).repeat(volumes).repeat(2)
+    view = torch.arange(2).repeat_interleave(slices)
+    loss = GlobalContrast()
+    return training_step(loss, _randn(2 * slices, 128), volume, partition, view, module=loss)
+
+
+def _local_contrast():
+    from contrastkit import LocalContrast
+
+    loss = LocalContrast()
+    return training_step(loss, _randn(8, 64, 32, 32), _randn(8, 64, 32, 32, seed=1), module=loss)
+
+
+def _patch_nce():
+    from contrastkit import PatchNCELoss
+
+    loss = PatchNCELoss(num_patches=256)
+    return training_step(lambda q, k: loss(q, k, generator=torch.Generator().manual_seed(0)),
+                         _randn(4, 64, 32, 32), _randn(4, 64, 32, 32, seed=1), module=loss)
+
+
+SUPCON_N = 8192
+CASES = {case.name: case for case in (
+    Case("cross_level_b8", "CrossLevelContrast(), global and local maps (8, 128, 5, 5): CLCC's protocol",
+         _cross_level(8)),
+    Case("cross_level_b24", "CrossLevelContrast(), maps (24, 128, 5, 5)", _cross_level(24)),
+    Case("cross_level_seed", "benchmarks/seeds.py patch_nce: CLCC's eager PatchNCE form, (8, 128, 5, 5)",
+         _patch_nce_seed, budgeted=False),
+    Case("cross_level_eager", "benchmarks/seeds.py cross_level_eager: one batched product, (8, 128, 5, 5)",
+         _cross_level_eager, budgeted=False),
+    # The chunked CPU path runs one block of queries per 2^20 logits, so its count grows with N; no
+    # path's count depends on D, which CI lowers to 16 to spend less time in the arithmetic.
+    Case("supcon8", f"info_nce(z, labels=y): SupCon self-contrast, N = {SUPCON_N:,}, D = 128, 8 classes", _supcon8,
+         fast=dict(dim=16)),
+    Case("pl_pixel", "PseudoLabelContrast(mode='pixel', anchors_per_class=128, num_classes=4), (8, 32, 64, 64)",
+         _pseudo_label("pixel", anchors_per_class=128)),
+    Case("pl_prototype", "PseudoLabelContrast(mode='prototype', num_classes=4), (8, 32, 64, 64)",
+         _pseudo_label("prototype")),
+    Case("ntxent", "NTXentLoss(), two views (32, 128)", _ntxent),
+    Case("supcon", "SupConLoss(), (32, 128), 8 classes", _supcon_module),
+    Case("global_gd", "GlobalContrast() (GD), 4 volumes x 4 partitions x 2 views, D = 128", _global_contrast),
+    Case("local", "LocalContrast(), maps (8, 64, 32, 32), 4 x 4 regions", _local_contrast),
+    Case("patch_nce", "PatchNCELoss(num_patches=256), maps (4, 64, 32, 32)", _patch_nce),
+)}
+
+
+def measure(case: str, paths=tuple(PATHS), warmup: bool = True, fast: bool = False) -> dict[str, OpCount]:
+    """The counts of one case on each path (the inputs built once); ``fast``: at the case's CI sizes."""
+    step = CASES[case].make(**(CASES[case].fast if fast else {}))
+    out = {}
+    for path in paths:
+        with path_context(path):
+            out[path] = count_ops(step, warmup=warmup)
+    return out
+
+
+# ----------------------------------------------------------------------------- budgets
+
+# (device ops, syncs) per case and path. None: no target on that count. The project's targets:
+TARGETS = {
+    "cross_level_b8": {"cpu": (40, None), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
+    "cross_level_b24": {"cpu": (40, None), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
+    "pl_pixel": {"cpu_nochecks": (None, 0), "gpu": (None, 0)},
+    "pl_prototype": {"cpu_nochecks": (None, 0), "gpu": (None, 0)},
+    "supcon8": {"gpu": (40, 0)},  # device ops beside the kernels
+}
+# The most (device ops, syncs) allowed: the target where it is met, else the count measured when the
+# budget was set (a guard against regressions; lower it as the paths get leaner).
+BUDGETS = {
+    "cross_level_b8": {"cpu": (52, 1), "cpu_nochecks": (41, 0), "gpu": (41, 0)},
+    "cross_level_b24": {"cpu": (52, 1), "cpu_nochecks": (41, 0), "gpu": (41, 0)},
+    "supcon8": {"cpu": (5528, 321), "cpu_nochecks": (5514, 320), "gpu": (304, 4)},
+    "pl_pixel": {"cpu": (996, 52), "cpu_nochecks": (966, 50), "gpu": (158, 0)},
+    "pl_prototype": {"cpu": (179, 2), "cpu_nochecks": (144, 0), "gpu": (144, 0)},
+    "ntxent": {"cpu": (139, 1), "cpu_nochecks": (121, 0), "gpu": (121, 0)},
+    "supcon": {"cpu": (136, 1), "cpu_nochecks": (118, 0), "gpu": (118, 0)},
+    "global_gd": {"cpu": (154, 4), "cpu_nochecks": (130, 0), "gpu": (130, 0)},
+    "local": {"cpu": (130, 1), "cpu_nochecks": (116, 0), "gpu": (114, 0)},
+    "patch_nce": {"cpu": (58, 1), "cpu_nochecks": (47, 0), "gpu": (47, 0)},
+}
+
+
+def budget_of(case: str, path: str) -> tuple[int, int] | None:
+    return BUDGETS.get(case, {}).get(path)
+
+
+def target_of(case: str, path: str) -> tuple[int | None, int | None] | None:
+    return TARGETS.get(case, {}).get(path)
+
+
+def _within(count: OpCount, limit) -> bool:
+    ops, syncs = limit
+    return (ops is None or count.ops <= ops) and (syncs is None or count.syncs <= syncs)
+
+
+def status(case: str, path: str, count: OpCount) -> str:
+    budget, target = budget_of(case, path), target_of(case, path)
+    if not CASES[case].budgeted:
+        return "comparison"
+    if budget is None:
+        return "no budget"
+    if not _within(count, budget):
+        return "OVER BUDGET"
+    if target is None:
+        return "within budget"
+    return "target met" if _within(count, target) else "target not met"
+
+
+def over_budget(results: dict[str, dict[str, OpCount]]) -> list[str]:
+    """Every count above its budget, as a sentence (empty when all are within)."""
+    problems = []
+    for case, paths in results.items():
+        for path, count in paths.items():
+            budget = budget_of(case, path)
+            if CASES[case].budgeted and budget is None:
+                problems.append(f"{case} {path}: no budget")
+            elif budget is not None and not _within(count, budget):
+                problems.append(f"{case} {path}: {count.ops} device ops, {count.syncs} syncs > budget "
+                                f"{budget[0]} ops, {budget[1]} syncs")
+    return problems
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _pair(limit) -> str:
+    if limit is None:
+        return "–"
+    return " / ".join("–" if x is None else str(x) for x in limit)
+
+
+def table(results: dict[str, dict[str, OpCount]]) -> str:
+    lines = ["| case | path | auto's backend | device ops | syncs | Triton kernels | budget (ops / syncs) "
+             "| target (ops / syncs) | status |",
+             "|---|---|---|---:|---:|---:|---|---|---|"]
+    for case, paths in results.items():
+        for path, c in paths.items():
+            backends = ", ".join(c.backends) or "(eager)"
+            lines.append(f"| {case} | {path} | {backends} | {c.ops} | {c.syncs} | {c.kernels} "
+                         f"| {_pair(budget_of(case, path))} | {_pair(target_of(case, path))} "
+                         f"| {status(case, path, c)} |")
+    return "\n".join(lines)
+
+
+def breakdown(results: dict[str, dict[str, OpCount]], top: int = 8) -> str:
+    lines = ["| case | path | most frequent device ops | syncs by op | Triton kernels |", "|---|---|---|---|---|"]
+    for case, paths in results.items():
+        for path, c in paths.items():
+            syncs = ", ".join(f"{k.removeprefix('aten::')} ×{n}" for k, n in c.sync_names.most_common()) or "–"
+            kernels = ", ".join(f"{k} ×{n}" for k, n in c.kernel_names.most_common()) or "–"
+            lines.append(f"| {case} | {path} | {c.top(top)} | {syncs} | {kernels} |")
+    return "\n".join(lines)
+
+
+def facts() -> dict:
+    import datetime as dt
+    import subprocess
+
+    from benchmarks.harness import ROOT
+    from benchmarks.report import cpu_model, git_commit, versions
+
+    try:
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=ROOT, check=True).stdout.split("\n")
+        changed = sorted(line[3:] for line in changed if line.strip())
+    except (OSError, subprocess.CalledProcessError):
+        changed = []
+    return dict(device=cpu_model(), date=dt.date.today().isoformat(), commit=git_commit(),
+                uncommitted_changes=changed, versions=versions(), torch_threads=torch.get_num_threads())
+
+
+def markdown(results: dict[str, dict[str, OpCount]], run: dict) -> str:
+    changed = (f" (uncommitted changes in {', '.join(run['uncommitted_changes'])})"
+               if run["uncommitted_changes"] else "")
+    out = ["# Op budget: device ops and host syncs per forward + backward", "",
+           f"- {run['device']}, {run['date']}, torch {run['versions']['torch']}, "
+           f"triton {run['versions'].get('triton')}",
+           f"- commit {run['commit']}{changed}",
+           "- `python -m benchmarks.op_budget --write`; what counts: the docstring of `benchmarks/op_budget.py`", "",
+           "Paths: " + "; ".join(f"`{name}` {what}" for name, what in PATHS.items()) + ".", "",
+           "| case | what |", "|---|---|"]
+    out += [f"| {case} | {CASES[case].what} |" for case in results]
+    out += ["", table(results), "", "## What the counts are made of", "", breakdown(results), ""]
+    return "\n".join(out)
+
+
+def to_json(results: dict[str, dict[str, OpCount]], run: dict) -> dict:
+    rows = []
+    for case, paths in results.items():
+        for path, c in paths.items():
+            rows.append(dict(case=case, path=path, backends=list(c.backends), device_ops=c.ops, syncs=c.syncs,
+                             kernels=c.kernels, budget=budget_of(case, path), target=target_of(case, path),
+                             status=status(case, path, c), ops_by_name=dict(c.names.most_common()),
+                             syncs_by_name=dict(c.sync_names.most_common()),
+                             kernels_by_name=dict(c.kernel_names.most_common())))
+    return dict(run=run, paths=PATHS, cases={case: CASES[case].what for case in results}, rows=rows)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    parser.add_argument("--write", action="store_true", help="write benchmarks/results/op-budget.md and .json")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a count is over its budget")
+    args = parser.parse_args(argv)
+    results = {}
+    for case in args.cases:
+        results[case] = measure(case, args.paths)
+        print(f"{case}: " + ", ".join(f"{path} {c.ops} ops {c.syncs} syncs {c.kernels} kernels"
+                                      for path, c in results[case].items()), file=sys.stderr, flush=True)
+    print(table(results))
+    print()
+    print(breakdown(results))
+    if args.write:
+        run = facts()
+        out = Path(__file__).resolve().parent / "results" / "op-budget"
+        out.with_suffix(".md").write_text(markdown(results, run))
+        out.with_suffix(".json").write_text(json.dumps(to_json(results, run), indent=1) + "\n")
+        print(f"wrote {out}.md and .json", file=sys.stderr)
+    problems = over_budget(results)
+    for problem in problems:
+        print("over budget:", problem)
+    return 1 if args.check and problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
