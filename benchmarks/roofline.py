@@ -57,7 +57,7 @@ def executed_flops(n: int, m: int, d: int, *, self_contrast: bool, denominator: 
 
     ``visited``: share of the N x M tile pairs the kernels visit (below 1 when groups skip tiles);
     ``positive_share``: the logits each_positive's positive pass computes, as a share of the
-    visited ones (``kernels/info_nce.py::hot_loop_weights`` gives it per layout)."""
+    visited ones (``benchmarks/sass_budget.py::hot_loop_weights`` gives it per layout)."""
     product = 2.0 * n * m * d * visited
     forward = product * (1.0 + (positive_share if denominator == "each_positive" else 0.0))
     backward = 2 * product if self_contrast else 4 * product

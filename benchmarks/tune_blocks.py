@@ -29,8 +29,6 @@ import time
 
 import torch
 
-from contrastkit import InfoNCEOptions
-
 SMALL = {64: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3),
               (64, 128, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
          256: [(128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2),
@@ -63,9 +61,10 @@ def make_batch(n: int, d: int, dtype: torch.dtype, seed: int = 0):
     return q, labels, k, key_labels
 
 
-SUPCON = InfoNCEOptions(self_key_offset=0).encode()
-SUPCON_EACH_POSITIVE = InfoNCEOptions(self_key_offset=0, denominator="each_positive").encode()
-QUERY_KEY = InfoNCEOptions().encode()
+# The kernels' flags (denominator, normalize, ignore_index, self_key_offset), as their op schemas take them.
+SUPCON = ("all", True, -1, 0)
+SUPCON_EACH_POSITIVE = ("each_positive", True, -1, 0)
+QUERY_KEY = ("all", True, -1, None)
 
 
 def _inputs(batch, symmetric: bool):
@@ -78,8 +77,8 @@ def forward_stats(batch):
     """The forward's outputs for the symmetric backward and for dq / dk."""
     from contrastkit.kernels import info_nce as ops
 
-    return (ops.symmetric_forward_op(*_inputs(batch, True), SUPCON),
-            ops.forward_op(*_inputs(batch, False), QUERY_KEY))
+    return (ops.symmetric_forward_op(*_inputs(batch, True), *SUPCON),
+            ops.forward_op(*_inputs(batch, False), *QUERY_KEY))
 
 
 def run_kind(kind: str, batch, block, stats=None):
@@ -96,20 +95,20 @@ def run_kind(kind: str, batch, block, stats=None):
     table[d_pad] = block
     try:
         if kind == "forward":
-            loss, _, lse, *_ = ops.symmetric_forward_op(*_inputs(batch, True), SUPCON)
+            loss, _, lse, *_ = ops.symmetric_forward_op(*_inputs(batch, True), *SUPCON)
             return loss, lse
         if kind == "forward_positive":
-            loss, _, _, _, pos_sigmoid = ops.symmetric_forward_op(*_inputs(batch, True), SUPCON_EACH_POSITIVE)
+            loss, _, _, _, pos_sigmoid = ops.symmetric_forward_op(*_inputs(batch, True), *SUPCON_EACH_POSITIVE)
             return loss, pos_sigmoid
         symmetric = kind == "backward_symmetric"
         loss, valid, lse, n_pos, pos_sigmoid = stats[0] if symmetric else stats[1]
         saved = (valid, lse, n_pos, pos_sigmoid)
         if symmetric:
             return (ops.symmetric_backward_op(torch.ones_like(loss), *_inputs(batch, True), *saved, True, True,
-                                              False, SUPCON)[0],)
+                                              False, *SUPCON)[0],)
         need_query = kind == "backward_query"
         grads = ops.backward_op(torch.ones_like(loss), *_inputs(batch, False), *saved, need_query, not need_query,
-                                False, QUERY_KEY)
+                                False, *QUERY_KEY)
         return (grads[0],) if need_query else (grads[1],)
     finally:
         if previous is None:

@@ -2,11 +2,13 @@
 
 ``info_nce`` checks its arguments once and builds an :class:`InfoNCEOptions` (the static
 settings) and an :class:`OpInputs` (the tensors). Every backend takes exactly these two:
-the dense reference, the chunked torch path and the Triton launchers. The ``torch.library``
-custom ops cannot take a Python object, so at that boundary the options travel as one string
-(:meth:`InfoNCEOptions.encode`, read back by :meth:`InfoNCEOptions.decode`) and the op schemas
-are written from the fields of :class:`OpInputs` (:func:`op_schema`): adding an option or an
-input is one edit here, not one per signature.
+the dense reference, the lean dense path, the chunked torch path and the Triton backend (which
+unpacks them into the kernels' own tensors-and-flags API, ``contrastkit/_triton.py``). The
+chunked path's ``torch.library`` custom ops cannot take a Python object, so at that boundary the
+options travel as one string (:meth:`InfoNCEOptions.encode`, read back by
+:meth:`InfoNCEOptions.decode`) and the op schemas are written from the fields of
+:class:`OpInputs` (:func:`op_schema`): adding an option or an input is one edit here, not one per
+signature.
 """
 
 from __future__ import annotations
