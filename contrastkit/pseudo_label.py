@@ -36,6 +36,9 @@ from .labels import check_label_map, downsample_labels, resize_nearest
 
 MODES = ("prototype", "pixel")
 BACKGROUND = 0
+# Prototype mode without num_classes sizes its (B, K) means by the largest label it reads: a stray
+# id of 10^12 must be an error, not a 16 TB allocation.
+MAX_INFERRED_CLASSES = 4096
 
 
 def _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
@@ -283,6 +286,11 @@ def pseudo_label_contrast(
         pair_index = torch.arange(batch, device=labels.device)
     if num_classes is None:  # read from the labels: one host sync
         num_classes = int(torch.where(usable, labels, 0).max()) + 1
+        if num_classes > MAX_INFERRED_CLASSES:
+            raise ValueError(
+                f"labels reach {num_classes - 1}: prototype mode keeps one mean per class id up to the largest, "
+                f"so without num_classes it takes at most {MAX_INFERRED_CLASSES} classes; remap the ids to "
+                f"0..K-1 and pass num_classes=K")
     keys, key_labels = _prototype_keys(embeddings, labels, usable, pair_index.long(), num_classes, ignore_index)
     anchor_labels = torch.where(anchors, labels, ignore_index).reshape(-1)
     queries = embeddings.to(keys.dtype)  # half maps meet their means (summed in fp32) in fp32

@@ -462,3 +462,12 @@ def test_value_checks_follow_the_switch():
         ck.pseudo_label_contrast(emb, labels)  # unchecked: the NaN goes through, no sync spent on it
     big = torch.full((2, 3, 4, 4), 1e37)  # finite, but its sum overflows: the screen must not raise
     ck.pseudo_label_contrast(big, labels)
+
+
+def test_prototype_without_num_classes_refuses_a_huge_label_id():
+    emb, labels, _ = _batch(1, batch=2, size=4, num_classes=3)
+    labels[1, 2, 3] = 10**12
+    with pytest.raises(ValueError, match="num_classes"):
+        ck.pseudo_label_contrast(emb, labels)
+    labels[1, 2, 3] = 4095  # the largest id it still sizes by itself
+    assert torch.isfinite(ck.pseudo_label_contrast(emb, labels))
