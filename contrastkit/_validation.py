@@ -24,6 +24,10 @@ REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "reference", "dense", "torch", "triton")
 
 
+# τ outside this range is refused: below it a logit's exponent underflows τ's own gradient (τ ≤ 1e-20
+# gave -inf), above it float32 cannot hold 1/τ's use as a scale; every published τ is 0.01 to 1.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
 VALUE_CHECKS_ENV = "CONTRASTKIT_VALUE_CHECKS"
 _value_checks: bool | None = None  # set_value_checks; None: the environment, else by device
 
@@ -114,12 +118,23 @@ def check_temperature(temperature) -> float | torch.Tensor:
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be positive and finite; got {temperature}")
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must lie in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]; got {temperature:g}")
     return temperature
 
 
+def temperature_out_of_range(temperature: torch.Tensor) -> torch.Tensor:
+    """A 0-dim flag: τ is NaN, Inf, or outside [MIN_TEMPERATURE, MAX_TEMPERATURE]."""
+    t = temperature.detach()
+    return ~(torch.isfinite(t) & (t >= MIN_TEMPERATURE) & (t <= MAX_TEMPERATURE))
+
+
 def check_temperature_value(temperature: torch.Tensor) -> None:
-    if not bool(torch.isfinite(temperature) & (temperature > 0)):
-        raise ValueError(f"temperature must be positive and finite; got {float(temperature)}")
+    if bool(temperature_out_of_range(temperature)):
+        value = float(temperature)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"temperature must be positive and finite; got {value}")
+        raise ValueError(f"temperature must lie in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]; got {value:g}")
 
 
 def temperature_tensor(temperature: float | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -258,7 +273,7 @@ def check_values(
     sums = torch.stack([x.detach().sum(dtype=compute_dtype(x.dtype)) for _, x in embeddings])
     flags = [~torch.isfinite(sums.sum())] + [bad(x).any() for _, x, bad in ids]
     if temperature is not None:
-        flags.append(~(torch.isfinite(temperature) & (temperature > 0)))
+        flags.append(temperature_out_of_range(temperature))
     if weights is not None:
         flags.append(~(torch.isfinite(weights) & (weights >= 0)).all())
     if not bool(torch.stack(flags).any()):

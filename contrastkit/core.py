@@ -149,7 +149,7 @@ def info_nce(
 
     if v.value_checks_enabled(device):
         v.check_values(query, key, labels, key_labels, ignore_index, groups, key_groups,
-                       tau if isinstance(temperature, torch.Tensor) else None, weights)
+                       temperature if isinstance(temperature, torch.Tensor) else None, weights)
 
     options = InfoNCEOptions(denominator=denominator, normalize=normalize, ignore_index=ignore_index,
                              self_key_offset=self_key_offset, chunk_size=chunk_size, blocks=blocks,

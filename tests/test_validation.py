@@ -67,3 +67,17 @@ def test_every_value_check_follows_the_switch(call):
         CALLS[call](_nan_rows())
     with ck.value_checks(False):
         CALLS[call](_nan_rows())  # unchecked: no sync, no error (NaN in, NaN out)
+
+
+@pytest.mark.parametrize("tau", [1e-40, 1e-7, 1e7, 1e39])
+def test_temperature_outside_its_range_is_refused_by_name(tau):
+    x = torch.randn(6, 4)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match=r"temperature must lie in \[1e-06, 1e\+06\]"):
+        ck.info_nce(x, labels=labels, temperature=tau)
+    with pytest.raises(ValueError, match=r"temperature must lie in"):
+        ck.info_nce(x, labels=labels, temperature=torch.tensor(tau, dtype=torch.float64))
+    for edge in (1e-6, 1e6):  # the range's ends are accepted, with finite gradients
+        t = torch.tensor(edge, requires_grad=True)
+        ck.info_nce(x, labels=labels, temperature=t).backward()
+        assert torch.isfinite(t.grad)
