@@ -589,6 +589,20 @@ def facts() -> dict:
                 uncommitted_changes=changed, versions=versions(), torch_threads=torch.get_num_threads())
 
 
+def target_summary(results: dict[str, dict[str, OpCount]]) -> tuple[list[str], list[str]]:
+    """(met, not met): each measured count that has a target, as "case path: measured vs target"."""
+    met, missed = [], []
+    for case, paths in results.items():
+        for path, count in paths.items():
+            target = target_of(case, path)
+            if target is None:
+                continue
+            for name, value, limit in (("ops", count.ops, target[0]), ("syncs", count.syncs, target[1])):
+                if limit is not None:
+                    (met if value <= limit else missed).append(f"{case} {path}: {value} {name} (target {limit})")
+    return met, missed
+
+
 def markdown(results: dict[str, dict[str, OpCount]], run: dict) -> str:
     changed = (f" (uncommitted changes in {', '.join(run['uncommitted_changes'])})"
                if run["uncommitted_changes"] else "")
@@ -600,6 +614,8 @@ def markdown(results: dict[str, dict[str, OpCount]], run: dict) -> str:
            "Paths: " + "; ".join(f"`{name}` {what}" for name, what in PATHS.items()) + ".", "",
            "| case | what |", "|---|---|"]
     out += [f"| {case} | {CASES[case].what} |" for case in results]
+    met, missed = target_summary(results)
+    out += ["", f"Targets met: {'; '.join(met) or 'none'}.", "", f"Targets not met: {'; '.join(missed) or 'none'}."]
     out += ["", table(results), "", "## What the counts are made of", "", breakdown(results), ""]
     return "\n".join(out)
 
