@@ -54,40 +54,45 @@ KEYS_PER_BLOCK = 8  # prototype shape: 4 classes' means of the image and of its 
 
 # --- peak memory in a fresh subprocess (also used by test_seed_sizes.py) -------------------------
 
-def subprocess_peak(module: str, spec: dict, timeout: float = 900) -> dict:
-    """``{"peak": bytes}`` (extra resident peak of one forward + backward above its inputs) or
-    ``{"oom": True}``, measured by ``python -m <module> --probe '<spec>'`` in a fresh process.
+def subprocess_peak(module: str, spec: dict, timeout: float = 900) -> dict[str, int | None]:
+    """Extra resident peak in bytes of one forward + backward above its inputs, for each side the probe
+    runs (None: out of memory), measured by ``python -m <module> --probe '<spec>'`` in a fresh process.
 
     As in ``benchmarks/harness.py``: the kernel's high-water mark is reset through clear_refs once the
     inputs exist and a warm-up call has run, and big blocks are ``mmap``ed so that freed memory really
-    leaves. A process killed by the kernel's out-of-memory killer counts as out of memory.
+    leaves (so one side's allocations never count against the next). A process killed by the kernel's
+    out-of-memory killer counts as out of memory for every side it had not reported.
     """
     path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-m", module, "--probe", json.dumps(spec)], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env=env)
+    peaks = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            peaks.update(json.loads(line))
     if proc.returncode in (-9, 137):
-        return {"oom": True}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
+        return {side: peaks.get(side) for side in spec["sides"]}
+    if proc.returncode != 0 or set(peaks) != set(spec["sides"]):
         raise RuntimeError(f"memory probe {module} {spec} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    return peaks
 
 
-def probe(step: Callable[[], object]) -> None:
-    """The subprocess's side of :func:`subprocess_peak`: one thread, a warm-up call, the high-water
-    mark reset, the measured call; prints one JSON line."""
+def probe(steps: dict[str, Callable[[], object]]) -> None:
+    """The subprocess's side of :func:`subprocess_peak`: one thread; for each side a warm-up call, the
+    high-water mark reset, the measured call; one JSON line per side."""
     torch.set_num_threads(1)
-    try:
-        step()
-        base = _reset_cpu_peak()
-        step()
-        result = {"peak": _status_bytes("VmHWM") - base}
-    except Exception as error:  # noqa: BLE001 - out of memory is a result, anything else is raised
-        if not is_oom(error):
-            raise
-        result = {"oom": True}
-    print(json.dumps(result), flush=True)
+    for side, step in steps.items():
+        try:
+            step()
+            base = _reset_cpu_peak()
+            step()
+            peak = _status_bytes("VmHWM") - base
+        except Exception as error:  # noqa: BLE001 - out of memory is a result, anything else is raised
+            if not is_oom(error):
+                raise
+            peak = None
+        print(json.dumps({side: peak}), flush=True)
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -278,12 +283,9 @@ def measure_size(row: dict, family: Family, size: int, dtype, device: str, other
 
 
 def peaks_at_crossover(family: Family, size: int, dtype: str, other: str) -> dict:
-    out = {}
-    for backend in ("dense", other):
-        spec = dict(family=family.name, size=size, dtype=dtype, backend=backend)
-        result = subprocess_peak("benchmarks.crossover", spec)
-        out[f"{backend}_peak"] = None if result.get("oom") else result["peak"]
-    return out
+    peaks = subprocess_peak("benchmarks.crossover", dict(family=family.name, size=size, dtype=dtype,
+                                                         sides=["dense", other]))
+    return {f"{backend}_peak": peak for backend, peak in peaks.items()}
 
 
 # --- output ------------------------------------------------------------------------------------
@@ -410,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.probe:
         spec = json.loads(args.probe)
-        probe(training_step(FAMILIES[spec["family"]], spec["size"], getattr(torch, spec["dtype"]), "cpu",
-                            spec["backend"]))
+        family, dtype = FAMILIES[spec["family"]], getattr(torch, spec["dtype"])
+        probe({backend: training_step(family, spec["size"], dtype, "cpu", backend) for backend in spec["sides"]})
         return 0
     if args.dry_run and (args.device != "cuda" or os.environ.get("TRITON_INTERPRET") != "1"):
         parser.error("--dry-run runs the GPU sweep's wiring through Triton's interpreter: "
