@@ -327,10 +327,9 @@ def format_crossover(c: dict) -> str:
 
 
 def suggested_limit(crossovers: list[dict]) -> int | None:
-    """The smallest crossover over the shapes (fp32 on a GPU), as a power of two: at or below it dense is the
+    """The smallest crossover over the shapes and dtypes, as a power of two: at or below it dense is the
     faster for every shape measured."""
-    found = [c for c in crossovers if c.get("logits") is not None and c["status"] == "found"
-             and c["dtype"] == "float32"]
+    found = [c for c in crossovers if c.get("logits") is not None and c["status"] == "found"]
     if not found:
         return None
     return 1 << int(math.log2(min(c.get("interpolated", c["logits"]) for c in found)))
@@ -364,7 +363,7 @@ def markdown(facts: dict, rows: list[dict], crossovers: list[dict]) -> str:
                         if c.get("slower_from") else f"({c['status']}) | | ")
                      + f" | {dense_peak} | {other_peak} |")
     if limit is not None:
-        lines += ["", f"The smallest fp32 crossover over the shapes, as a power of two: **{limit:,}** "
+        lines += ["", f"The smallest crossover over the shapes and dtypes, as a power of two: **{limit:,}** "
                       f"(2^{int(math.log2(limit))}) logits."]
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         lines += ["", f"## Times, {dtype}", "",
@@ -438,8 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     limit = suggested_limit(crossovers)
     if limit is not None:
-        print(f"smallest fp32 crossover over the shapes, as a power of two: {limit:,} (2^{int(math.log2(limit))}) "
-              f"logits; DENSE_MAX_LOGITS[{args.device!r}] is {facts['dense_max_logits']:,}")
+        print(f"smallest crossover over the shapes and dtypes, as a power of two: {limit:,} "
+              f"(2^{int(math.log2(limit))}) logits; DENSE_MAX_LOGITS[{args.device!r}] is {facts['dense_max_logits']:,}")
     if args.write or args.out:
         stem = write(facts, rows, crossovers, args.out or RESULTS)
         print(f"written: {stem}.md and .json")
