@@ -257,6 +257,8 @@ def sweep(device: str, dtypes: list[str], families: list[str], dry_run: bool, bu
             found.update(family=name, dtype=dtype_name, device=device, other=other)
             if device == "cpu" and found.get("size") is not None:
                 found.update(peaks_at_crossover(family, found["size"], dtype_name, other))
+                next(r for r in family_rows if r["size"] == found["size"]).update(
+                    {k: found[k] for k in ("dense_peak", f"{other}_peak")})
             crossovers.append(found)
             log(format_crossover(found))
     return rows, crossovers
