@@ -141,8 +141,6 @@ def _backward(*args):
     lse_safe = torch.where(live, lse, float("inf"))
     for start, stop in _chunk_bounds(query.shape[0], options.chunk_size):
         g = g_all[start:stop]
-        if not bool(g.ne(0).any()):
-            continue
         q, block_keys, s, pos, neg, columns = _block(query, keys, inputs, options, start, stop)
         coef = g / pos.sum(dim=1).clamp_min(1)
         # The block's logits are not needed after this: reuse their storage (CPU allocations of

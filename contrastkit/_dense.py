@@ -19,7 +19,8 @@ from ._masks import contributing_rows, masked_logsumexp, same_group
 from ._options import InfoNCEOptions, OpInputs
 from ._validation import as_rows, compute_dtype, num_rows
 
-# F.normalize's floor on a row's norm, squared: rows of smaller norm are divided by 1e-12 alike.
+# F.normalize's floor on a row's norm, squared. Added rather than clamped: the same value wherever
+# |x|² is above ~1e-17 (float32) and a zero row still scales by 1e12, with no op in the backward.
 _NORM_FLOOR_SQUARED = 1e-24
 
 
@@ -52,7 +53,7 @@ def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None) 
     does not, and τ joins the per-row scale instead of costing a pass over the rows."""
     x = x.to(compute_dtype(x.dtype))
     if normalize:
-        scale = x.square().sum(dim=-1, keepdim=True).clamp_min(_NORM_FLOOR_SQUARED).rsqrt()
+        scale = x.square().sum(dim=-1, keepdim=True).add(_NORM_FLOOR_SQUARED).rsqrt()
         return x * (scale if temperature is None else scale / temperature)
     return x if temperature is None else x / temperature
 

@@ -52,14 +52,11 @@ def pair_masks(
     else:
         candidate = candidate.expand(rows, cols).clone()
     if self_offset is not None:
-        # Query row r is key r + row_start + self_offset: clear that one entry per row.
-        own = torch.arange(rows, device=labels.device)
-        own_key = own + (row_start + self_offset)
-        if key_index is None:
-            inside = own_key < cols
-            candidate[own[inside], own_key[inside]] = False
-        else:
-            candidate &= own_key[:, None] != key_index[None, :]
+        # Query row r is key r + row_start + self_offset: clear that one entry per row (a compare,
+        # not an indexed store: selecting the rows whose key is inside would sync with the host).
+        own_key = torch.arange(rows, device=labels.device) + (row_start + self_offset)
+        columns = torch.arange(cols, device=labels.device) if key_index is None else key_index
+        candidate &= own_key[:, None] != columns[None, :]
     positive = candidate & (labels[:, None] == key_labels[None, :])
     return positive, candidate ^ positive
 
