@@ -45,24 +45,25 @@ def _row_offsets(rows, HW, W, sB, sH, sW):
 
 
 @triton.jit
-def gather_rows_kernel(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, D, HW, W, sB, sD, sH, sW,
+def gather_rows_kernel(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW,
                        NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
-    """out[i] = x[perm[i]] zero-padded to D_PAD (rows i >= n zero), inv_norm[i] = 1 / max(|x[perm[i]]|, eps)
+    """out[i] = x[perm[i]] zero-padded to D_PAD (rows n <= i < total zero), inv_norm[i] = 1 / max(|x[perm[i]]|, eps)
     (1 without normalisation and on padding rows)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     dims = tl.arange(0, D_PAD)
     inside = rows < n
+    written = rows < total
     source = tl.load(perm_ptr + rows, mask=inside, other=0)
     offsets = _row_offsets(source, HW, W, sB, sH, sW)[:, None] + dims.to(tl.int64)[None, :] * sD
     x = tl.load(x_ptr + offsets, mask=inside[:, None] & (dims < D)[None, :], other=0.0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D_PAD + dims[None, :], x)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D_PAD + dims[None, :], x, mask=written[:, None])
     if NORMALIZE:
         x = x.to(tl.float32)
         inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), NORM_EPS)
         inv = tl.where(inside, inv, 1.0)
     else:
         inv = tl.full([BLOCK], 1.0, tl.float32)
-    tl.store(inv_norm_ptr + rows, inv)
+    tl.store(inv_norm_ptr + rows, inv, mask=written)
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _store_grad(ptr, grad, x, inv, perm_ptr, rows, n, D, NORMALIZE: tl.constexpr
         projected = grad - unit * tl.sum(unit * grad, axis=1)[:, None]
         grad = tl.where((inv < 1.0 / NORM_EPS)[:, None], projected, grad) * inv[:, None]
     inside = rows < n
-    target = tl.load(perm_ptr + rows, mask=inside, other=0)
+    target = tl.load(perm_ptr + rows, mask=inside, other=0).to(tl.int64)
     dims = tl.arange(0, D_PAD)
     tl.store(ptr + (target * D)[:, None] + dims[None, :], grad, mask=inside[:, None] & (dims < D)[None, :])
 

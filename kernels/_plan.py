@@ -185,11 +185,13 @@ def categories(plan: Plan, block_n: int, block_m: int, both_valid: bool = False)
         hi = torch.maximum(row(q.group_hi), col(k.group_hi))
         unmasked = unmasked & (~row(q.any_grouped) | ~col(k.any_grouped) | (lo == hi))
     if plan.self_col is not None:
-        owns = plan.self_col >= 0
-        tiles = torch.arange(plan.self_col.numel(), device=owns.device) // block_n
-        diagonal = torch.zeros_like(meets)
-        diagonal[tiles[owns], (plan.self_col[owns] // block_m).long()] = True
-        unmasked = unmasked & ~diagonal
+        # Rows without an own key mark a spare column: no boolean indexing (a host synchronisation).
+        key_tiles = meets.shape[1]
+        tiles = torch.arange(plan.self_col.numel(), device=meets.device) // block_n
+        cols = torch.where(plan.self_col >= 0, plan.self_col // block_m, key_tiles).long()
+        diagonal = meets.new_zeros(meets.shape[0], key_tiles + 1)
+        diagonal[tiles, cols] = True
+        unmasked = unmasked & ~diagonal[:, :key_tiles]
     unmasked = unmasked & meets
     apart = (row(q.label_hi) < col(k.label_lo)) | (col(k.label_hi) < row(q.label_lo))
     cat = meets.to(torch.int8) * MASKED
@@ -346,3 +348,40 @@ def pair_counts(plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
         positives = positives - (is_candidate & (k.label[own] == q.label)).to(positives.dtype)
     q_valid = q.label >= 0
     return (torch.where(q_valid, positives, 0).to(torch.int32), torch.where(q_valid, candidates, 0).to(torch.int32))
+
+
+# ----------------------------------------------------------------------------- what the backward keeps
+
+# A forward keeps its plan for the backward as one int32 tensor per side, a row per field and a column
+# per padded row (each field contiguous, as the kernels read it): the queries' (QUERY_FIELDS, n_pad)
+# and, unless the keys are the queries, the keys' (KEY_FIELDS, m_pad).
+PERM, LABEL, GROUP, SELF, N_POS, VALID = range(6)
+QUERY_FIELDS, KEY_FIELDS = 6, 3
+
+
+def pack(plan: Plan, n_pos: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan with the queries' positive counts and contributing flags, as two int32 tensors (the
+    keys' is empty in symmetric self-contrast)."""
+
+    def side(s: Side, extra: list) -> torch.Tensor:
+        n_pad = s.label.numel()
+        perm = torch.nn.functional.pad(s.perm.to(torch.int32), (0, n_pad - s.perm.numel()))
+        group = s.group if s.group is not None else torch.zeros_like(s.label)
+        return torch.stack([perm, s.label, group, *extra])
+
+    self_col = plan.self_col if plan.self_col is not None else torch.full_like(plan.q.label, -1)
+    q = side(plan.q, [self_col, n_pos, valid.to(torch.int32)])
+    k = plan.q.label.new_empty(0, 0) if plan.symmetric else side(plan.k, [])
+    return q, k
+
+
+def unpack(q: torch.Tensor, k: torch.Tensor, n: int, m: int, has_groups: bool, has_self: bool,
+           symmetric: bool) -> tuple[Plan, torch.Tensor, torch.Tensor]:
+    """The plan, positive counts and contributing flags (int32) of :func:`pack`, as views."""
+
+    def side(t: torch.Tensor, rows: int) -> Side:
+        return Side(t[PERM, :rows], t[LABEL], t[GROUP] if has_groups else None)
+
+    q_side = side(q, n)
+    k_side = q_side if symmetric else side(k, m)
+    return Plan(q_side, k_side, q[SELF] if has_self else None, symmetric), q[N_POS], q[VALID]

@@ -187,15 +187,17 @@ def gather_rows(x: torch.Tensor, perm: torch.Tensor, normalize: bool) -> tuple[t
     d_pad, n_pad = padded_size(d), P.padded_rows(n)
     # A key tile of the positive pass may start at any row: POSITIVE_TAIL more rows (zero, norm 1)
     # behind the copy let it load without masks.
-    rows = torch.empty(n_pad + P.POSITIVE_TAIL, d_pad, dtype=x.dtype, device=x.device)
-    inv = torch.empty(n_pad + P.POSITIVE_TAIL, dtype=torch.float32, device=x.device)
-    rows[n_pad:].zero_()
-    inv[n_pad:].fill_(1.0)
-    rows, inv = rows[:n_pad], inv[:n_pad]
+    total = n_pad + P.POSITIVE_TAIL
+    rows = torch.empty(total, d_pad, dtype=x.dtype, device=x.device)
+    inv = torch.empty(total, dtype=torch.float32, device=x.device)
     block = min(P.ROW_PAD, max(1, 4096 // d_pad))
-    K.gather_rows_kernel[(n_pad // block,)](x, perm, rows, inv, n, d, *layout(x), NORMALIZE=normalize, BLOCK=block,
-                                            D_PAD=d_pad)
-    return rows, inv
+    K.gather_rows_kernel[(triton_cdiv(total, block),)](x, perm, rows, inv, n, total, d, *layout(x),
+                                                       NORMALIZE=normalize, BLOCK=block, D_PAD=d_pad)
+    return rows[:n_pad], inv[:n_pad]
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _flags(inputs: Inputs, settings: Settings) -> dict:
@@ -210,21 +212,20 @@ def _kernel_temperature(temperature: torch.Tensor) -> torch.Tensor:
 
 
 class _Prepared:
-    """What both directions rebuild from the inputs: the plan, the gathered copies and their norms."""
+    """What the kernels read of a call: the plan, the gathered copies and their norms. The forward
+    makes the plan; the backward takes it from the forward's outputs and gathers the copies again."""
 
-    def __init__(self, inputs: Inputs, settings: Settings, symmetric: bool):
-        self.plan = P.make_plan(inputs.labels, inputs.key_labels, inputs.groups, inputs.key_groups,
-                                settings.ignore_index, settings.self_key_offset, symmetric)
-        self.q_rows, self.q_inv = gather_rows(inputs.query, self.plan.q.perm, settings.normalize)
-        if symmetric:
+    def __init__(self, plan: P.Plan, inputs: Inputs, settings: Settings):
+        self.plan = plan
+        self.q_rows, self.q_inv = gather_rows(inputs.query, plan.q.perm, settings.normalize)
+        if plan.symmetric:
             self.k_rows, self.k_inv = self.q_rows, self.q_inv
         else:
-            self.k_rows, self.k_inv = gather_rows(inputs.key, self.plan.k.perm, settings.normalize)
-        dummy = self.plan.q.label
-        self.ids = (self.plan.q.label, self.plan.k.label,
-                    dummy if self.plan.q.group is None else self.plan.q.group,
-                    dummy if self.plan.k.group is None else self.plan.k.group,
-                    dummy if self.plan.self_col is None else self.plan.self_col)
+            self.k_rows, self.k_inv = gather_rows(inputs.key, plan.k.perm, settings.normalize)
+        dummy = plan.q.label
+        self.ids = (plan.q.label, plan.k.label, dummy if plan.q.group is None else plan.q.group,
+                    dummy if plan.k.group is None else plan.k.group,
+                    dummy if plan.self_col is None else plan.self_col)
         self.d_pad = self.q_rows.shape[1]
 
     def schedule(self, block_n: int, block_m: int, by_keys: bool = False) -> P.Schedule:
@@ -233,13 +234,18 @@ class _Prepared:
 
 
 def _forward_impl(inputs: Inputs, settings: Settings, symmetric: bool):
-    """(loss, valid, lse2, positive count, sum_p sigmoid(lse - s_ip)); the last three in sorted order."""
+    """(loss, valid, lse2, sum_p sigmoid(lse - s_ip), the queries' plan, the keys' plan): the per-row
+    statistics in sorted order, the plans as _plan.pack keeps them for the backward."""
     query = inputs.query
     n = num_rows(query)
-    prep = _Prepared(inputs, settings, symmetric)
+    plan = P.make_plan(inputs.labels, inputs.key_labels, inputs.groups, inputs.key_groups, settings.ignore_index,
+                       settings.self_key_offset, symmetric)
+    prep = _Prepared(plan, inputs, settings)
     n_pad = prep.q_rows.shape[0]
     f32 = dict(dtype=torch.float32, device=query.device)
-    loss, lse2, pos_sigmoid = torch.empty(n_pad, **f32), torch.empty(n_pad, **f32), torch.zeros(n_pad, **f32)
+    loss, lse2 = torch.empty(n_pad, **f32), torch.empty(n_pad, **f32)
+    # each_positive's positive pass writes the rows of its chunks (the contributing ones); no other reads it.
+    pos_sigmoid = (torch.zeros if settings.denominator == "each_positive" else torch.empty)(n_pad, **f32)
     n_pos, n_candidates = P.pair_counts(prep.plan)
     valid = n_pos > 0  # (0 on ignored rows)
     if settings.denominator == "negatives":
@@ -275,7 +281,7 @@ def _forward_impl(inputs: Inputs, settings: Settings, symmetric: bool):
     out_loss[perm] = loss[:n]
     out_valid = torch.empty(n, dtype=torch.bool, device=query.device)
     out_valid[perm] = valid[:n]
-    return out_loss, out_valid, lse2, n_pos, pos_sigmoid
+    return out_loss, out_valid, lse2, pos_sigmoid, *P.pack(plan, n_pos, valid)
 
 
 def _forward(*args):
@@ -288,25 +294,30 @@ def _forward_symmetric(*args):
     return _forward_impl(inputs, settings, symmetric=True)
 
 
-def _forward_fake(*args):
+def _forward_fake(*args, symmetric: bool = False):
     _, inputs, _, _ = _split(args)
     query = inputs.query
     n = num_rows(query)
     n_pad = P.padded_rows(n)
+    k_plan = (0, 0) if symmetric else (P.KEY_FIELDS, P.padded_rows(num_rows(inputs.key)))
     return (query.new_empty(n, dtype=torch.float32), query.new_empty(n, dtype=torch.bool),
-            query.new_empty(n_pad, dtype=torch.float32), query.new_empty(n_pad, dtype=torch.int32),
-            query.new_empty(n_pad, dtype=torch.float32))
+            query.new_empty(n_pad, dtype=torch.float32), query.new_empty(n_pad, dtype=torch.float32),
+            query.new_empty(P.QUERY_FIELDS, n_pad, dtype=torch.int32), query.new_empty(k_plan, dtype=torch.int32))
 
 
-_FORWARD_RETURNS = "(" + ", ".join(["Tensor"] * 5) + ")"
+def _forward_symmetric_fake(*args):
+    return _forward_fake(*args, symmetric=True)
+
+
+_FORWARD_RETURNS = "(" + ", ".join(["Tensor"] * 6) + ")"
 forward_op = torch.library.custom_op("contrastkit::info_nce_rows_triton", _forward, mutates_args=(),
                                      schema=_schema(_FORWARD_RETURNS))
 forward_op.register_fake(_forward_fake)
 symmetric_forward_op = torch.library.custom_op("contrastkit::info_nce_rows_triton_symmetric", _forward_symmetric,
                                                mutates_args=(), schema=_schema(_FORWARD_RETURNS))
-symmetric_forward_op.register_fake(_forward_fake)
+symmetric_forward_op.register_fake(_forward_symmetric_fake)
 
-_SAVED = "Tensor valid, Tensor lse, Tensor n_pos, Tensor pos_sigmoid"
+_SAVED = "Tensor lse, Tensor pos_sigmoid, Tensor q_plan, Tensor k_plan"
 
 
 def _pow2_prescale(largest: torch.Tensor) -> torch.Tensor:
@@ -345,10 +356,9 @@ class _GradientBuffer:
 class _RowWeights:
     """The backward's per-row inputs in sorted order (see the module docstring)."""
 
-    def __init__(self, grad_loss, valid, lse2, n_pos, pos_sigmoid, perm, settings: Settings):
+    def __init__(self, grad_loss, sorted_valid, lse2, n_pos, pos_sigmoid, perm, settings: Settings):
         n, n_pad = perm.numel(), lse2.numel()
-        sorted_valid = torch.zeros(n_pad, dtype=torch.bool, device=lse2.device)
-        sorted_valid[:n] = valid[perm]
+        sorted_valid = sorted_valid != 0
         g = torch.zeros(n_pad, dtype=torch.float32, device=lse2.device)
         g[:n] = grad_loss.to(torch.float32)[perm]
         self.g = torch.where(sorted_valid, g, 0.0)  # g_i
@@ -360,11 +370,12 @@ class _RowWeights:
         self.lse2_masked = torch.where(sorted_valid, lse2, float("inf"))
 
 
-def _backward_impl(grad_loss, inputs: Inputs, valid, lse2, n_pos, pos_sigmoid, need_query, need_key,
+def _backward_impl(grad_loss, inputs: Inputs, lse2, pos_sigmoid, q_plan, k_plan, need_query, need_key,
                    need_temperature, settings: Settings, symmetric: bool):
     query, key = inputs.query, inputs.key
-    prep = _Prepared(inputs, settings, symmetric)
-    plan = prep.plan
+    plan, n_pos, valid = P.unpack(q_plan, k_plan, num_rows(query), num_rows(key), inputs.groups is not None,
+                                  settings.self_key_offset is not None, symmetric)
+    prep = _Prepared(plan, inputs, settings)
     weights = _RowWeights(grad_loss, valid, lse2, n_pos, pos_sigmoid, plan.q.perm, settings)
     tau = _kernel_temperature(inputs.temperature)
     flags = _flags(inputs, settings)
@@ -372,15 +383,17 @@ def _backward_impl(grad_loss, inputs: Inputs, valid, lse2, n_pos, pos_sigmoid, n
     n_pad = prep.q_rows.shape[0]
     if symmetric:
         grad = _GradientBuffer(query)
-        tau_rows = torch.zeros(n_pad, dtype=torch.float32, device=query.device)
+        tau_rows = torch.empty(n_pad if need_temperature else 0, dtype=torch.float32, device=query.device)
         _backward_symmetric(prep, weights, tau, grad.rows, tau_rows, inputs, settings, flags, need_temperature)
         # Every pair appears twice in the rows' sums (as ij and as ji).
-        return grad.finish(), None, -tau_rows.sum() / (2 * tau[0])
+        return grad.finish(), None, _temperature_gradient(tau_rows, tau, 2.0) if need_temperature else None
 
     run_query = need_query or (need_temperature and not need_key)
     grad_query = _GradientBuffer(query) if run_query else None
     grad_key = _GradientBuffer(key) if need_key else None
-    tau_rows = torch.zeros(max(n_pad, prep.k_rows.shape[0]), dtype=torch.float32, device=query.device)
+    # The kernel that adds up the temperature's gradient writes every row of its side.
+    tau_rows = torch.empty((n_pad if run_query else prep.k_rows.shape[0]) if need_temperature else 0,
+                           dtype=torch.float32, device=query.device)
     common = (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, *prep.ids)
     flags = dict(flags, NORMALIZE=settings.normalize, HAS_SELF=settings.self_key_offset is not None)
     if run_query:
@@ -411,7 +424,12 @@ def _backward_impl(grad_loss, inputs: Inputs, valid, lse2, n_pos, pos_sigmoid, n
                 dict(flags, TAU_GRAD=need_temperature and not run_query))
     grad_query = grad_query.finish() if need_query else None
     grad_key = grad_key.finish() if need_key else None
-    return grad_query, grad_key, -tau_rows.sum() / tau[0]
+    return grad_query, grad_key, _temperature_gradient(tau_rows, tau, 1.0) if need_temperature else None
+
+
+def _temperature_gradient(tau_rows: torch.Tensor, tau: torch.Tensor, pairs: float) -> torch.Tensor:
+    """-(1/tau) sum_ij dL/ds_ij s_ij from its per-row sums, each pair counted ``pairs`` times."""
+    return tau_rows.sum() / (tau[0] * -pairs)
 
 
 def _spread_weight(a: torch.Tensor, tile_max: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
@@ -453,18 +471,25 @@ def _backward(*args):
     """
     (grad_loss,), inputs, after, settings = _split(args, 1)
     grad_query, grad_key, grad_tau = _backward_impl(grad_loss, inputs, *after, settings, symmetric=False)
-    temperature = inputs.temperature
-    grad_query = torch.zeros_like(inputs.query) if grad_query is None else grad_query
-    grad_key = torch.zeros_like(inputs.key) if grad_key is None else grad_key
-    return grad_query, grad_key, grad_tau.to(temperature.dtype).reshape(temperature.shape)
+    return (_or_unwritten(grad_query, inputs.query), _or_unwritten(grad_key, inputs.key),
+            _temperature_result(grad_tau, inputs.temperature))
+
+
+def _or_unwritten(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A gradient that was not asked for is left unwritten (the autograd formula drops it)."""
+    return torch.empty_like(like) if grad is None else grad
+
+
+def _temperature_result(grad_tau: torch.Tensor | None, temperature: torch.Tensor) -> torch.Tensor:
+    return _or_unwritten(None if grad_tau is None else grad_tau.to(temperature.dtype).reshape(temperature.shape),
+                         temperature)
 
 
 def _backward_symmetric_op(*args):
     """(grad of the rows, grad temperature) of self-contrast."""
     (grad_loss,), inputs, after, settings = _split(args, 1)
     grad, _, grad_tau = _backward_impl(grad_loss, inputs, *after, settings, symmetric=True)
-    temperature = inputs.temperature
-    return grad, grad_tau.to(temperature.dtype).reshape(temperature.shape)
+    return grad, _temperature_result(grad_tau, inputs.temperature)
 
 
 def _backward_fake(*args):
@@ -489,13 +514,17 @@ symmetric_backward_op.register_fake(_backward_symmetric_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    _, valid, lse2, n_pos, pos_sigmoid = output
+    _, _, *saved = output
     tensors = len(Inputs._fields)
-    ctx.save_for_backward(*inputs[:tensors], valid, lse2, n_pos, pos_sigmoid)
+    ctx.save_for_backward(*inputs[:tensors], *saved)
     ctx.settings = inputs[tensors:]
+    # Only the loss has a gradient: no zeros for the other outputs' (a kernel each).
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(ctx, grad_loss, *_unused_grads):
+    if grad_loss is None:  # the loss took no part in what was differentiated
+        return _input_gradients()
     need = dict(zip(Inputs._fields, ctx.needs_input_grad, strict=False))
     grad_query, grad_key, grad_temperature = backward_op(
         grad_loss, *ctx.saved_tensors, need["query"], need["key"], need["temperature"], *ctx.settings)
@@ -505,6 +534,8 @@ def _autograd_backward(ctx, grad_loss, *_unused_grads):
 
 def _autograd_backward_symmetric(ctx, grad_loss, *_unused_grads):
     # query and key are one tensor: its whole gradient is returned once, as the query's.
+    if grad_loss is None:
+        return _input_gradients()
     need = dict(zip(Inputs._fields, ctx.needs_input_grad, strict=False))
     need_rows = need["query"] or need["key"]
     grad, grad_temperature = symmetric_backward_op(

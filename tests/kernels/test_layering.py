@@ -66,7 +66,7 @@ def test_op_schemas_name_the_inputs_then_the_settings():
     """The custom ops keep their names (compiled graphs refer to them) and take the inputs, then the settings."""
     ops = pytest.importorskip("contrastkit.kernels.info_nce")
     inputs, settings = list(ops.Inputs._fields), list(ops.Settings._fields)
-    saved = ["valid", "lse", "n_pos", "pos_sigmoid", "need_query", "need_key", "need_temperature"]
+    saved = ["lse", "pos_sigmoid", "q_plan", "k_plan", "need_query", "need_key", "need_temperature"]
     for name, before, after in [("info_nce_rows_triton", [], []), ("info_nce_rows_triton_symmetric", [], []),
                                 ("info_nce_rows_triton_backward", ["grad_loss"], saved),
                                 ("info_nce_rows_triton_symmetric_backward", ["grad_loss"], saved)]:
