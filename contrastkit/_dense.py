@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._masks import contributing_rows, masked_logsumexp, same_group
+from ._masks import contributing_rows, same_group
 from ._options import InfoNCEOptions, OpInputs
 from ._validation import as_rows, compute_dtype, num_rows
 
@@ -95,9 +95,18 @@ def dense_block_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.T
     valid = contributing_rows(labels, n_pos, negative.sum(dim=2) if denominator == "negatives" else None,
                               denominator, ignore_index)
     if denominator == "each_positive":
-        log_denominator = torch.logaddexp(s, masked_logsumexp(s, negative)[:, :, None])
+        negatives = negative.any(dim=2)
+        lse_negative = torch.where(negatives, _logsumexp_over(s, negative), float("-inf"))
+        log_denominator = torch.logaddexp(s, lse_negative[:, :, None])
         loss = torch.where(positive, log_denominator - s, 0.0).sum(dim=2) / n_pos.clamp_min(1)
     else:
-        lse = masked_logsumexp(s, candidate if denominator == "all" else negative)
+        lse = _logsumexp_over(s, candidate if denominator == "all" else negative)
         loss = lse - torch.where(positive, s, 0.0).sum(dim=2) / n_pos.clamp_min(1)
     return torch.where(valid, loss, 0.0).reshape(n), valid.reshape(n)
+
+
+def _logsumexp_over(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp of each row's masked entries, for the rows that have one (the others get a finite
+    value and no NaN gradient, and do not contribute). Where every entry is in the mask it is the
+    very ``logsumexp`` of the paired path, so both give bit-equal losses and gradients."""
+    return s.masked_fill(~mask & mask.any(dim=2, keepdim=True), float("-inf")).logsumexp(dim=2)

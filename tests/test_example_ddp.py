@@ -71,12 +71,19 @@ def weights(out):
     return torch.load(out / "last.pt", weights_only=False)["model"]
 
 
+def _tolerance(key: str) -> dict:
+    # Validation metrics threshold the predictions: the weights' float32 drift allowed below (~1e-5)
+    # flips a pixel or two of a 32 x 32 validation image (seen: Dice 0.06482 vs 0.06477), where a
+    # wiring error moves Dice by far more. Losses are smooth in the weights and stay tight.
+    return dict(abs=2e-3) if key.startswith(("val/", "test/")) else dict(rel=1e-5, abs=1e-7)
+
+
 def assert_same_run(history, expected_history, model, expected_model):
     assert [r["step"] for r in history] == [r["step"] for r in expected_history]
     for record, expected in zip(history, expected_history, strict=True):
         assert record.keys() == expected.keys()
         for key, value in expected.items():  # per-rank means averaged over ranks: the global batch's loss
-            assert record[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+            assert record[key] == pytest.approx(value, **_tolerance(key)), key
     assert model.keys() == expected_model.keys()
     for key, value in expected_model.items():
         # Float32 sums in another order over 6 steps at lr 0.05: up to ~1e-5 on weights of ~0.1-0.2
@@ -107,7 +114,7 @@ def test_torchrun_cross_level_equals_one_process_over_the_global_batch(single_pr
     assert result["world_size"] == 2 and result["iterations"] == 6
     assert_same_run(records(tmp_path), records(single), weights(tmp_path), weights(single))
     assert result["best_step"] == expected["best_step"]
-    assert result["test"]["dice"]["mean"] == pytest.approx(expected["test"]["dice"]["mean"], abs=1e-6)
+    assert result["test"]["dice"]["mean"] == pytest.approx(expected["test"]["dice"]["mean"], **_tolerance("test/"))
 
 
 def test_torchrun_resumes_a_run(cross_level, single_process_run, tmp_path, monkeypatch):
