@@ -42,25 +42,33 @@ class MemoryQueue(nn.Module):
         self.register_buffer("key_buffer", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("label_buffer", torch.zeros(size, dtype=torch.long, device=device))
         self.register_buffer("group_buffer", torch.zeros(size, dtype=torch.long, device=device))
-        # [next write position, filled rows, holds labels, holds groups]
+        # [next write position, filled rows, holds labels, holds groups]: saved in state_dict, and
+        # mirrored on the host (_counters), so that no call reads the device to know them.
         self.register_buffer("state", torch.zeros(4, dtype=torch.long, device=device))
+        self._counters = [0, 0, 0, 0]
+        self.register_load_state_dict_post_hook(_read_counters)
 
     def __len__(self) -> int:
-        return int(self.state[1])
+        return self._counters[1]
 
     @property
     def has_labels(self) -> bool:
-        return bool(self.state[2])
+        return bool(self._counters[2])
 
     @property
     def has_groups(self) -> bool:
-        return bool(self.state[3])
+        return bool(self._counters[3])
 
     def reset(self) -> None:
-        self.state.zero_()
+        self._set_counters(0, 0, 0, 0)
+
+    def _set_counters(self, *counters: int) -> None:
+        self._counters = [int(c) for c in counters]
+        for i, c in enumerate(self._counters):
+            self.state[i] = c  # a fill from a host number: no sync
 
     def _in_fifo_order(self, buffer: torch.Tensor) -> torch.Tensor:
-        write, filled = int(self.state[0]), len(self)
+        write, filled = self._counters[0], len(self)
         if filled < self.size:
             return buffer[:filled]
         return torch.cat([buffer[write:], buffer[:write]])
@@ -101,28 +109,48 @@ class MemoryQueue(nn.Module):
                         f"this queue {'holds' if held else 'holds no'} {name}: enqueue with "
                         f"{name}={'a tensor' if held else 'None'}, or reset() it first"
                     )
+        # Checked after the cast: finite keys beyond a float16 queue's range would be stored as Inf.
+        keys = keys.detach().to(self.key_buffer.dtype)
         if v.value_checks_enabled(keys.device):
-            v.raise_first_failure([(v.nonfinite_screen(keys), lambda: v.nonfinite_message("keys", keys))])
-        keys, labels, groups, _ = gather_keys(keys.detach(), labels, groups)
+            checks = [(v.nonfinite_screen(keys), lambda: v.nonfinite_message(
+                f"keys (cast to the queue's {self.key_buffer.dtype}, whose largest value is "
+                f"{torch.finfo(self.key_buffer.dtype).max:g})", keys))]
+            if labels is not None:
+                checks.append(((labels < -1).any(), "labels must be class ids >= 0, or -1 for a key that the "
+                                                    "default ignore_index=-1 leaves out"))
+            if groups is not None:
+                checks.append(((groups < SHARED).any(), f"groups must be ids >= 0 or SHARED={SHARED}"))
+            v.raise_first_failure(checks)
+        keys, labels, groups, _ = gather_keys(keys, labels, groups)
 
         n = keys.shape[0]
         if n > self.size:  # only the newest rows survive
             keys, n = keys[-self.size :], self.size
             labels = None if labels is None else labels[-self.size :]
             groups = None if groups is None else groups[-self.size :]
-        positions = (int(self.state[0]) + torch.arange(n, device=keys.device)) % self.size
-        self.key_buffer[positions] = keys.to(self.key_buffer.dtype)
+        write = self._counters[0]
+        positions = (write + torch.arange(n, device=keys.device)) % self.size
+        self.key_buffer[positions] = keys
         if labels is not None:
             self.label_buffer[positions] = labels
         if groups is not None:
             self.group_buffer[positions] = groups
-        self.state[0] = (int(self.state[0]) + n) % self.size
-        self.state[1] = min(len(self) + n, self.size)
-        self.state[2] = labels is not None
-        self.state[3] = groups is not None
+        self._set_counters((write + n) % self.size, min(len(self) + n, self.size), labels is not None,
+                           groups is not None)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, filled={len(self)}"
+
+
+def _read_counters(queue: MemoryQueue, incompatible_keys) -> None:
+    """After load_state_dict: the host copy of the counters, checked for a queue they can describe."""
+    write, filled, has_labels, has_groups = (int(c) for c in queue.state.tolist())
+    consistent = (0 <= filled <= queue.size and 0 <= write < queue.size and has_labels in (0, 1)
+                  and has_groups in (0, 1) and (filled == queue.size or write == filled))
+    if not consistent:
+        raise ValueError(f"the state_dict's queue state {[write, filled, has_labels, has_groups]} (next write, "
+                         f"filled, holds labels, holds groups) does not describe a queue of size {queue.size}")
+    queue._counters = [write, filled, has_labels, has_groups]
 
 
 def queued_keys(queue: MemoryQueue | None, like: torch.Tensor, need_labels: str | None = None):

@@ -127,3 +127,46 @@ def test_append_queue_is_one_rule_for_labels_and_groups():
         append_queue(labeled, torch.randn(4, 5), key_labels)
     with pytest.raises(TypeError, match="MemoryQueue"):
         append_queue("queue", keys, key_labels)
+
+
+def test_a_float16_queue_refuses_keys_that_overflow_it():
+    queue = MemoryQueue(4, 3, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16"):
+        queue.enqueue(torch.full((2, 3), 1e5))
+    assert len(queue) == 0
+    queue.enqueue(torch.full((2, 3), 6e4))  # within float16's range
+    assert torch.isfinite(queue.keys).all()
+
+
+def test_bad_labels_and_groups_are_refused_at_enqueue():
+    queue = MemoryQueue(4, 3)
+    with pytest.raises(ValueError, match="labels must be class ids"):
+        queue.enqueue(torch.randn(2, 3), labels=torch.tensor([0, -5]))
+    with pytest.raises(ValueError, match="groups must be"):
+        queue.enqueue(torch.randn(2, 3), groups=torch.tensor([0, -2]))
+    queue.enqueue(torch.randn(2, 3), labels=torch.tensor([0, -1]))  # -1: left out by the default ignore_index
+
+
+def test_load_state_dict_refuses_counters_that_describe_no_queue():
+    queue = MemoryQueue(5, 3)
+    queue.enqueue(torch.randn(3, 3))
+    state = queue.state_dict()
+    restored = MemoryQueue(5, 3)
+    restored.load_state_dict(state)
+    assert len(restored) == 3 and torch.equal(restored.keys, queue.keys)
+    for bad in ([0, 99, 0, 0], [7, 3, 0, 0], [1, 3, 0, 0], [0, 0, 2, 0]):
+        state["state"] = torch.tensor(bad)
+        with pytest.raises(ValueError, match="does not describe a queue of size 5"):
+            MemoryQueue(5, 3).load_state_dict(state)
+
+
+def test_enqueue_reads_nothing_from_the_device_with_value_checks_off():
+    import contrastkit as ck
+    from benchmarks.op_budget import count_ops
+
+    queue = MemoryQueue(8, 3)
+    keys, labels = torch.randn(3, 3), torch.tensor([0, 1, 2])
+    with ck.value_checks(False):
+        counted = count_ops(lambda: (queue.enqueue(keys, labels=labels), queue.keys, queue.labels), warmup=False)
+    assert counted.syncs == 0, counted.names
+    assert len(queue) == 3
