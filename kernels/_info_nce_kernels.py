@@ -2,11 +2,11 @@
 
 The launchers (``info_nce.py``) sort each side's rows by (group, label) and gather them into one
 contiguous, zero-padded (rows, D_PAD) copy with the rows' inverse norms (``gather_rows_kernel``).
-A program owns a tile of rows of one side and loops over tiles of the other side listed for it on
-the host (``_plan.py``), one loop per category: first the *clean* tiles, where every pair is a
+A program owns a tile of rows of one side and loops over tiles of the other side listed for it by
+the plan (``_plan.py``), one loop per category: first the *clean* tiles, where every pair is a
 candidate and no pair is a positive or a row with its own key, without any mask; then the
 *positive* tiles, the same but with positives among the pairs, with one label compare per
-element; then the *masked* tiles, where masks are rebuilt from dense int32 labels, groups and the
+element; then the *masked* tiles, where masks are rebuilt from int32 label and group ids and the
 self column. The loops share one tile helper per kernel, specialised by the ``KIND`` constexpr
 (0 clean, 1 positive, 2 masked).
 
@@ -45,10 +45,8 @@ def _row_offsets(rows, HW, W, sB, sH, sW):
 
 
 @triton.jit
-def gather_rows_kernel(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW,
-                       NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
-    """out[i] = x[perm[i]] zero-padded to D_PAD (rows n <= i < total zero), inv_norm[i] = 1 / max(|x[perm[i]]|, eps)
-    (1 without normalisation and on padding rows)."""
+def _gather(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW,
+            NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     dims = tl.arange(0, D_PAD)
     inside = rows < n
@@ -64,6 +62,40 @@ def gather_rows_kernel(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, 
     else:
         inv = tl.full([BLOCK], 1.0, tl.float32)
     tl.store(inv_norm_ptr + rows, inv, mask=written)
+    return rows, source, inv
+
+
+@triton.jit
+def gather_rows_kernel(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW,
+                       NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
+    """out[i] = x[perm[i]] zero-padded to D_PAD (rows n <= i < total zero), inv_norm[i] = 1 / max(|x[perm[i]]|, eps)
+    (1 without normalisation and on padding rows)."""
+    _gather(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW, NORMALIZE, BLOCK, D_PAD)
+
+
+@triton.jit
+def gather_partials_kernel(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW,
+                           grad_ptr, grad_stride, valid_ptr, n_pad, partials_ptr, partials,
+                           NORMALIZE: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                           D_PAD: tl.constexpr):
+    """``gather_rows_kernel`` for the backward, which also writes per program, over its rows below
+    n_pad, the largest inverse norm, the largest |g_i| (WITH_GRAD: the incoming gradient of the
+    contributing rows, ``valid``; else 0) and the largest |g_i| times inverse norm: three rows of
+    ``partials`` entries, from which ``_plan_kernels.backward_rows_kernel`` takes the backward
+    kernels' prescales."""
+    rows, source, inv = _gather(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW,
+                                NORMALIZE, BLOCK, D_PAD)
+    padded = rows < n_pad
+    if WITH_GRAD:
+        contributing = (rows < n) & (tl.load(valid_ptr + rows, mask=padded, other=0) != 0)
+        g = tl.load(grad_ptr + source.to(tl.int64) * grad_stride, mask=contributing, other=0.0)
+        g = tl.abs(g.to(tl.float32))
+    else:
+        g = tl.zeros([BLOCK], tl.float32)
+    pid = tl.program_id(0)
+    tl.store(partials_ptr + pid, tl.max(tl.where(padded, inv, 0.0), axis=0))
+    tl.store(partials_ptr + partials + pid, tl.max(g, axis=0))
+    tl.store(partials_ptr + 2 * partials + pid, tl.max(g * inv, axis=0))
 
 
 @triton.jit
@@ -201,13 +233,13 @@ def _fwd_tile(q, c, m, l, pos_sum, q_label, q_group, self_col, k_ptr, k_inv_ptr,
 @triton.jit
 def info_nce_fwd_kernel(
     q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr, q_group_ptr, k_group_ptr, self_col_ptr,
-    order_ptr, counts_ptr, n_pos_ptr, valid_ptr, loss_ptr, lse_ptr, tau_ptr, key_tiles,
+    order_ptr, counts_ptr, n_pos_ptr, valid_ptr, perm_ptr, n, loss_ptr, lse_ptr, tau_ptr, key_tiles,
     DENOM: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
-    """Per sorted query row: log2-sum-exp of its denominator set and loss (positive counts and the
-    contributing flag come from the host, _plan.pair_counts)."""
+    """Per sorted query row: log2-sum-exp of its denominator set, and the loss at the row's place in the
+    caller's order (``perm``; positive counts and the contributing flag come from the plan)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     q = _tile(q_ptr, pid, BLOCK_N, D_PAD)
@@ -243,7 +275,8 @@ def info_nce_fwd_kernel(
     else:
         row_loss = (lse2 - pos_sum * c / pos_count) * LN2
     valid = tl.load(valid_ptr + rows) != 0
-    tl.store(loss_ptr + rows, tl.where(valid, row_loss, 0.0))
+    inside = rows < n
+    tl.store(loss_ptr + tl.load(perm_ptr + rows, mask=inside, other=0), tl.where(valid, row_loss, 0.0), mask=inside)
     tl.store(lse_ptr + rows, lse2)
 
 
@@ -302,10 +335,11 @@ def _positive_sweep(q, c, lse2, row_label, self_col, k_ptr, k_inv_ptr, k_label_p
 
 @triton.jit
 def _positive_chunk(table, q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr, self_col_ptr, n_pos_ptr,
-                    valid_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, scale, HAS_SELF: tl.constexpr,
+                    valid_ptr, perm_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, scale, HAS_SELF: tl.constexpr,
                     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERPRETED: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr):
-    """Loss and sigmoid sum of the rows of one chunk (``table``: one row of _plan.positive_chunks)."""
+    """Loss (at the rows' places in the caller's order) and sigmoid sum of the rows of one chunk
+    (``table``: one row of the chunk table, _plan_kernels.plan_chunks_kernel)."""
     row_start, row_end = tl.load(table), tl.load(table + 1)
     rows = row_start + tl.arange(0, BLOCK_N)
     inside = rows < row_end
@@ -328,21 +362,22 @@ def _positive_chunk(table, q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_la
             DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_N, BLOCK_M, D_PAD)
     pos_count = tl.maximum(tl.load(n_pos_ptr + rows, mask=inside, other=1), 1).to(tl.float32)
     valid = tl.load(valid_ptr + rows, mask=inside, other=0) != 0
-    tl.store(loss_ptr + rows, tl.where(valid, softplus_sum * LN2 / pos_count, 0.0), mask=inside)
+    target = tl.load(perm_ptr + rows, mask=inside, other=0)
+    tl.store(loss_ptr + target, tl.where(valid, softplus_sum * LN2 / pos_count, 0.0), mask=inside)
     tl.store(pos_sigmoid_ptr + rows, sigmoid_sum, mask=inside)
 
 
 @triton.jit
 def info_nce_fwd_positive_kernel(
     q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr, self_col_ptr, chunks_ptr, n_chunks_ptr, n_pos_ptr,
-    valid_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, tau_ptr, HAS_SELF: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    D_PAD: tl.constexpr,
+    valid_ptr, perm_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, tau_ptr, HAS_SELF: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """each_positive's loss, after the forward's log2-sum-exp of the negatives (lse): per sorted query
     row the sums over its positives of softplus(lse - s_ip) and sigmoid(lse - s_ip).
 
-    A chunk is at most BLOCK_N rows of one group (_plan.positive_chunks); its program visits only the
+    A chunk is at most BLOCK_N rows of one group (_plan.chunk_starts); its program visits only the
     two key ranges that hold the chunk's positives, in tiles that start where the ranges start: a
     (group, label)'s rows and keys are contiguous after the sort, so a large class is covered
     without the grid's misalignment. The number of chunks lives on the device (no host
@@ -350,8 +385,8 @@ def info_nce_fwd_positive_kernel(
     scale = LOG2E / tl.load(tau_ptr)
     for chunk in range(tl.program_id(0), tl.load(n_chunks_ptr), tl.num_programs(0)):
         _positive_chunk(chunks_ptr + 7 * chunk, q_ptr, k_ptr, q_inv_ptr, k_inv_ptr, q_label_ptr, k_label_ptr,
-                        self_col_ptr, n_pos_ptr, valid_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, scale, HAS_SELF,
-                        DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_N, BLOCK_M, D_PAD)
+                        self_col_ptr, n_pos_ptr, valid_ptr, perm_ptr, loss_ptr, lse_ptr, pos_sigmoid_ptr, scale,
+                        HAS_SELF, DOT_PRECISION, UPCAST, INTERPRETED, BLOCK_N, BLOCK_M, D_PAD)
 
 
 # ----------------------------------------------------------------------------- backward

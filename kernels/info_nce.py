@@ -1,11 +1,16 @@
 """Launchers and autograd of the fused masked InfoNCE (see ``_info_nce_kernels.py`` and ``_plan.py``).
 
-Each call sorts both sides by (group, label) (``_plan.make_plan``), gathers each side once into a
-contiguous, padded (rows, D_PAD) copy with its rows' inverse norms, and lists per program the
-other side's tiles to visit (clean first, then masked). The forward saves O(N) statistics in
-sorted order: per query row the log2-sum-exp of its denominator set, the positive count and
-(``each_positive``) the sum over positives of sigmoid(lse - s_ip). The backward recomputes the
-order and the copies (O((N + M) D)) and turns the statistics into two per-row weights,
+The forward sorts both sides by (group, label) (``_plan.sort_keys``: one or two torch sorts a side),
+makes the plan in a few launches (``_plan_kernels``: ids, counts and chunk statistics per side, then
+per tile kernel the other side's tiles to visit, clean first, then positive, then masked), gathers
+each side once into a contiguous, padded (rows, D_PAD) copy with its rows' inverse norms and runs
+the tile loops. It returns, for the backward, O(N) statistics in sorted order (per query row the
+log2-sum-exp of its denominator set and, for ``each_positive``, the sum over positives of
+sigmoid(lse - s_ip)) and the plan of each side (order, ids, counts, contributing flags, chunk
+statistics: one int32 tensor a side). The backward gathers the copies again (O((N + M) D), with the
+maxima its prescales need), turns the statistics into per-row weights in one launch, lists its own
+tiles and runs its kernels; the whole call issues a handful of torch ops beside its launches and
+never waits for the device. The weights:
 
     dL/ds_ij = a_i · exp(s_ij - lse_i) · [j in denominator set]  -  b_i · w_ij · [j positive]
 
@@ -34,6 +39,7 @@ import torch
 
 from . import _info_nce_kernels as K
 from . import _plan as P
+from . import _plan_kernels as PK
 from ._layout import check_kernel_input, embedding_size, interpreting, layout, num_rows, padded_size
 
 
@@ -112,9 +118,6 @@ GPU_BLOCKS = {
 }
 # (kind, element size, D bound) -> the shape that replaced a tuned one this process's GPU could not fit.
 _SHRUNK: dict[tuple, tuple[int, int, int, int]] = {}
-# Largest magnitude of a prescaled low-precision operand: 2^13 leaves 2^2 of headroom under fp16's
-# 65504 for the sum of up to four terms (symmetric kernel), and keeps probabilities of 2^-30 normal.
-_PRESCALE_EXPONENT = 13.0
 
 
 def _shape_key(kind: str, d_pad: int, element_size: int) -> tuple:
@@ -179,10 +182,20 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def gather_rows(x: torch.Tensor, perm: torch.Tensor, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x's rows in the order ``perm`` as one contiguous (padded rows, D_PAD) copy, and their inverse
-    norms (float32; 1 without normalisation and on padding rows). x is read in place through its
-    strides, rows or a (B, C, H, W) map."""
+def _runs_kernels(device: torch.device) -> bool:
+    """Whether Triton launches on ``device`` (CUDA, or anything under the interpreter). Elsewhere (CPU
+    tensors without the interpreter: benchmarks/sass_budget.py records the tile kernels' launches
+    without running them) the plan comes from its torch twins in _plan.py."""
+    return device.type == "cuda" or interpreting()
+
+
+def gather_rows(x: torch.Tensor, perm: torch.Tensor, normalize: bool, grad: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x's rows in the order ``perm`` as one contiguous (padded rows, D_PAD) copy, their inverse norms
+    (float32; 1 without normalisation and on padding rows), and for the backward (``grad``, ``valid``:
+    the incoming gradient in the caller's order and the sorted rows' contributing flags) the gather
+    programs' maxima (gather_partials_kernel), else None. x is read in place through its strides, rows
+    or a (B, C, H, W) map."""
     n, d = num_rows(x), embedding_size(x)
     d_pad, n_pad = padded_size(d), P.padded_rows(n)
     # A key tile of the positive pass may start at any row: POSITIVE_TAIL more rows (zero, norm 1)
@@ -191,9 +204,18 @@ def gather_rows(x: torch.Tensor, perm: torch.Tensor, normalize: bool) -> tuple[t
     rows = torch.empty(total, d_pad, dtype=x.dtype, device=x.device)
     inv = torch.empty(total, dtype=torch.float32, device=x.device)
     block = min(P.ROW_PAD, max(1, 4096 // d_pad))
-    K.gather_rows_kernel[(triton_cdiv(total, block),)](x, perm, rows, inv, n, total, d, *layout(x),
-                                                       NORMALIZE=normalize, BLOCK=block, D_PAD=d_pad)
-    return rows[:n_pad], inv[:n_pad]
+    grid = (triton_cdiv(total, block),)
+    partials = None
+    if grad is None:
+        K.gather_rows_kernel[grid](x, perm, rows, inv, n, total, d, *layout(x), NORMALIZE=normalize, BLOCK=block,
+                                   D_PAD=d_pad)
+    else:
+        partials = torch.empty(3, grid[0], dtype=torch.float32, device=x.device)
+        with_grad = valid is not None
+        K.gather_partials_kernel[grid](x, perm, rows, inv, n, total, d, *layout(x), grad, grad.stride(0),
+                                       valid if with_grad else perm, n_pad, partials, grid[0], NORMALIZE=normalize,
+                                       WITH_GRAD=with_grad, BLOCK=block, D_PAD=d_pad)
+    return rows[:n_pad], inv[:n_pad], partials
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -211,77 +233,177 @@ def _kernel_temperature(temperature: torch.Tensor) -> torch.Tensor:
     return temperature.detach().to(torch.float32).reshape(1)
 
 
-class _Prepared:
-    """What the kernels read of a call: the plan, the gathered copies and their norms. The forward
-    makes the plan; the backward takes it from the forward's outputs and gathers the copies again."""
+# ----------------------------------------------------------------------------- the plan, launched
 
-    def __init__(self, plan: P.Plan, inputs: Inputs, settings: Settings):
-        self.plan = plan
-        self.q_rows, self.q_inv = gather_rows(inputs.query, plan.q.perm, settings.normalize)
-        if plan.symmetric:
-            self.k_rows, self.k_inv = self.q_rows, self.q_inv
-        else:
-            self.k_rows, self.k_inv = gather_rows(inputs.key, plan.k.perm, settings.normalize)
-        dummy = plan.q.label
-        self.ids = (plan.q.label, plan.k.label, dummy if plan.q.group is None else plan.q.group,
-                    dummy if plan.k.group is None else plan.k.group,
-                    dummy if plan.self_col is None else plan.self_col)
-        self.d_pad = self.q_rows.shape[1]
 
-    def schedule(self, block_n: int, block_m: int, by_keys: bool = False) -> P.Schedule:
-        cat = P.categories(self.plan, block_n, block_m)
+def _plan_rows(q: P.Keys, k: P.Keys | None, settings: Settings, pos_block: int | None):
+    """(queries' plan, keys' plan, contributing flags in the caller's order, chunk starts or None): one
+    launch of plan_rows_kernel per side."""
+    device = q.perm.device
+    negatives = settings.denominator == "negatives"
+    if not _runs_kernels(device):
+        return P.rows(q, k, settings.self_key_offset, negatives, pos_block)
+    n = q.perm.numel()
+    n_pad = P.padded_rows(n)
+    q_plan = torch.empty(P.QUERY_FIELDS, n_pad, dtype=torch.int32, device=device)
+    out_valid = torch.empty(n, dtype=torch.bool, device=device)
+    starts = None if pos_block is None else torch.empty(n_pad, dtype=torch.int32, device=device)
+    has_groups = q.gv is not None
+
+    def side(keys: P.Keys) -> tuple:
+        return (keys.perm, keys.lk, keys.lv, keys.gk if has_groups else keys.lk, keys.gv if has_groups else keys.lv,
+                keys.perm.numel(), P.steps(keys.perm.numel()))
+
+    other = q if k is None else k
+    flags = dict(SYMMETRIC=k is None, HAS_GROUPS=has_groups, NEGATIVES=negatives, BLOCK=P.ROW_PAD)
+    PK.plan_rows_kernel[(n_pad // P.ROW_PAD,)](
+        *side(q), *side(other), q_plan, n_pad, out_valid, q_plan if starts is None else starts,
+        settings.self_key_offset or 0, QUERY=True, HAS_SELF=settings.self_key_offset is not None,
+        CHUNK_STARTS=starts is not None, POS_BLOCK=pos_block or P.CHUNK, **flags)
+    if k is None:
+        return q_plan, q_plan.new_empty(0, 0), out_valid, starts
+    m_pad = P.padded_rows(k.perm.numel())
+    k_plan = torch.empty(P.KEY_FIELDS, m_pad, dtype=torch.int32, device=device)
+    PK.plan_rows_kernel[(m_pad // P.ROW_PAD,)](*side(k), *side(q), k_plan, m_pad, out_valid, k_plan, 0, QUERY=False,
+                                              HAS_SELF=False, CHUNK_STARTS=False, POS_BLOCK=P.CHUNK, **flags)
+    return q_plan, k_plan, out_valid, starts
+
+
+def _schedule(q_plan: torch.Tensor, k_plan: torch.Tensor, block_n: int, block_m: int, has_groups: bool,
+              has_self: bool, by_keys: bool = False, both_valid: bool = False,
+              lse_stats: torch.Tensor | None = None) -> P.Schedule:
+    """The tile lists of a kernel with tiles of block_n queries and block_m keys that owns query tiles,
+    or key tiles (``by_keys``): one launch of plan_schedule_kernel."""
+    if not _runs_kernels(q_plan.device):
+        cat = P.categories(q_plan, k_plan, block_n, block_m, has_groups, has_self, both_valid, lse_stats)
         return P.schedule(cat.T if by_keys else cat)
+    n_pad, m_pad = q_plan.shape[1], k_plan.shape[1]
+    q_tiles, k_tiles = n_pad // block_n, m_pad // block_m
+    programs, others = (k_tiles, q_tiles) if by_keys else (q_tiles, k_tiles)
+    order = torch.empty(programs, others, dtype=torch.int32, device=q_plan.device)
+    counts = torch.empty(programs, 3, dtype=torch.int32, device=q_plan.device)
+    PK.plan_schedule_kernel[(programs,)](
+        q_plan[P.STATS], k_plan[P.STATS], n_pad // P.CHUNK, m_pad // P.CHUNK,
+        q_plan if lse_stats is None else lse_stats, others, order, counts, BLOCK_Q=block_n, BLOCK_K=block_m,
+        BY_KEYS=by_keys, HAS_GROUPS=has_groups, HAS_SELF=has_self, BOTH_VALID=both_valid,
+        SPREAD=lse_stats is not None, SPREAD_LIMIT=P.SYMMETRIC_SPREAD, TILES=_SCHEDULE_TILES)
+    return P.Schedule(order, counts)
+
+
+_SCHEDULE_TILES = 128  # other-side tiles a schedule program categorises at once
+
+
+def _positive_chunks(q: P.Keys, k: P.Keys | None, starts: torch.Tensor, block: int):
+    """each_positive's chunk table and chunk count: a running count of the starts (one op) and one launch
+    of plan_chunks_kernel."""
+    if not _runs_kernels(starts.device):
+        return P.positive_chunks(q, k, starts, block)
+    keys = q if k is None else k
+    n_pad = starts.numel()
+    has_groups = q.gv is not None
+    slots = torch.cumsum(starts, 0, dtype=torch.int32)
+    table = torch.empty(n_pad, 7, dtype=torch.int32, device=starts.device)
+    PK.plan_chunks_kernel[(n_pad // P.ROW_PAD,)](
+        starts, slots, n_pad, q.perm, q.lk, q.lv, q.gv if has_groups else q.lv, q.perm.numel(), P.steps(q.perm.numel()),
+        keys.perm, keys.lk, keys.lv, keys.gv if has_groups else keys.lv, keys.perm.numel(),
+        P.steps(keys.perm.numel()), table, HAS_GROUPS=has_groups, POS_BLOCK=block, BLOCK=P.ROW_PAD)
+    return table, slots[-1:]
+
+
+def _backward_rows(grad_loss, q_plan, n, lse2, pos_sigmoid, q_inv, q_partials, k_inv, k_partials, tau,
+                   each_positive: bool, symmetric: bool, block_n: int = P.ROW_PAD, block_m: int = P.ROW_PAD):
+    """(weights (rows _plan.W_*), row_max, col_max, lse_stats, scales) of the backward kernels: one launch
+    of backward_rows_kernel (see there)."""
+    device = lse2.device
+    if not _runs_kernels(device):
+        return P.backward_rows(grad_loss, q_plan, n, lse2, pos_sigmoid, q_inv, k_inv, tau, each_positive, symmetric,
+                               block_n, block_m)
+    n_pad = lse2.numel()
+    f32 = dict(dtype=torch.float32, device=device)
+    weights = torch.empty(P.SYMMETRIC_WEIGHTS if symmetric else P.QUERY_KEY_WEIGHTS, n_pad, **f32)
+    row_max = torch.empty(n_pad // block_n, **f32) if symmetric else lse2
+    col_max = torch.empty(n_pad // block_m, **f32) if symmetric else lse2
+    lse_stats = torch.empty(2 * (n_pad // P.CHUNK), **f32) if symmetric else lse2
+    scales = torch.empty(2, **f32)
+    k_partials = q_partials if k_partials is None else k_partials
+    PK.backward_rows_kernel[(n_pad // P.ROW_PAD,)](
+        grad_loss, grad_loss.stride(0), q_plan, n, n_pad, lse2, pos_sigmoid, q_inv, q_partials, q_partials.shape[1],
+        k_partials, k_partials.shape[1], tau, weights, row_max, col_max, lse_stats, scales,
+        EACH_POSITIVE=each_positive, SYMMETRIC=symmetric, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK=P.ROW_PAD)
+    return (weights, row_max if symmetric else None, col_max if symmetric else None,
+            lse_stats if symmetric else None, scales)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+class _Ids(NamedTuple):
+    """The kernels' id arguments: query and key labels and groups (the labels where there are no
+    groups, unread), and the self column."""
+
+    q_label: torch.Tensor
+    k_label: torch.Tensor
+    q_group: torch.Tensor
+    k_group: torch.Tensor
+    self_col: torch.Tensor
+
+
+def _ids(q_plan: torch.Tensor, k_plan: torch.Tensor) -> _Ids:
+    return _Ids(q_plan[P.LABEL], k_plan[P.LABEL], q_plan[P.GROUP], k_plan[P.GROUP], q_plan[P.SELF])
 
 
 def _forward_impl(inputs: Inputs, settings: Settings, symmetric: bool):
     """(loss, valid, lse2, sum_p sigmoid(lse - s_ip), the queries' plan, the keys' plan): the per-row
-    statistics in sorted order, the plans as _plan.pack keeps them for the backward."""
+    statistics in sorted order, the plans (see _plan.py) for the backward."""
     query = inputs.query
     n = num_rows(query)
-    plan = P.make_plan(inputs.labels, inputs.key_labels, inputs.groups, inputs.key_groups, settings.ignore_index,
-                       settings.self_key_offset, symmetric)
-    prep = _Prepared(plan, inputs, settings)
-    n_pad = prep.q_rows.shape[0]
+    d_pad, element_size = padded_size(embedding_size(query)), query.element_size()
+    each_positive = settings.denominator == "each_positive"
+    q_keys = P.sort_keys(inputs.labels, inputs.groups, settings.ignore_index)
+    k_keys = None if symmetric else P.sort_keys(inputs.key_labels, inputs.key_groups, settings.ignore_index)
+    pos_block = _blocks("forward_positive", d_pad, element_size)[0] if each_positive else None
+    q_plan, k_plan, out_valid, starts = _plan_rows(q_keys, k_keys, settings, pos_block)
+    k_side = q_plan if symmetric else k_plan
+    q_rows, q_inv, _ = gather_rows(query, q_plan[P.PERM], settings.normalize)
+    k_rows, k_inv = (q_rows, q_inv) if symmetric else gather_rows(inputs.key, k_plan[P.PERM], settings.normalize)[:2]
+    ids = _ids(q_plan, k_side)
+    n_pos, valid = q_plan[P.N_POS], q_plan[P.VALID]
+    has_groups, has_self = inputs.groups is not None, settings.self_key_offset is not None
+    n_pad = q_rows.shape[0]
     f32 = dict(dtype=torch.float32, device=query.device)
-    loss, lse2 = torch.empty(n_pad, **f32), torch.empty(n_pad, **f32)
-    # each_positive's positive pass writes the rows of its chunks (the contributing ones); no other reads it.
-    pos_sigmoid = (torch.zeros if settings.denominator == "each_positive" else torch.empty)(n_pad, **f32)
-    n_pos, n_candidates = P.pair_counts(prep.plan)
-    valid = n_pos > 0  # (0 on ignored rows)
-    if settings.denominator == "negatives":
-        valid &= n_candidates > n_pos
+    # The loss in the caller's order (the forward kernels write it through the permutation).
+    loss, lse2 = torch.empty(n, **f32), torch.empty(n_pad, **f32)
+    # each_positive's positive pass writes the rows of its chunks; the backward reads the contributing ones.
+    pos_sigmoid = torch.empty(n_pad, **f32)
     tau = _kernel_temperature(inputs.temperature)
 
     def args_for(block_n, block_m):
-        sched = prep.schedule(block_n, block_m)
-        return (n_pad // block_n,), (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, *prep.ids, sched.order,
-                                     sched.counts, n_pos, valid.view(torch.int8), loss, lse2, tau,
-                                     sched.order.shape[1])
+        sched = _schedule(q_plan, k_side, block_n, block_m, has_groups, has_self)
+        return (n_pad // block_n,), (q_rows, k_rows, q_inv, k_inv, *ids, sched.order, sched.counts, n_pos, valid,
+                                     q_plan[P.PERM], n, loss, lse2, tau, sched.order.shape[1])
 
-    flags = dict(_flags(inputs, settings), HAS_SELF=settings.self_key_offset is not None)
-    _launch(K.info_nce_fwd_kernel, "forward", prep.d_pad, query.element_size(), args_for, flags)
-    if settings.denominator == "each_positive":
+    flags = dict(_flags(inputs, settings), HAS_SELF=has_self)
+    _launch(K.info_nce_fwd_kernel, "forward", d_pad, element_size, args_for, flags)
+    if each_positive:
         def positive_args_for(block_n, block_m):
             if block_m > P.POSITIVE_TAIL:
                 raise ValueError(f"the positive pass's key tiles read at most {P.POSITIVE_TAIL} rows past a range, "
                                  f"not BLOCK_M = {block_m}")
-            chunks, n_chunks = P.positive_chunks(prep.plan, block_n)
-            q_label, k_label, _, _, self_col = prep.ids
+            chunk_starts = starts
+            if block_n != pos_block:  # a shape shrunk for this GPU: chunks of the shape that runs
+                chunk_starts = torch.nn.functional.pad(
+                    P.chunk_starts(q_keys, q_keys.lk[q_keys.perm] != P.INT64_MAX, block_n).to(torch.int32),
+                    (0, n_pad - n))
+            chunks, n_chunks = _positive_chunks(q_keys, k_keys, chunk_starts, block_n)
             # Chunks number at most rows / block_n plus one per class or group run: a grid of twice the
             # row tiles takes them in one round in the usual layouts, and loops otherwise.
             grid = (min(chunks.shape[0], 2 * (n_pad // block_n)),)
-            return grid, (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, q_label, k_label, self_col, chunks,
-                          n_chunks, n_pos, valid.view(torch.int8), loss, lse2, pos_sigmoid, tau)
+            return grid, (q_rows, k_rows, q_inv, k_inv, ids.q_label, ids.k_label, ids.self_col, chunks, n_chunks,
+                          n_pos, valid, q_plan[P.PERM], loss, lse2, pos_sigmoid, tau)
 
-        _launch(K.info_nce_fwd_positive_kernel, "forward_positive", prep.d_pad, query.element_size(),
-                positive_args_for, dict({k: flags[k] for k in ("DOT_PRECISION", "UPCAST", "HAS_SELF")},
-                                        INTERPRETED=interpreting()))
-    perm = prep.plan.q.perm
-    out_loss = torch.empty(n, **f32)
-    out_loss[perm] = loss[:n]
-    out_valid = torch.empty(n, dtype=torch.bool, device=query.device)
-    out_valid[perm] = valid[:n]
-    return out_loss, out_valid, lse2, pos_sigmoid, *P.pack(plan, n_pos, valid)
+        _launch(K.info_nce_fwd_positive_kernel, "forward_positive", d_pad, element_size, positive_args_for,
+                dict({k: flags[k] for k in ("DOT_PRECISION", "UPCAST", "HAS_SELF")}, INTERPRETED=interpreting()))
+    return loss, out_valid, lse2, pos_sigmoid, q_plan, k_plan
 
 
 def _forward(*args):
@@ -317,13 +439,12 @@ symmetric_forward_op = torch.library.custom_op("contrastkit::info_nce_rows_trito
                                                mutates_args=(), schema=_schema(_FORWARD_RETURNS))
 symmetric_forward_op.register_fake(_forward_symmetric_fake)
 
+# The forward's outputs the backward takes: the sorted rows' log2-sum-exps and (each_positive) sums of
+# sigmoids, and the plan of each side.
 _SAVED = "Tensor lse, Tensor pos_sigmoid, Tensor q_plan, Tensor k_plan"
 
 
-def _pow2_prescale(largest: torch.Tensor) -> torch.Tensor:
-    """A power of two that brings ``largest`` (>= 0, a device scalar) to about 2^13; 1 for 0."""
-    exponent = _PRESCALE_EXPONENT - torch.ceil(torch.log2(largest.clamp_min(1e-30)))
-    return torch.where(largest > 0, torch.exp2(exponent.clamp(-100.0, 100.0)), 1.0).reshape(1)
+# ----------------------------------------------------------------------------- backward
 
 
 def _gradient_rows(grad: torch.Tensor) -> torch.Tensor | None:
@@ -353,74 +474,70 @@ class _GradientBuffer:
         return self.out
 
 
-class _RowWeights:
-    """The backward's per-row inputs in sorted order (see the module docstring)."""
-
-    def __init__(self, grad_loss, sorted_valid, lse2, n_pos, pos_sigmoid, perm, settings: Settings):
-        n, n_pad = perm.numel(), lse2.numel()
-        sorted_valid = sorted_valid != 0
-        g = torch.zeros(n_pad, dtype=torch.float32, device=lse2.device)
-        g[:n] = grad_loss.to(torch.float32)[perm]
-        self.g = torch.where(sorted_valid, g, 0.0)  # g_i
-        count = n_pos.clamp_min(1).to(torch.float32)
-        self.b = torch.where(sorted_valid, 1.0 / count, 0.0)  # b_i / g_i
-        self.a = self.b * pos_sigmoid if settings.denominator == "each_positive" else sorted_valid.to(torch.float32)
-        self.lse2 = lse2  # log2-sum-exp of every row, as the forward found it
-        # +inf makes 2^(x c - lse2) vanish on rows that do not contribute, whatever their logits.
-        self.lse2_masked = torch.where(sorted_valid, lse2, float("inf"))
-
-
 def _backward_impl(grad_loss, inputs: Inputs, lse2, pos_sigmoid, q_plan, k_plan, need_query, need_key,
                    need_temperature, settings: Settings, symmetric: bool):
     query, key = inputs.query, inputs.key
-    plan, n_pos, valid = P.unpack(q_plan, k_plan, num_rows(query), num_rows(key), inputs.groups is not None,
-                                  settings.self_key_offset is not None, symmetric)
-    prep = _Prepared(plan, inputs, settings)
-    weights = _RowWeights(grad_loss, valid, lse2, n_pos, pos_sigmoid, plan.q.perm, settings)
+    n, m = num_rows(query), num_rows(key)
+    each_positive = settings.denominator == "each_positive"
+    has_groups, has_self = inputs.groups is not None, settings.self_key_offset is not None
+    q_rows, q_inv, q_partials = gather_rows(query, q_plan[P.PERM], settings.normalize, grad_loss, q_plan[P.VALID])
     tau = _kernel_temperature(inputs.temperature)
     flags = _flags(inputs, settings)
     element_size = query.element_size()
-    n_pad = prep.q_rows.shape[0]
+    d_pad = q_rows.shape[1]
+    n_pad = q_rows.shape[0]
     if symmetric:
         grad = _GradientBuffer(query)
         tau_rows = torch.empty(n_pad if need_temperature else 0, dtype=torch.float32, device=query.device)
-        _backward_symmetric(prep, weights, tau, grad.rows, tau_rows, inputs, settings, flags, need_temperature)
+        ids = _ids(q_plan, q_plan)
+
+        def args_for(block_n, block_m):
+            weights, row_max, col_max, lse_stats, scales = _backward_rows(
+                grad_loss, q_plan, n, lse2, pos_sigmoid, q_inv, q_partials, None, None, tau, each_positive, True,
+                block_n, block_m)
+            sched = _schedule(q_plan, q_plan, block_n, block_m, has_groups, True, both_valid=True, lse_stats=lse_stats)
+            w = lambda row: weights[row]  # noqa: E731
+            return (n_pad // block_n,), (
+                q_rows, q_inv, ids.q_label, ids.q_group, sched.order, sched.counts, w(P.W_LSE), w(P.W_A), w(P.W_B),
+                w(P.W_ALPHA), w(P.W_BETA), row_max, col_max, scales[:1], tau, n_pad // block_m, q_plan[P.PERM],
+                grad.rows, tau_rows, n, embedding_size(query))
+
+        _launch(K.info_nce_bwd_symmetric_kernel, "backward_symmetric", d_pad, element_size, args_for,
+                dict(flags, NORMALIZE=settings.normalize, TAU_GRAD=need_temperature))
         # Every pair appears twice in the rows' sums (as ij and as ji).
         return grad.finish(), None, _temperature_gradient(tau_rows, tau, 2.0) if need_temperature else None
 
+    k_rows, k_inv, k_partials = gather_rows(key, k_plan[P.PERM], settings.normalize, grad_loss)
+    weights, _, _, _, scales = _backward_rows(grad_loss, q_plan, n, lse2, pos_sigmoid, q_inv, q_partials, k_inv,
+                                              k_partials, tau, each_positive, False)
+    w = lambda row: weights[row]  # noqa: E731
+    ids = _ids(q_plan, k_plan)
     run_query = need_query or (need_temperature and not need_key)
     grad_query = _GradientBuffer(query) if run_query else None
     grad_key = _GradientBuffer(key) if need_key else None
     # The kernel that adds up the temperature's gradient writes every row of its side.
-    tau_rows = torch.empty((n_pad if run_query else prep.k_rows.shape[0]) if need_temperature else 0,
+    tau_rows = torch.empty((n_pad if run_query else k_rows.shape[0]) if need_temperature else 0,
                            dtype=torch.float32, device=query.device)
-    common = (prep.q_rows, prep.k_rows, prep.q_inv, prep.k_inv, *prep.ids)
-    flags = dict(flags, NORMALIZE=settings.normalize, HAS_SELF=settings.self_key_offset is not None)
+    flags = dict(flags, NORMALIZE=settings.normalize, HAS_SELF=has_self)
     if run_query:
-        col_scale = _pow2_prescale(prep.k_inv.amax())
-
         def query_args(block_n, block_m):
-            sched = prep.schedule(block_n, block_m)
-            return (n_pad // block_n,), (*common, sched.order, sched.counts, weights.lse2_masked, weights.a, weights.b,
-                                         weights.g, col_scale, tau, sched.order.shape[1], plan.q.perm,
-                                         grad_query.rows, tau_rows, num_rows(query), embedding_size(query))
+            sched = _schedule(q_plan, k_plan, block_n, block_m, has_groups, has_self)
+            return (n_pad // block_n,), (
+                q_rows, k_rows, q_inv, k_inv, *ids, sched.order, sched.counts, w(P.W_LSE), w(P.W_A), w(P.W_B),
+                w(P.W_G), scales[1:], tau, sched.order.shape[1], q_plan[P.PERM], grad_query.rows, tau_rows, n,
+                embedding_size(query))
 
-        _launch(K.info_nce_bwd_query_kernel, "backward_query", prep.d_pad, element_size, query_args,
+        _launch(K.info_nce_bwd_query_kernel, "backward_query", d_pad, element_size, query_args,
                 dict(flags, TAU_GRAD=need_temperature))
     if need_key:
-        row_weight = weights.g * prep.q_inv
-        scale = _pow2_prescale(row_weight.abs().amax())
-        a, b = weights.a * row_weight * scale, weights.b * row_weight * scale
-        q_scale = prep.q_inv * (K.LOG2E.value / tau)  # c_i, the logits' per-query factor in log2 units
-        key_common = (prep.q_rows, prep.k_rows, q_scale, *common[3:])
-
         def key_args(block_n, block_m):
-            sched = prep.schedule(block_n, block_m, by_keys=True)
-            return (prep.k_rows.shape[0] // block_m,), (
-                *key_common, sched.order, sched.counts, weights.lse2_masked, a, b, scale, tau, sched.order.shape[1],
-                plan.k.perm, grad_key.rows, tau_rows, num_rows(key), embedding_size(key))
+            sched = _schedule(q_plan, k_plan, block_n, block_m, has_groups, has_self, by_keys=True)
+            return (k_rows.shape[0] // block_m,), (
+                q_rows, k_rows, w(P.W_Q_SCALE), k_inv, *ids, sched.order, sched.counts, w(P.W_LSE), w(P.W_A_KEY),
+                w(P.W_B_KEY), scales[:1], tau, sched.order.shape[1], k_plan[P.PERM], grad_key.rows, tau_rows, m,
+                embedding_size(key))
 
-        _launch(K.info_nce_bwd_key_kernel, "backward_key", prep.d_pad, element_size, key_args,
+        _launch(K.info_nce_bwd_key_kernel, "backward_key", d_pad, element_size, key_args,
                 dict(flags, TAU_GRAD=need_temperature and not run_query))
     grad_query = grad_query.finish() if need_query else None
     grad_key = grad_key.finish() if need_key else None
@@ -430,37 +547,6 @@ def _backward_impl(grad_loss, inputs: Inputs, lse2, pos_sigmoid, q_plan, k_plan,
 def _temperature_gradient(tau_rows: torch.Tensor, tau: torch.Tensor, pairs: float) -> torch.Tensor:
     """-(1/tau) sum_ij dL/ds_ij s_ij from its per-row sums, each pair counted ``pairs`` times."""
     return tau_rows.sum() / (tau[0] * -pairs)
-
-
-def _spread_weight(a: torch.Tensor, tile_max: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
-    """a 2^(tile max - lse2), 0 where a is 0, the exponent clamped to [0, 126]."""
-    exponent = torch.nan_to_num((tile_max - lse2).clamp(0.0, 126.0), nan=0.0)
-    return torch.where(a == 0, 0.0, a * torch.exp2(exponent))
-
-
-def _backward_symmetric(prep: _Prepared, weights: _RowWeights, tau, grad, tau_rows, inputs: Inputs,
-                        settings: Settings, flags: dict, need_temperature: bool):
-    plan = prep.plan
-    inv = prep.q_inv
-    scale = _pow2_prescale(weights.g.abs().amax() * inv.amax())
-    a, b = weights.a * weights.g * scale, weights.b * weights.g * scale
-
-    def args_for(block_n, block_m):
-        sched = P.schedule(P.symmetric_categories(plan, block_n, block_m, weights.lse2))
-        row_max, col_max = P.tile_max(plan, weights.lse2, block_n), P.tile_max(plan, weights.lse2, block_m)
-        # alpha_r = a_r 2^(max of r's row tile - L_r), beta_j = a_j |x_j|^-1 2^(max of j's column tile - L_j);
-        # the exponents are within P.SYMMETRIC_SPREAD wherever they are used (clean and positive
-        # tiles), clamped elsewhere.
-        alpha = _spread_weight(a, row_max.repeat_interleave(block_n), weights.lse2)
-        beta = _spread_weight(a, col_max.repeat_interleave(block_m), weights.lse2) * inv
-        tiles = inv.numel() // block_m
-        return (inv.numel() // block_n,), (
-            prep.q_rows, inv, plan.q.label, prep.ids[2], sched.order, sched.counts, weights.lse2_masked, a, b,
-            alpha, beta, torch.nan_to_num(row_max, neginf=0.0), torch.nan_to_num(col_max, neginf=0.0), scale, tau,
-            tiles, plan.q.perm, grad, tau_rows, num_rows(inputs.query), embedding_size(inputs.query))
-
-    _launch(K.info_nce_bwd_symmetric_kernel, "backward_symmetric", prep.d_pad, inputs.query.element_size(),
-            args_for, dict(flags, NORMALIZE=settings.normalize, TAU_GRAD=need_temperature))
 
 
 def _backward(*args):

@@ -19,6 +19,7 @@ import time
 
 import triton
 from contrastkit.kernels import _info_nce_kernels as K
+from contrastkit.kernels import _plan_kernels as PK
 from contrastkit.kernels import pool as P
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -26,9 +27,16 @@ from triton.compiler import ASTSource
 TRITON_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 ROW_POINTERS = ("q_ptr", "k_ptr", "dq_ptr", "dk_ptr", "dx_ptr", "x_ptr", "out_ptr", "grad_out_ptr", "grad_x_ptr")
 ID_POINTERS = ("q_label", "k_label", "q_group", "k_group", "self_col", "label", "group")
-FIXED_POINTERS = {"perm_ptr": "*i64", "order_ptr": "*i32", "counts_ptr": "*i32", "chunks_ptr": "*i32",
-                  "n_chunks_ptr": "*i32", "valid_ptr": "*i8", "n_pos_ptr": "*i32",
+FIXED_POINTERS = {"perm_ptr": "*i32", "order_ptr": "*i32", "counts_ptr": "*i32", "chunks_ptr": "*i32",
+                  "n_chunks_ptr": "*i32", "valid_ptr": "*i32", "n_pos_ptr": "*i32",
                   **{f"{name}_ptr": "*i32" for name in ID_POINTERS}}
+# The plan kernels (kernels/_plan_kernels.py) read the sort's int64 permutations and keys and write int32
+# plans, tile lists and chunk tables; their other pointers are float32 as above.
+SORT_POINTERS = ("perm", "lk", "lv", "gk", "gv")
+PLAN_POINTERS = {**{f"{side}{name}_ptr": "*i64" for side in ("", "o_", "q_", "k_") for name in SORT_POINTERS},
+                 "plan_ptr": "*i32", "out_valid_ptr": "*i1", "starts_ptr": "*i32", "slots_ptr": "*i32",
+                 "table_ptr": "*i32", "q_stats_ptr": "*i32", "k_stats_ptr": "*i32", "order_ptr": "*i32",
+                 "counts_ptr": "*i32"}
 # Every other pointer is float32: norms, per-row statistics and weights, scales, the temperature.
 FLOAT_ARGS = ()
 
@@ -46,12 +54,14 @@ def info_nce_constexprs(dtype, flags, block_n, block_m, d_pad):
                 BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad)
 
 
-def signature(fn, dtype: str, constexprs: dict) -> ASTSource:
+def signature(fn, dtype: str, constexprs: dict, pointers: dict | None = None) -> ASTSource:
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}  # e.g. TAU_GRAD: backward only
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif pointers is not None:
+            sig[name] = pointers.get(name, "*fp32" if name.endswith("_ptr") else "i32")
         elif name in ROW_POINTERS:
             sig[name] = "*" + TRITON_TYPES[dtype]
         elif name in FIXED_POINTERS:
@@ -73,6 +83,7 @@ def jobs(block: int, d_pad: int, dtypes, kernels):
 
 
 def _all_jobs(block, d_pad, dtypes):
+    yield from plan_jobs(block)
     for dtype in dtypes:
         for flags in INFO_NCE_FLAGS:
             constexprs = info_nce_constexprs(dtype, flags, block, block, d_pad)
@@ -81,9 +92,37 @@ def _all_jobs(block, d_pad, dtypes):
         for normalize in (False, True):
             yield ("gather_rows_kernel", K.gather_rows_kernel, dtype, dict(NORMALIZE=normalize, BLOCK=block,
                                                                            D_PAD=d_pad), 4, 1)
+            yield ("gather_partials_kernel", K.gather_partials_kernel, dtype,
+                   dict(NORMALIZE=normalize, WITH_GRAD=normalize, BLOCK=block, D_PAD=d_pad), 4, 1)
         for normalize in (False, True):
             for kernel in (P.pool_fwd_kernel, P.pool_bwd_kernel):
                 yield kernel.__name__, kernel, dtype, dict(NORMALIZE=normalize, C_PAD=d_pad, BLOCK_P=block), 4, 1
+
+
+def plan_jobs(block: int):
+    """The plan kernels, with flags that reach every branch (they take no embeddings: one dtype)."""
+    rows_flags = ((True, True, False, True, True), (True, False, True, True, False), (False, False, True, False, False),
+                  (True, False, False, False, True))
+    for query, symmetric, groups, self_, starts in rows_flags:
+        yield ("plan_rows_kernel", PK.plan_rows_kernel, "float32",
+               dict(QUERY=query, SYMMETRIC=symmetric, HAS_GROUPS=groups, HAS_SELF=self_, NEGATIVES=not starts,
+                    CHUNK_STARTS=starts, POS_BLOCK=block, BLOCK=128), 4, 1)
+    for groups in (False, True):
+        yield ("plan_chunks_kernel", PK.plan_chunks_kernel, "float32",
+               dict(HAS_GROUPS=groups, POS_BLOCK=block, BLOCK=128), 4, 1)
+    schedule_flags = ((False, True, True, True, True), (True, True, True, False, False),
+                      (False, False, False, False, False))
+    for by_keys, groups, self_, both_valid, spread in schedule_flags:
+        yield ("plan_schedule_kernel", PK.plan_schedule_kernel, "float32",
+               dict(BLOCK_Q=block, BLOCK_K=2 * block, BY_KEYS=by_keys, HAS_GROUPS=groups, HAS_SELF=self_,
+                    BOTH_VALID=both_valid, SPREAD=spread, SPREAD_LIMIT=64.0, TILES=128), 4, 1)
+    for each_positive, symmetric in ((True, True), (False, False)):
+        yield ("backward_rows_kernel", PK.backward_rows_kernel, "float32",
+               dict(EACH_POSITIVE=each_positive, SYMMETRIC=symmetric, BLOCK_N=block, BLOCK_M=2 * block, BLOCK=128),
+               4, 1)
+
+
+PLAN_KERNELS = {"plan_rows_kernel", "plan_chunks_kernel", "plan_schedule_kernel", "backward_rows_kernel"}
 
 
 def table_jobs():
@@ -111,7 +150,8 @@ def compile_job(job, arch: int) -> dict:
     record = dict(kernel=name, dtype=dtype, arch=arch, num_warps=warps, num_stages=stages,
                   flags={k: v for k, v in constexprs.items() if k.isupper()})
     try:
-        compiled = triton.compile(signature(kernel, dtype, constexprs), target=GPUTarget("cuda", arch, 32),
+        pointers = PLAN_POINTERS if name in PLAN_KERNELS else None
+        compiled = triton.compile(signature(kernel, dtype, constexprs, pointers), target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=warps, num_stages=stages))
         ptx = compiled.asm["ptx"]
         record.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]), shared_bytes=compiled.metadata.shared,

@@ -41,7 +41,9 @@ def test_every_kernel_compiles(arch):
     records = compile_kernels("--arch", str(arch), "--block", "16", "--d-pad", "16")
     kernels = {r["kernel"] for r in records}
     assert {"info_nce_fwd_kernel", "info_nce_bwd_query_kernel", "info_nce_bwd_key_kernel",
-            "info_nce_bwd_symmetric_kernel", "gather_rows_kernel", "pool_fwd_kernel", "pool_bwd_kernel"} <= kernels
+            "info_nce_bwd_symmetric_kernel", "gather_rows_kernel", "pool_fwd_kernel", "pool_bwd_kernel",
+            "gather_partials_kernel", "plan_rows_kernel", "plan_chunks_kernel", "plan_schedule_kernel",
+            "backward_rows_kernel"} <= kernels
     assert {r["dtype"] for r in records} == {"float32", "bfloat16", "float16"}
 
 
