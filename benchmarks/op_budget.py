@@ -489,13 +489,13 @@ TARGETS = {
 BUDGETS = {
     "cross_level_b8": {"cpu": (43, 1), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
     "cross_level_b24": {"cpu": (43, 1), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
-    "supcon8": {"cpu": (5269, 1), "cpu_nochecks": (5258, 0), "gpu": (304, 4)},
-    "pl_pixel": {"cpu": (953, 2), "cpu_nochecks": (926, 0), "gpu": (152, 0)},
-    "pl_prototype": {"cpu": (171, 2), "cpu_nochecks": (138, 0), "gpu": (138, 0)},
-    "ntxent": {"cpu": (130, 1), "cpu_nochecks": (115, 0), "gpu": (115, 0)},
-    "supcon": {"cpu": (127, 1), "cpu_nochecks": (112, 0), "gpu": (112, 0)},
-    "global_gd": {"cpu": (145, 4), "cpu_nochecks": (124, 0), "gpu": (124, 0)},
-    "local": {"cpu": (121, 1), "cpu_nochecks": (110, 0), "gpu": (108, 0)},
+    "supcon8": {"cpu": (5269, 1), "cpu_nochecks": (5258, 0), "gpu": (40, 0)},
+    "pl_pixel": {"cpu": (953, 2), "cpu_nochecks": (926, 0), "gpu": (133, 0)},
+    "pl_prototype": {"cpu": (152, 2), "cpu_nochecks": (119, 0), "gpu": (119, 0)},
+    "ntxent": {"cpu": (111, 1), "cpu_nochecks": (96, 0), "gpu": (96, 0)},
+    "supcon": {"cpu": (108, 1), "cpu_nochecks": (93, 0), "gpu": (93, 0)},
+    "global_gd": {"cpu": (131, 4), "cpu_nochecks": (110, 0), "gpu": (110, 0)},
+    "local": {"cpu": (102, 1), "cpu_nochecks": (91, 0), "gpu": (89, 0)},
     "patch_nce": {"cpu": (49, 1), "cpu_nochecks": (44, 0), "gpu": (44, 0)},
 }
 

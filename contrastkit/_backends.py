@@ -34,11 +34,13 @@ from ._validation import BACKENDS, check_choice
 # The most logits for which ``auto`` takes the dense path, by device type. Above it the chunked
 # path (CPU) or the kernels (CUDA) win: their per-call cost is fixed, the dense path's grows with
 # every logit it materialises (and its memory with it).
-# CPU: measured with benchmarks/crossover.py (results in benchmarks/results/), one thread.
+# CPU: measured with benchmarks/crossover.py, one thread (results/crossover-amd-epyc-2026-12-06.md):
+# self-contrast SupCon crosses near 2^21.2 logits, the prototype shape near 2^22.4, block calls stay
+# faster beyond 2^27; the smallest, 2^21, is the limit.
 # CUDA: an estimate until a GPU session's crossover run sets it: the kernels' path costs about
 # 300 launches (~1.5 ms of host time) beside its kernels, the dense path about 80 ps a logit
 # (~30 ops over fp32 logits at ~3 TB/s), so they cross near 2^24 logits.
-DENSE_MAX_LOGITS = {"cpu": 1 << 22, "cuda": 1 << 24}
+DENSE_MAX_LOGITS = {"cpu": 1 << 21, "cuda": 1 << 24}
 _DEFAULT_DENSE_MAX_LOGITS = 1 << 22
 
 
