@@ -301,8 +301,9 @@ def targets(rows: list[dict]) -> list[dict]:
 def markdown(facts: dict, rows: list[dict]) -> str:
     v = facts["versions"]
     lines = [f"# Loss modules at their papers' sizes against eager PyTorch — {facts['device']}, {facts['date']}", "",
-             f"- device: {facts['device']} ({facts['device_type']}; {facts['torch_threads']} torch threads for the "
-             "times)", f"- torch {v['torch']}, triton {v['triton']}, python {v['python']}",
+             f"- device: {facts['device']} ({facts['device_type']}; {facts['torch_threads']} torch "
+             f"thread{'' if facts['torch_threads'] == 1 else 's'} for the times)",
+             f"- torch {v['torch']}, triton {v['triton']}, python {v['python']}",
              f"- commit {facts['commit']}",
              "- each row: forward + backward, inputs requiring grad; time: median of alternating rounds; ops: device "
              "ops (host syncs) of one call by `benchmarks.op_budget.count_ops`; peak: extra memory above the inputs "
