@@ -164,9 +164,10 @@ def _anchor_slots(labels, usable, per_class, first_class, num_classes, generator
     return pixel[:, :slots], filled[:, :slots]
 
 
-def _prototype_keys(embeddings, labels, usable, pair_index, num_classes, ignore_index):
-    """The class means of each image and of its pair, as B equal blocks of keys (per anchor image:
-    its own K means, then its pair's K), with their labels.
+def _prototype_keys(embeddings, labels, usable, pair_index, first_class, num_classes, ignore_index):
+    """The class means of each image and, with ``pair_index``, of its pair, as B equal blocks of keys
+    (per anchor image: its own means of classes ``first_class .. num_classes - 1``, then its pair's),
+    with their labels.
 
     Every (image, class) slot is a key, so shapes never depend on the values (no host
     synchronisation; ``torch.compile`` traces it): a class absent from an image, and the pair's
@@ -175,16 +176,18 @@ def _prototype_keys(embeddings, labels, usable, pair_index, num_classes, ignore_
     """
     batch = labels.shape[0]
     dtype = compute_dtype(embeddings.dtype)  # class means of half inputs are summed in fp32
-    classes = torch.arange(num_classes, device=labels.device)
+    classes = torch.arange(first_class, num_classes, device=labels.device)
     member = ((labels.reshape(batch, 1, -1) == classes[:, None]) & usable.reshape(batch, 1, -1)).to(dtype)
     sums = torch.bmm(embeddings.flatten(2).to(dtype), member.transpose(1, 2))  # (B, D, K)
     counts = member.sum(dim=2)  # (B, K)
     means = (sums / counts.clamp_min(1)[:, None, :]).transpose(1, 2)  # (B, K, D)
     present = counts > 0
-    own = torch.arange(batch, device=labels.device)
     own_labels = torch.where(present, classes, ignore_index)
+    if pair_index is None:  # each image with itself: its own means, once
+        return means.reshape(-1, means.shape[2]), own_labels.reshape(-1)
+    own = torch.arange(batch, device=labels.device)
     pair_labels = torch.where(present[pair_index] & (pair_index != own)[:, None], classes, ignore_index)
-    keys = torch.stack([means, means[pair_index]], dim=1).reshape(batch * 2 * num_classes, -1)
+    keys = torch.stack([means, means[pair_index]], dim=1).reshape(-1, means.shape[2])
     key_labels = torch.stack([own_labels, pair_labels], dim=1).reshape(-1)
     return keys, key_labels
 
@@ -282,8 +285,6 @@ def pseudo_label_contrast(
     anchors = usable
     if anchors_per_class is not None:
         anchors = sample_anchors(labels, usable, anchors_per_class, generator)
-    if pair_index is None:
-        pair_index = torch.arange(batch, device=labels.device)
     if num_classes is None:  # read from the labels: one host sync
         num_classes = int(torch.where(usable, labels, 0).max()) + 1
         if num_classes > MAX_INFERRED_CLASSES:
@@ -291,7 +292,10 @@ def pseudo_label_contrast(
                 f"labels reach {num_classes - 1}: prototype mode keeps one mean per class id up to the largest, "
                 f"so without num_classes it takes at most {MAX_INFERRED_CLASSES} classes; remap the ids to "
                 f"0..K-1 and pass num_classes=K")
-    keys, key_labels = _prototype_keys(embeddings, labels, usable, pair_index.long(), num_classes, ignore_index)
+    # Background takes no part unless included: its means would be keys of no anchor and no positive.
+    first_class = 0 if include_background else BACKGROUND + 1
+    keys, key_labels = _prototype_keys(embeddings, labels, usable, None if pair_index is None else pair_index.long(),
+                                       min(first_class, num_classes - 1), num_classes, ignore_index)
     anchor_labels = torch.where(anchors, labels, ignore_index).reshape(-1)
     queries = embeddings.to(keys.dtype)  # half maps meet their means (summed in fp32) in fp32
     return info_nce(queries, keys, labels=anchor_labels, key_labels=key_labels, groups=batch,
