@@ -1,9 +1,9 @@
 """Triton kernels of the plan (``_plan.py``): the work around the tile loops in a few launches.
 
-- ``plan_rows_kernel``: per sorted row of one side, its dense-enough int32 ids, and for the queries
-  the self column, positive and candidate counts, the contributing flag (also in the caller's row
-  order) and each_positive's chunk starts; per 16-row chunk the statistics the tile categories
-  need. One launch per side.
+- ``plan_rows_kernel``: per sorted row of each side, its int32 ids, and for the queries the self
+  column, positive and candidate counts, the contributing flag (also in the caller's row order)
+  and each_positive's chunk starts; per 16-row chunk the statistics the tile categories need.
+  One launch for both sides.
 - ``plan_schedule_kernel``: per program of a tile kernel, the other side's tiles to visit, clean
   first, then positive, then masked, with the three counts. One launch per tile kernel.
 - ``plan_chunks_kernel``: each_positive's chunk table from the chunk starts.
@@ -141,18 +141,41 @@ def _chunk_stats(plan_ptr, n_pad, pid, label, group, self_col, BLOCK: tl.constex
 
 @triton.jit
 def plan_rows_kernel(
-    perm_ptr, lk_ptr, lv_ptr, gk_ptr, gv_ptr, n, n_steps,
+    q_perm_ptr, q_lk_ptr, q_lv_ptr, q_gk_ptr, q_gv_ptr, n, n_steps,
+    k_perm_ptr, k_lk_ptr, k_lv_ptr, k_gk_ptr, k_gv_ptr, m, m_steps,
+    q_plan_ptr, n_pad, k_plan_ptr, m_pad, out_valid_ptr, starts_ptr, self_key_offset,
+    SYMMETRIC: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr, NEGATIVES: tl.constexpr,
+    CHUNK_STARTS: tl.constexpr, POS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Both sides' plans (``_plan.rows`` is the torch twin) in one launch: the first n_pad / BLOCK
+    programs write the queries', the others the keys' (none in self-contrast, where the keys are the
+    queries). Per side: ``perm``, ``lk``, ``gk``: its sort permutation and its label and group keys in
+    the caller's order; ``lv``: its label keys sorted; ``gv``: its group keys in sorted order."""
+    pid = tl.program_id(0)
+    query_programs = n_pad // BLOCK
+    if pid < query_programs:
+        _plan_rows(pid, q_perm_ptr, q_lk_ptr, q_lv_ptr, q_gk_ptr, q_gv_ptr, n, n_steps,
+                   k_perm_ptr, k_lk_ptr, k_lv_ptr, k_gk_ptr, k_gv_ptr, m, m_steps,
+                   q_plan_ptr, n_pad, out_valid_ptr, starts_ptr, self_key_offset,
+                   True, SYMMETRIC, HAS_GROUPS, HAS_SELF, NEGATIVES, CHUNK_STARTS, POS_BLOCK, BLOCK)
+    else:
+        _plan_rows(pid - query_programs, k_perm_ptr, k_lk_ptr, k_lv_ptr, k_gk_ptr, k_gv_ptr, m, m_steps,
+                   q_perm_ptr, q_lk_ptr, q_lv_ptr, q_gk_ptr, q_gv_ptr, n, n_steps,
+                   k_plan_ptr, m_pad, out_valid_ptr, starts_ptr, 0,
+                   False, SYMMETRIC, HAS_GROUPS, False, NEGATIVES, False, POS_BLOCK, BLOCK)
+
+
+@triton.jit
+def _plan_rows(
+    pid, perm_ptr, lk_ptr, lv_ptr, gk_ptr, gv_ptr, n, n_steps,
     o_perm_ptr, o_lk_ptr, o_lv_ptr, o_gk_ptr, o_gv_ptr, m, m_steps,
     plan_ptr, n_pad, out_valid_ptr, starts_ptr, self_key_offset,
     QUERY: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SELF: tl.constexpr,
     NEGATIVES: tl.constexpr, CHUNK_STARTS: tl.constexpr, POS_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One side's plan rows (``_plan.rows`` is the torch twin): ``perm``, ``lk``, ``gk``: the side's sort
-    permutation and its label and group keys in the caller's order; ``lv``: its label keys sorted;
-    ``gv``: its group keys in sorted order; ``o_*``: the same of the other side (this side's in
-    self-contrast). The queries' side (QUERY) also counts positives and candidates among the keys,
-    finds each query's own key and, for each_positive (CHUNK_STARTS), marks where chunks start."""
-    pid = tl.program_id(0)
+    """One program's rows of one side's plan; ``o_*``: the other side (this side in self-contrast). The
+    queries' side (QUERY) also counts positives and candidates among the keys, finds each query's own
+    key and, for each_positive (CHUNK_STARTS), marks where chunks start."""
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     inside = rows < n
     source = tl.load(perm_ptr + rows, mask=inside, other=0)

@@ -238,7 +238,7 @@ def _kernel_temperature(temperature: torch.Tensor) -> torch.Tensor:
 
 def _plan_rows(q: P.Keys, k: P.Keys | None, settings: Settings, pos_block: int | None):
     """(queries' plan, keys' plan, contributing flags in the caller's order, chunk starts or None): one
-    launch of plan_rows_kernel per side."""
+    launch of plan_rows_kernel for both sides."""
     device = q.perm.device
     negatives = settings.denominator == "negatives"
     if not _runs_kernels(device):
@@ -255,17 +255,15 @@ def _plan_rows(q: P.Keys, k: P.Keys | None, settings: Settings, pos_block: int |
                 keys.perm.numel(), P.steps(keys.perm.numel()))
 
     other = q if k is None else k
-    flags = dict(SYMMETRIC=k is None, HAS_GROUPS=has_groups, NEGATIVES=negatives, BLOCK=P.ROW_PAD)
-    PK.plan_rows_kernel[(n_pad // P.ROW_PAD,)](
-        *side(q), *side(other), q_plan, n_pad, out_valid, q_plan if starts is None else starts,
-        settings.self_key_offset or 0, QUERY=True, HAS_SELF=settings.self_key_offset is not None,
-        CHUNK_STARTS=starts is not None, POS_BLOCK=pos_block or P.CHUNK, **flags)
-    if k is None:
-        return q_plan, q_plan.new_empty(0, 0), out_valid, starts
-    m_pad = P.padded_rows(k.perm.numel())
-    k_plan = torch.empty(P.KEY_FIELDS, m_pad, dtype=torch.int32, device=device)
-    PK.plan_rows_kernel[(m_pad // P.ROW_PAD,)](*side(k), *side(q), k_plan, m_pad, out_valid, k_plan, 0, QUERY=False,
-                                              HAS_SELF=False, CHUNK_STARTS=False, POS_BLOCK=P.CHUNK, **flags)
+    m_pad = n_pad if k is None else P.padded_rows(k.perm.numel())
+    k_plan = q_plan.new_empty(0, 0) if k is None else torch.empty(P.KEY_FIELDS, m_pad, dtype=torch.int32,
+                                                                 device=device)
+    programs = n_pad // P.ROW_PAD + (0 if k is None else m_pad // P.ROW_PAD)
+    PK.plan_rows_kernel[(programs,)](
+        *side(q), *side(other), q_plan, n_pad, q_plan if k is None else k_plan, m_pad, out_valid,
+        q_plan if starts is None else starts, settings.self_key_offset or 0, SYMMETRIC=k is None,
+        HAS_GROUPS=has_groups, HAS_SELF=settings.self_key_offset is not None, NEGATIVES=negatives,
+        CHUNK_STARTS=starts is not None, POS_BLOCK=pos_block or P.CHUNK, BLOCK=P.ROW_PAD)
     return q_plan, k_plan, out_valid, starts
 
 

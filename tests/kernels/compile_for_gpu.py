@@ -34,7 +34,8 @@ FIXED_POINTERS = {"perm_ptr": "*i32", "order_ptr": "*i32", "counts_ptr": "*i32",
 # plans, tile lists and chunk tables; their other pointers are float32 as above.
 SORT_POINTERS = ("perm", "lk", "lv", "gk", "gv")
 PLAN_POINTERS = {**{f"{side}{name}_ptr": "*i64" for side in ("", "o_", "q_", "k_") for name in SORT_POINTERS},
-                 "plan_ptr": "*i32", "out_valid_ptr": "*i1", "starts_ptr": "*i32", "slots_ptr": "*i32",
+                 "plan_ptr": "*i32", "q_plan_ptr": "*i32", "k_plan_ptr": "*i32",
+                 "out_valid_ptr": "*i1", "starts_ptr": "*i32", "slots_ptr": "*i32",
                  "table_ptr": "*i32", "q_stats_ptr": "*i32", "k_stats_ptr": "*i32", "order_ptr": "*i32",
                  "counts_ptr": "*i32"}
 # Every other pointer is float32: norms, per-row statistics and weights, scales, the temperature.
@@ -101,11 +102,10 @@ def _all_jobs(block, d_pad, dtypes):
 
 def plan_jobs(block: int):
     """The plan kernels, with flags that reach every branch (they take no embeddings: one dtype)."""
-    rows_flags = ((True, True, False, True, True), (True, False, True, True, False), (False, False, True, False, False),
-                  (True, False, False, False, True))
-    for query, symmetric, groups, self_, starts in rows_flags:
+    rows_flags = ((True, False, True, True), (False, True, True, False), (False, False, False, True))
+    for symmetric, groups, self_, starts in rows_flags:
         yield ("plan_rows_kernel", PK.plan_rows_kernel, "float32",
-               dict(QUERY=query, SYMMETRIC=symmetric, HAS_GROUPS=groups, HAS_SELF=self_, NEGATIVES=not starts,
+               dict(SYMMETRIC=symmetric, HAS_GROUPS=groups, HAS_SELF=self_, NEGATIVES=not starts,
                     CHUNK_STARTS=starts, POS_BLOCK=block, BLOCK=128), 4, 1)
     for groups in (False, True):
         yield ("plan_chunks_kernel", PK.plan_chunks_kernel, "float32",
