@@ -98,11 +98,11 @@ def run_kind(kind: str, batch, block, stats=None):
             loss, _, lse, *_ = ops.symmetric_forward_op(*_inputs(batch, True), *SUPCON)
             return loss, lse
         if kind == "forward_positive":
-            loss, _, _, _, pos_sigmoid = ops.symmetric_forward_op(*_inputs(batch, True), *SUPCON_EACH_POSITIVE)
+            loss, _, _, pos_sigmoid, *_ = ops.symmetric_forward_op(*_inputs(batch, True), *SUPCON_EACH_POSITIVE)
             return loss, pos_sigmoid
         symmetric = kind == "backward_symmetric"
-        loss, valid, lse, n_pos, pos_sigmoid = stats[0] if symmetric else stats[1]
-        saved = (valid, lse, n_pos, pos_sigmoid)
+        # The forward's outputs (loss, valid, lse, pos_sigmoid, q_plan, k_plan); the backward takes the last four.
+        loss, _, *saved = stats[0] if symmetric else stats[1]
         if symmetric:
             return (ops.symmetric_backward_op(torch.ones_like(loss), *_inputs(batch, True), *saved, True, True,
                                               False, *SUPCON)[0],)

@@ -37,10 +37,10 @@ from ._validation import BACKENDS, check_choice
 # CPU: measured with benchmarks/crossover.py, one thread (results/crossover-amd-epyc-2026-12-06.md):
 # self-contrast SupCon crosses near 2^21.2 logits, the prototype shape near 2^22.4, block calls stay
 # faster beyond 2^27; the smallest, 2^21, is the limit.
-# CUDA: an estimate until a GPU session's crossover run sets it: the kernels' path costs about
-# 300 launches (~1.5 ms of host time) beside its kernels, the dense path about 80 ps a logit
-# (~30 ops over fp32 logits at ~3 TB/s), so they cross near 2^24 logits.
-DENSE_MAX_LOGITS = {"cpu": 1 << 21, "cuda": 1 << 24}
+# CUDA: an estimate until a GPU session's crossover run sets it: the kernels' call path costs about
+# 27 launches (19 device ops and 8 Triton kernels, ~0.15 ms of host time) beside its tile loops, the
+# dense path about 80 ps a logit (~30 ops over fp32 logits at ~3 TB/s), so they cross near 2^21.
+DENSE_MAX_LOGITS = {"cpu": 1 << 21, "cuda": 1 << 21}
 _DEFAULT_DENSE_MAX_LOGITS = 1 << 22
 
 
