@@ -490,7 +490,7 @@ BUDGETS = {
     "cross_level_b8": {"cpu": (43, 1), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
     "cross_level_b24": {"cpu": (43, 1), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
     "supcon8": {"cpu": (5269, 1), "cpu_nochecks": (5258, 0), "gpu": (40, 0)},
-    "pl_pixel": {"cpu": (953, 2), "cpu_nochecks": (926, 0), "gpu": (133, 0)},
+    "pl_pixel": {"cpu": (953, 2), "cpu_nochecks": (926, 0), "gpu": (61, 0)},
     "pl_prototype": {"cpu": (140, 2), "cpu_nochecks": (107, 0), "gpu": (107, 0)},
     "ntxent": {"cpu": (111, 1), "cpu_nochecks": (96, 0), "gpu": (96, 0)},
     "supcon": {"cpu": (108, 1), "cpu_nochecks": (93, 0), "gpu": (93, 0)},
