@@ -184,12 +184,12 @@ def reduce_rows(loss: torch.Tensor, valid: torch.Tensor | None, weights: torch.T
         loss = loss * weights
     if reduction == "none":
         return loss
+    if reduction == "mean" and valid is None and weights is None:
+        return loss.mean()  # every row contributes: one op
     total = loss.sum()
     if reduction == "sum":
         return total
     if valid is None:
-        if weights is None:
-            return total / loss.shape[0]
         count = weights.sum()
     else:
         count = (valid.to(loss.dtype) if weights is None else torch.where(valid, weights, 0.0)).sum()
