@@ -489,12 +489,12 @@ TARGETS = {
 BUDGETS = {
     "cross_level_b8": {"cpu": (42, 1), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
     "cross_level_b24": {"cpu": (42, 1), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
-    "supcon8": {"cpu": (5269, 1), "cpu_nochecks": (5258, 0), "gpu": (40, 0)},
-    "pl_pixel": {"cpu": (953, 2), "cpu_nochecks": (926, 0), "gpu": (61, 0)},
-    "pl_prototype": {"cpu": (140, 2), "cpu_nochecks": (107, 0), "gpu": (107, 0)},
-    "ntxent": {"cpu": (111, 1), "cpu_nochecks": (96, 0), "gpu": (96, 0)},
-    "supcon": {"cpu": (108, 1), "cpu_nochecks": (93, 0), "gpu": (93, 0)},
-    "global_gd": {"cpu": (131, 4), "cpu_nochecks": (110, 0), "gpu": (110, 0)},
+    "supcon8": {"cpu": (5267, 1), "cpu_nochecks": (5258, 0), "gpu": (40, 0)},
+    "pl_pixel": {"cpu": (948, 2), "cpu_nochecks": (926, 0), "gpu": (61, 0)},
+    "pl_prototype": {"cpu": (135, 2), "cpu_nochecks": (107, 0), "gpu": (107, 0)},
+    "ntxent": {"cpu": (109, 1), "cpu_nochecks": (96, 0), "gpu": (96, 0)},
+    "supcon": {"cpu": (106, 1), "cpu_nochecks": (93, 0), "gpu": (93, 0)},
+    "global_gd": {"cpu": (129, 4), "cpu_nochecks": (110, 0), "gpu": (110, 0)},
     "local": {"cpu": (102, 1), "cpu_nochecks": (91, 0), "gpu": (89, 0)},
     "patch_nce": {"cpu": (49, 1), "cpu_nochecks": (44, 0), "gpu": (44, 0)},
 }

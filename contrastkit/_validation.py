@@ -200,22 +200,32 @@ def check_index_vector(name: str, x, length: int, device: torch.device, what: st
     return x.reshape(length).long()
 
 
-def nonfinite_screen(x: torch.Tensor) -> torch.Tensor:
-    """A 0-dim flag, true when ``x`` may hold NaN or Inf: its sum is not finite. A sum costs a
-    fraction of testing every element; a finite tensor whose sum overflows raises the flag too,
-    which :func:`nonfinite_message` then clears."""
-    return ~torch.isfinite(x.detach().sum(dtype=compute_dtype(x.dtype)))
+def finite_check(*named: tuple[str, torch.Tensor]):
+    """One value check that the tensors hold no NaN or Inf, as a (flag, message) pair for
+    :func:`raise_first_failure`. The flag screens their sums (a NaN or Inf anywhere makes the sum
+    non-finite, and a sum costs a fraction of testing every element, ``x * 0 != 0`` two ops); only
+    when it is set are the elements tested, the culprit named, and a finite overflow let pass."""
+    sums = [x.detach().sum(dtype=compute_dtype(x.dtype)) for _, x in named]
+    total = sums[0]
+    for other in sums[1:]:
+        total = total + other
 
+    def message() -> str | None:
+        for name, x in named:
+            if not bool(torch.isfinite(x).all()):
+                return f"{name} contains NaN or Inf"
+        return None
 
-def nonfinite_message(name: str, x: torch.Tensor) -> str | None:
-    return None if bool(torch.isfinite(x).all()) else f"{name} contains NaN or Inf"
+    return total * 0 != 0, message
 
 
 def raise_first_failure(checks) -> None:
     """Value checks in one host sync: ``checks`` are (0-dim bool flag, message) pairs, a message
     being a string or a function returning one (or None: a false alarm) that runs only when its
     flag is set. Raises ``ValueError`` with the first message."""
-    if not checks or not bool(torch.stack([flag for flag, _ in checks]).any()):
+    if not checks:
+        return
+    if not bool(checks[0][0] if len(checks) == 1 else torch.stack([flag for flag, _ in checks]).any()):
         return
     for flag, message in checks:
         if bool(flag):
@@ -254,9 +264,8 @@ def check_values(
     non-finite weights.
 
     Every test of a device value waits for the device, so all are combined into one
-    synchronisation, and the embeddings are screened by their sums (a NaN or Inf anywhere makes
-    the sum non-finite; a sum is a fraction of the cost of testing every element): only when the
-    screen fails are the elements tested, the culprit named, and a finite overflow let pass.
+    synchronisation (:func:`raise_first_failure`), the embeddings screened by their sums
+    (:func:`finite_check`); the message naming the culprit is worked out only when one fails.
     """
     def bad_labels(x):
         return (x < 0) & (x != ignore_index)
@@ -265,34 +274,17 @@ def check_values(
         return (x < 0) & (x != SHARED)
 
     embeddings = [("query", query)] + ([] if key is query else [("key", key)])
-    ids = []
-    for name, x, rule, twin in (("labels", labels, bad_labels, None), ("key_labels", key_labels, bad_labels, labels),
-                                ("groups", groups, bad_groups, None), ("key_groups", key_groups, bad_groups, groups)):
+    checks = [finite_check(*embeddings)]
+    for name, x, bad, twin in (("labels", labels, bad_labels, None), ("key_labels", key_labels, bad_labels, labels),
+                               ("groups", groups, bad_groups, None), ("key_groups", key_groups, bad_groups, groups)):
         if x is not None and x is not twin:
-            ids.append((name, x, rule))
-    sums = [x.detach().sum(dtype=compute_dtype(x.dtype)) for _, x in embeddings]
-    total = sums[0] if len(sums) == 1 else sums[0] + sums[1]
-    flags = [bad(x).any() for _, x, bad in ids]
-    if temperature is not None:
-        flags.append(temperature_out_of_range(temperature))
-    if weights is not None:
-        flags.append(~(torch.isfinite(weights) & (weights >= 0)).all())
-    fine = total * 0 == 0  # false for NaN and ±Inf: isfinite in two ops instead of three
-    if flags:
-        fine = fine & ~torch.stack(flags).any()
-    if bool(fine):
-        return
-    for name, x in embeddings:
-        if not torch.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or Inf")
-    for name, x, bad in ids:
-        found = bad(x)
-        if found.any():
             allowed = (f"ignore_index={ignore_index}" if bad is bad_labels
                        else f"SHARED={SHARED} (a key or query of every group)")
             kind = "class ids" if bad is bad_labels else "group ids"
-            raise ValueError(f"{name} must be non-negative {kind} or {allowed}; found {int(x[found][0])}")
+            checks.append((bad(x).any(), lambda name=name, x=x, bad=bad, allowed=allowed, kind=kind: (
+                f"{name} must be non-negative {kind} or {allowed}; found {int(x[bad(x)][0])}")))
     if temperature is not None:
-        check_temperature_value(temperature)
-    if weights is not None and not (torch.isfinite(weights) & (weights >= 0)).all():
-        raise ValueError("weights must be finite and non-negative")
+        checks.append((temperature_out_of_range(temperature), lambda: check_temperature_value(temperature)))
+    if weights is not None:
+        checks.append((~(torch.isfinite(weights) & (weights >= 0)).all(), "weights must be finite and non-negative"))
+    raise_first_failure(checks)

@@ -257,8 +257,7 @@ def cross_level_consistency(
         raise TypeError(f"detach_full must be a bool; got {type(detach_full).__name__}")
     grid = _consistency_grid(patch_logits, full_logits, grid)
     if v.value_checks_enabled(patch_logits.device):
-        v.raise_first_failure([(v.nonfinite_screen(x), lambda name=name, x=x: v.nonfinite_message(name, x))
-                               for name, x in (("patch_logits", patch_logits), ("full_logits", full_logits))])
+        v.raise_first_failure([v.finite_check(("patch_logits", patch_logits), ("full_logits", full_logits))])
     dtype = compute_dtype(patch_logits.dtype)
     full_region = patchify(full_logits, grid).to(dtype)
     if detach_full:

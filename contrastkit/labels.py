@@ -8,8 +8,7 @@ import torch
 
 from ._validation import (
     compute_dtype,
-    nonfinite_message,
-    nonfinite_screen,
+    finite_check,
     raise_first_failure,
     value_checks_enabled,
 )
@@ -119,7 +118,7 @@ def pseudo_labels(
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold <= 1:
             raise ValueError(f"threshold must be None or a number in [0, 1]; got {threshold!r}")
     if value_checks_enabled(logits.device):
-        raise_first_failure([(nonfinite_screen(logits), lambda: nonfinite_message("logits", logits))])
+        raise_first_failure([finite_check(("logits", logits))])
 
     logits = logits.to(compute_dtype(logits.dtype))
     if logits.shape[1] == 1:

@@ -108,7 +108,7 @@ def _check_values(embeddings, labels, confidence, pair_index, ignore_index, num_
     if num_classes is not None:
         bad_labels |= (labels >= num_classes) & (labels != ignore_index)
     expected = f"class ids in [0, {num_classes})" if num_classes is not None else "non-negative class ids"
-    checks = [(v.nonfinite_screen(embeddings), lambda: v.nonfinite_message("embeddings", embeddings)),
+    checks = [v.finite_check(("embeddings", embeddings)),
               (bad_labels.any(), lambda: f"labels must be {expected} or ignore_index={ignore_index}; "
                                          f"found {int(labels[bad_labels][0])}")]
     if confidence is not None:

@@ -112,9 +112,8 @@ class MemoryQueue(nn.Module):
         # Checked after the cast: finite keys beyond a float16 queue's range would be stored as Inf.
         keys = keys.detach().to(self.key_buffer.dtype)
         if v.value_checks_enabled(keys.device):
-            checks = [(v.nonfinite_screen(keys), lambda: v.nonfinite_message(
-                f"keys (cast to the queue's {self.key_buffer.dtype}, whose largest value is "
-                f"{torch.finfo(self.key_buffer.dtype).max:g})", keys))]
+            checks = [v.finite_check((f"keys (cast to the queue's {self.key_buffer.dtype}, whose largest value is "
+                                      f"{torch.finfo(self.key_buffer.dtype).max:g})", keys))]
             if labels is not None:
                 checks.append(((labels < -1).any(), "labels must be class ids >= 0, or -1 for a key that the "
                                                     "default ignore_index=-1 leaves out"))
