@@ -9,6 +9,7 @@ helpers do nothing, so one script runs unchanged as ``python script.py`` and as
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -416,6 +417,29 @@ def cleanup_distributed(context: DistributedContext) -> None:
     """Ends the process group :func:`init_distributed` created (nothing otherwise)."""
     if context.owns_group and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_run(device=None, *, backend: str | None = None, timeout_s: float | None = None):
+    """``with distributed_run(device) as context:`` — :func:`init_distributed` on entry, and on exit
+    every rank leaves together before the group ends.
+
+    A rank that finishes early (rank 0 alone evaluates and writes files) must not tear down its
+    end of the group while a peer still works: gloo then aborts the early rank ("terminate called
+    without an active exception"). So a run that completes waits at a barrier, collects the
+    garbage that may still hold pending collective work (DDP's reducer), then destroys the group.
+    A run that raises skips the barrier (a peer may be inside another collective) and ends at once.
+    """
+    context = init_distributed(device, backend=backend, timeout_s=timeout_s)
+    try:
+        yield context
+    except BaseException:
+        cleanup_distributed(context)
+        raise
+    if context.owns_group and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        gc.collect()
+    cleanup_distributed(context)
 
 
 def is_main_process() -> bool:

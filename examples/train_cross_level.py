@@ -34,10 +34,9 @@ from contrastkit.training import (
     TimeBudget,
     barrier,
     broadcast_object,
-    cleanup_distributed,
     code_version,
     derived_seed,
-    init_distributed,
+    distributed_run,
     load_checkpoint,
     mean_over_ranks,
     prepare_model,
@@ -170,11 +169,8 @@ def predict(model, dataset, device, amp, channels_last=False, batch=16):
 
 def main(argv=None):
     args = parse_args(argv)
-    context = init_distributed(args.device)
-    try:
+    with distributed_run(args.device) as context:
         return train(args, context)
-    finally:
-        cleanup_distributed(context)
 
 
 def train(args, context):

@@ -22,6 +22,7 @@ from contrastkit.training import (
     barrier,
     broadcast_object,
     cleanup_distributed,
+    distributed_run,
     init_distributed,
     is_main_process,
     mean_over_ranks,
@@ -176,3 +177,47 @@ def test_prepare_model_wraps_ddp_and_checkpoints_stay_plain(results):
     for result in results:
         assert result["ddp"] == ("DistributedDataParallel", True)
         assert result["checkpoint_keys"] == ["bias", "weight"]
+
+
+def leaving_worker(rank, port, out_dir, fail):
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    record = {}
+    try:
+        with distributed_run("cpu", timeout_s=30) as context:
+            model, train_model = prepare_model(torch.nn.Linear(2, 1), context)
+            train_model(torch.ones(3, 2)).sum().backward()
+            if rank == 0:
+                time.sleep(1.0)  # rank 0 alone evaluates and writes files; rank 1 has nothing left to do
+            record["done"] = time.monotonic()
+            if fail:
+                raise ValueError(f"rank {rank} fails")
+    except ValueError as err:
+        record["error"] = str(err)
+    record["left"] = time.monotonic()
+    record["group_ended"] = not torch.distributed.is_initialized()
+    torch.save(record, os.path.join(out_dir, f"leave{rank}.pt"))
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["completed", "raised"])
+def test_distributed_run_ranks_leave_together_and_errors_end_the_group(tmp_path, fail):
+    context = mp.start_processes(leaving_worker, args=(free_port(), str(tmp_path), fail), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + 60
+    try:
+        while not context.join(timeout=1):  # raises if a rank aborted (the gloo teardown race)
+            assert time.monotonic() < deadline, "distributed_run did not let the ranks leave within 60 s"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    records = [torch.load(tmp_path / f"leave{r}.pt") for r in range(WORLD)]
+    assert all(r["group_ended"] for r in records)
+    if fail:  # no barrier on the way out: rank 1 does not wait for the slow rank 0
+        assert [r["error"] for r in records] == ["rank 0 fails", "rank 1 fails"]
+        assert records[1]["left"] < records[0]["done"]
+    else:  # the early rank waits until the last rank has finished its work
+        assert records[1]["left"] >= records[0]["done"]
