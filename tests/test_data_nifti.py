@@ -378,6 +378,128 @@ def test_bad_files_and_arguments(acdc):
         NiftiSlices(root, cache_volumes=-1)
 
 
+def _one_case(root, image_xyz, label_xyz=None, suffix=".nii.gz"):
+    """root/training/patient001/patient001_frame01<suffix> and its label (zeros unless given); the two paths."""
+    folder = root / "training" / "patient001"
+    folder.mkdir(parents=True, exist_ok=True)
+    image, label = folder / f"patient001_frame01{suffix}", folder / f"patient001_frame01_gt{suffix}"
+    _save(image, image_xyz, (1.5, 1.25, 8.0))
+    if label_xyz is None:
+        label_xyz = np.zeros(np.shape(image_xyz)[:3], np.uint8)
+    _save(label, label_xyz, (1.5, 1.25, 8.0))
+    return image, label
+
+
+def test_non_finite_voxels_neither_blank_nor_poison_the_volume(tmp_path):
+    """Min and max come from the finite voxels; NaN and -Inf read as 0, +Inf as 1, and a warning counts them."""
+    raw = np.linspace(100.0, 900.0, 5 * 7 * 3).reshape(5, 7, 3).astype(np.float32)
+    raw[0, 0, 0] = 50.0  # the finite minimum ...
+    raw[4, 6, 2] = 1000.0  # ... and maximum, at the corners
+    raw[1, 2, 0], raw[3, 3, 1], raw[2, 5, 2], raw[0, 6, 1] = np.nan, np.nan, np.inf, -np.inf
+    path, _ = _one_case(tmp_path, raw)
+    with pytest.warns(UserWarning, match=r"patient001_frame01\.nii\.gz: 2 NaN and 2 Inf voxels of 105"):
+        _, image, _ = NiftiVolumes(tmp_path, "all")[0]
+    got = image.transpose(2, 1, 0)  # back to the file's (X, Y, Z)
+    assert (got[1, 2, 0], got[3, 3, 1], got[2, 5, 2], got[0, 6, 1]) == (0.0, 0.0, 1.0, 0.0)
+    finite = np.isfinite(raw)
+    np.testing.assert_allclose(got[finite], (raw[finite].astype(np.float64) - 50.0) / 950.0, atol=1e-6)
+    assert got[0, 0, 0] == 0.0 and got[4, 6, 2] == 1.0
+    _save(path, np.full((5, 7, 3), np.nan, np.float32), (1.5, 1.25, 8.0))
+    with pytest.raises(ValueError, match=r"patient001_frame01\.nii\.gz: no finite voxel \(105 NaN, 0 Inf of 105\)"):
+        NiftiVolumes(tmp_path, "all")[0]
+
+
+def test_prostate_modalities_are_cleaned_of_non_finite_voxels_one_by_one(prostate):
+    root, truth = prostate
+    path = root / "imagesTr" / "prostate_04.nii.gz"
+    data = nib.load(path).get_fdata(dtype=np.float32)
+    data[0, 0, 0, 1] = np.nan  # ADC only: T2 keeps its values, ADC its finite range
+    _save(path, data, PROSTATE["prostate_04"][1])
+    with pytest.warns(UserWarning, match=r"prostate_04\.nii\.gz \(modality 1\): 1 NaN and 0 Inf"):
+        _, image, _ = NiftiVolumes(root, names=["prostate_04"], modality="both")[0]
+    np.testing.assert_allclose(image[:, 0], truth["prostate_04"][0], atol=1e-6)
+    adc = data[..., 1].astype(np.float64)
+    low, high = np.nanmin(adc), np.nanmax(adc)
+    want = np.nan_to_num((adc - low) / (high - low), nan=0.0).transpose(2, 1, 0)
+    np.testing.assert_allclose(image[:, 1], want, atol=1e-6)
+    assert image[0, 1, 0, 0] == 0.0
+
+
+def test_files_the_reader_cannot_use_are_refused_by_name_when_the_data_set_is_built(tmp_path):
+    """A 2-D file, a truncated download, a file that is no NIfTI at all: each stops NiftiVolumes and NiftiSlices
+    at construction with a ValueError naming the file and what was expected, before any training."""
+    image = np.arange(37 * 41 * 4, dtype=np.int16).reshape(37, 41, 4)
+    root = tmp_path / "flat"
+    path, _ = _one_case(root, image)
+    _save(path, image[..., 0], (1.5, 1.25, 8.0))  # (X, Y): one slice saved on its own
+    for build in (lambda: NiftiVolumes(root, "all"), lambda: NiftiSlices(root, ["patient001_frame01_slice_0"])):
+        with pytest.raises(ValueError, match=r"expected an image \(X, Y, Z\); got shape \(37, 41\)") as err:
+            build()
+        assert str(path) in str(err.value)
+
+    root = tmp_path / "truncated"
+    path, label = _one_case(root, image)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # header intact, voxels cut off: nibabel still opens it
+    for build in (lambda: NiftiVolumes(root, "all"), lambda: NiftiSlices(root, ["patient001_frame01_slice_0"])):
+        with pytest.raises(ValueError, match=r"gzip stream is damaged or truncated.*\(37, 41, 4\) int16") as err:
+            build()
+        assert str(path) in str(err.value)
+    path.write_bytes(whole)
+    assert len(NiftiVolumes(root, "all")) == 1
+    label.write_bytes(b"\0\5\26\7 not a NIfTI file")
+    with pytest.raises(ValueError, match=r"expected a NIfTI-1/2 file") as err:
+        NiftiVolumes(root, "all")
+    assert str(label) in str(err.value)
+
+    root = tmp_path / "uncompressed"
+    path, _ = _one_case(root, image, suffix=".nii")
+    path.write_bytes(path.read_bytes()[:-100])
+    whole = 352 + image.nbytes  # the NIfTI-1 header and its extension flag, then the voxels
+    with pytest.raises(ValueError, match=rf"holds {whole - 100} bytes of NIfTI data .*\({whole} bytes in all\)") as e:
+        NiftiVolumes(root, "all")
+    assert str(path) in str(e.value)
+
+
+def test_a_missing_modality_or_a_label_of_another_size_is_refused_when_built(prostate):
+    root, _ = prostate
+    path = root / "imagesTr" / "prostate_01.nii.gz"
+    _save(path, nib.load(path).get_fdata(dtype=np.float32)[..., 0], PROSTATE["prostate_01"][1])  # T2 only
+    assert len(NiftiVolumes(root, names=["prostate_01"])) == 1
+    with pytest.raises(ValueError, match=r"prostate_01\.nii\.gz: expected an image .* with modality 1"):
+        NiftiVolumes(root, names=["prostate_01"], modality="ADC")
+    label = root / "labelsTr" / "prostate_02.nii.gz"
+    _save(label, np.zeros((W, H - 1, PROSTATE["prostate_02"][0]), np.uint8), PROSTATE["prostate_02"][1])
+    with pytest.raises(ValueError, match=r"prostate_02\.nii\.gz and .*prostate_02\.nii\.gz differ in size"):
+        NiftiSlices(root, ["prostate_02_slice_0"])
+
+
+def test_a_multi_member_gzip_file_is_complete_and_read(tmp_path):
+    """bgzip and concatenated streams are valid gzip whose trailer holds only the last member's length: the
+    completeness check must decompress them instead of refusing them."""
+    gzip = pytest.importorskip("gzip")
+    image = np.arange(37 * 41 * 4, dtype=np.int16).reshape(37, 41, 4)
+    path, _ = _one_case(tmp_path, image)
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    _, got, _ = NiftiVolumes(tmp_path, "all")[0]
+    np.testing.assert_allclose(got, _minmax(image).transpose(2, 1, 0), atol=1e-6)
+
+
+def test_data_damaged_inside_the_stream_is_named_when_read(tmp_path):
+    """A CRC error in the middle of a stream of the right length passes the cheap check; reading names the file."""
+    image = np.random.default_rng(0).integers(0, 700, (37, 41, 4)).astype(np.int16)
+    path, _ = _one_case(tmp_path, image)
+    damaged = bytearray(path.read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle : middle + 40] = bytes(b ^ 0xFF for b in damaged[middle : middle + 40])
+    path.write_bytes(bytes(damaged))
+    volumes = NiftiVolumes(tmp_path, "all")
+    with pytest.raises(ValueError, match="cannot decode the NIfTI data") as err:
+        volumes[0]
+    assert str(path) in str(err.value)
+
+
 def test_missing_nibabel_names_the_extra(acdc, monkeypatch):
     root, _ = acdc
     monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel now raises ImportError

@@ -17,7 +17,12 @@ Conventions, chosen so that arrays match the HDF5 copy and a model trained on on
   ``data.transpose(2, 1, 0)``, with no flip and no reorientation by the affine. SSL4MIS wrote the h5
   files from SimpleITK's ``GetArrayFromImage``, which returns exactly this (the official
   patient001_frame01 is 216 x 256 x 10 voxels; the h5 copy holds it as (10, 256, 216)).
-- intensities: min-max per volume to 0..1, float32 (each modality on its own), as SSL4MIS.
+- intensities: min-max per volume to 0..1, float32 (each modality on its own), as SSL4MIS. Non-finite voxels
+  (a broken conversion or a division in preprocessing) must not decide the scale: min and max are those of the
+  finite voxels, NaN and -Inf become 0 and +Inf 1; a volume with no finite voxel is a ValueError. See
+  :func:`_minmax`.
+- files: headers and data sizes are checked when a data set is built, so a 2-D or truncated file stops the
+  run before training with a ValueError naming it (:func:`_open_nifti`).
 - spacing: the header's voxel sizes (``get_zooms()``) in the same reversed order, (z, h, w) in mm.
 
 Item types and shapes are those of the h5 readers, so ``predict_volume`` and the examples work unchanged.
@@ -26,8 +31,11 @@ Item types and shapes are those of the h5 readers, so ``predict_volume`` and the
 from __future__ import annotations
 
 import copy
+import gzip
 import os
 import re
+import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +56,7 @@ from .acdc import (
     split_by_patient,
     volume_id,
 )
+from .paths import is_hidden
 from .splits import make_split
 
 LAYOUTS = ("acdc-h5", "acdc-nifti", "msd-prostate")
@@ -56,7 +65,7 @@ MODALITIES = {"T2": (0,), "ADC": (1,), "both": (0, 1)}
 SPLITS = ("train", "val", "test")
 
 _ACDC_IMAGE = re.compile(r"^patient\d+_frame\d+\.nii(\.gz)?$")
-_NIFTI = re.compile(r"^(?P<name>[^.].*?)\.nii(\.gz)?$")  # a leading dot: hidden or macOS "._" junk
+_NIFTI = re.compile(r"^(?P<name>.+?)\.nii(\.gz)?$")
 _SLICE = re.compile(r"^(?P<volume>.+)_slice_(?P<index>\d+)$")
 _EXPECTED = (
     "acdc-h5 (data/ and *.list files: the SSL4MIS HDF5 copy), "
@@ -113,7 +122,7 @@ def _acdc_cases(root: Path) -> list[_Case]:
 
 
 def _msd_cases(root: Path) -> list[_Case]:
-    images = sorted(p for p in (root / "imagesTr").iterdir() if _NIFTI.match(p.name))
+    images = sorted(p for p in (root / "imagesTr").iterdir() if _NIFTI.match(p.name) and not is_hidden(p))
     return [_with_label(image, root / "labelsTr", _stem(image)) for image in images]
 
 
@@ -145,6 +154,7 @@ class _Source:
             raise FileNotFoundError(f"{self.root}: no images in the {self.layout} layout")
         self.cases = {c.name: c for c in found}
         self.class_names = CLASS_NAMES if self.layout == "acdc-nifti" else PROSTATE_CLASS_NAMES
+        self._headers: dict[str, tuple[tuple[int, ...], tuple[float, float, float]]] = {}
 
     def select(self, names: Sequence[str]) -> list[_Case]:
         if isinstance(names, str):
@@ -154,9 +164,37 @@ class _Source:
             raise ValueError(f"volumes not under {self.root}: {unknown[:5]}")
         return [self.cases[n] for n in names]
 
-    def header(self, case: _Case) -> tuple[tuple[int, ...], tuple[float, float, float]]:
-        """(shape in NIfTI order, spacing (z, h, w) in mm) of the image, from its header alone."""
-        image = _nibabel().load(case.image)
+    def header(self, case: _Case, channels: tuple[int, ...] | None = None
+               ) -> tuple[tuple[int, ...], tuple[float, float, float]]:
+        """(shape in NIfTI order, spacing (z, h, w) in mm) of the image, from the headers alone.
+
+        Both files of the case are opened and checked (:func:`_open_nifti`: readable, no voxel missing; the
+        shapes the reader expects, ``channels`` present), so a damaged case fails when a data set is built
+        rather than hours into training when its volume is first read.
+        """
+        if case.name not in self._headers:  # checking may decompress a file: once per case is enough
+            self._headers[case.name] = self._checked_header(case)
+        shape, spacing = self._headers[case.name]
+        squeezed = _squeezed(shape, 4)
+        modalities = squeezed[3] if len(squeezed) == 4 else 1
+        if channels is not None and modalities <= max(channels):
+            raise ValueError(f"{case.image}: expected an image (X, Y, Z, modalities) with modality "
+                             f"{max(channels)}; got shape {shape}")
+        return shape, spacing
+
+    def _checked_header(self, case: _Case) -> tuple[tuple[int, ...], tuple[float, float, float]]:
+        image, label = _open_nifti(case.image), _open_nifti(case.label)
+        acdc = self.layout == "acdc-nifti"
+        shape = _squeezed(image.shape, 3 if acdc else 4)
+        if len(shape) not in ((3,) if acdc else (3, 4)):
+            expected = "an image (X, Y, Z)" if acdc else "an image (X, Y, Z) or (X, Y, Z, modalities)"
+            raise ValueError(f"{case.image}: expected {expected}; got shape {tuple(image.shape)}")
+        label_shape = _squeezed(label.shape, 3)
+        if len(label_shape) != 3:
+            raise ValueError(f"{case.label}: expected a label map (X, Y, Z); got shape {tuple(label.shape)}")
+        if shape[:3] != label_shape:
+            raise ValueError(f"{case.image} and {case.label} differ in size: {tuple(image.shape)} and "
+                             f"{tuple(label.shape)} in NIfTI (X, Y, Z) order")
         x, y, z = (float(s) for s in image.header.get_zooms()[:3])
         return tuple(image.shape), (z, y, x)
 
@@ -171,7 +209,85 @@ class _Source:
         return MODALITIES[modality]
 
 
-# ----------------------------------------------------------------------------- reading one case
+# ----------------------------------------------------------------------------- opening and reading files
+
+_CHUNK = 1 << 20
+# What nibabel and the gzip/zlib layers below it raise for a file that is not, or no longer, a NIfTI file;
+# nibabel's own ImageFileError and HeaderDataError derive from Exception only, hence the pair of lookups.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, zlib.error)
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    nib = _nibabel()
+    return (*_DECODE_ERRORS, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
+
+
+def _stored_bytes(path: Path) -> tuple[int, str]:
+    """(bytes the file holds once decompressed, what went wrong or ""), decompressing ``path`` in chunks."""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error) as err:
+        return total, f"the gzip stream is damaged or truncated after {total} bytes ({err})"
+    return total, ""
+
+
+def _check_complete(path: Path, image) -> None:
+    """Refuse a file that holds less data than its header describes.
+
+    nibabel reads only the header when a file is opened, so a truncated download would otherwise pass every
+    check until its volume is decoded. A ``.nii`` is checked by its size. A ``.nii.gz`` first by its gzip
+    trailer, which stores the uncompressed length (mod 2**32): one read of 4 bytes. When that does not match
+    (a truncated file ends in arbitrary bytes; a valid multi-member stream such as bgzip's stores only its last
+    member's length) the stream is decompressed once to find out.
+    """
+    proxy = image.dataobj
+    expected = int(proxy.offset) + int(np.prod(proxy.shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
+    described = f"its header describes {tuple(proxy.shape)} {np.dtype(proxy.dtype)} voxels at byte {proxy.offset}"
+    if path.name.endswith(".gz"):
+        with open(path, "rb") as raw:
+            raw.seek(-4, os.SEEK_END)
+            if int.from_bytes(raw.read(4), "little") == expected % 2**32:
+                return
+        stored, problem = _stored_bytes(path)
+        if problem:
+            raise ValueError(f"{path}: {problem}; {described} ({expected} bytes in all): re-download or re-export it")
+    else:
+        stored = path.stat().st_size
+    if stored < expected:
+        raise ValueError(f"{path}: holds {stored} bytes of NIfTI data but {described} ({expected} bytes in all); "
+                         "the file is truncated")
+
+
+def _open_nifti(path: Path):
+    """The nibabel image of ``path`` (header only), checked to be a NIfTI file that holds all its voxels."""
+    try:
+        image = _nibabel().load(path)
+    except _decode_errors() as err:
+        raise ValueError(f"{path}: expected a NIfTI-1/2 file (.nii or gzip-compressed .nii.gz) but it cannot be "
+                         f"read ({type(err).__name__}: {err})") from err
+    _check_complete(path, image)
+    return image
+
+
+def _voxels(path: Path, read: Callable):
+    """``read(nibabel image)``, with any decoding failure (a file changed or damaged since the data set was
+    built, a CRC error in the middle of the stream) raised as a ValueError naming ``path``."""
+    errors = _decode_errors()
+    try:
+        return read(_nibabel().load(path))
+    except errors as err:
+        raise ValueError(f"{path}: cannot decode the NIfTI data ({type(err).__name__}: {err})") from err
+
+
+def _squeezed(shape: Sequence[int], ndim: int) -> tuple[int, ...]:
+    """``shape`` without trailing 1s beyond ``ndim`` axes: the shape :func:`_drop_trailing_ones` leaves."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > ndim and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _drop_trailing_ones(data: np.ndarray, ndim: int) -> np.ndarray:
@@ -180,28 +296,45 @@ def _drop_trailing_ones(data: np.ndarray, ndim: int) -> np.ndarray:
     return data
 
 
-def _minmax(volume: np.ndarray) -> np.ndarray:
+def _minmax(volume: np.ndarray, where: str) -> np.ndarray:
+    """``volume`` scaled to 0..1 by its finite voxels' min and max (all zeros when they are equal).
+
+    NaN and -Inf take the finite minimum, +Inf the finite maximum, so one bad voxel cannot turn the whole
+    volume into NaN or zeros; a UserWarning naming ``where`` counts them. A volume with no finite voxel
+    cannot be scaled and raises ValueError.
+    """
     low, high = volume.min(), volume.max()
+    if not (np.isfinite(low) and np.isfinite(high)):  # NaN propagates through min/max: one test finds both
+        finite = np.isfinite(volume)
+        n_nan, n_inf = int(np.isnan(volume).sum()), int(np.isinf(volume).sum())
+        if not finite.any():
+            raise ValueError(f"{where}: no finite voxel ({n_nan} NaN, {n_inf} Inf of {volume.size}); "
+                             "expected intensities to scale to 0..1")
+        warnings.warn(f"{where}: {n_nan} NaN and {n_inf} Inf voxels of {volume.size}; scaled by the finite "
+                      "voxels' range, NaN and -Inf read as 0, +Inf as 1", UserWarning, stacklevel=2)
+        low, high = volume[finite].min(), volume[finite].max()
+        volume = np.where(np.isposinf(volume), high, np.where(finite, volume, low))
     return (volume - low) / (high - low) if high > low else np.zeros_like(volume)
 
 
 def _read_image(path: Path, channels: tuple[int, ...] | None) -> np.ndarray:
-    data = _drop_trailing_ones(_nibabel().load(path).get_fdata(dtype=np.float64), 3 if channels is None else 4)
+    data = _voxels(path, lambda image: image.get_fdata(dtype=np.float64))
+    data = _drop_trailing_ones(data, 3 if channels is None else 4)
     if channels is None:
         if data.ndim != 3:
             raise ValueError(f"{path}: expected an image (X, Y, Z); got shape {data.shape}")
-        return _minmax(data).transpose(2, 1, 0)
+        return _minmax(data, str(path)).transpose(2, 1, 0)
     if data.ndim == 3:
         data = data[..., None]
     if data.ndim != 4 or data.shape[3] <= max(channels):
         raise ValueError(f"{path}: expected an image (X, Y, Z, modalities) with modality {max(channels)}; "
                          f"got shape {data.shape}")
-    image = np.stack([_minmax(data[..., c]).transpose(2, 1, 0) for c in channels], axis=1)
+    image = np.stack([_minmax(data[..., c], f"{path} (modality {c})").transpose(2, 1, 0) for c in channels], axis=1)
     return image[:, 0] if len(channels) == 1 else image
 
 
 def _read_label(path: Path, class_names: Sequence[str]) -> np.ndarray:
-    data = _drop_trailing_ones(np.asanyarray(_nibabel().load(path).dataobj), 3)
+    data = _drop_trailing_ones(_voxels(path, lambda image: np.asanyarray(image.dataobj)), 3)
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a label map (X, Y, Z); got shape {data.shape}")
     if not np.issubdtype(data.dtype, np.integer) and not np.array_equal(data, np.round(data)):
@@ -262,8 +395,8 @@ def nifti_split(root, *, seed: int = 0, val: float = 0.1, test: float = 0.2, lis
     return _split(_Source(root), seed, val, test, lists)
 
 
-def _depths(source: _Source, cases: Sequence[_Case]) -> dict[str, int]:
-    return {c.name: source.header(c)[0][2] for c in cases}
+def _depths(source: _Source, cases: Sequence[_Case], channels: tuple[int, ...] | None = None) -> dict[str, int]:
+    return {c.name: source.header(c, channels)[0][2] for c in cases}
 
 
 def _slice_names(source: _Source, volumes: Sequence[str] | None) -> list[str]:
@@ -335,7 +468,7 @@ class NiftiSlices(NamedSlices):
         bad = [n for n, m in zip(self.names, parsed, strict=True) if m is None]
         if bad:
             raise ValueError(f"slice names look like <volume>_slice_<k>; got {bad[:3]}")
-        depth = _depths(source, source.select(list(dict.fromkeys(volume_id(n) for n in self.names))))
+        depth = _depths(source, source.select(list(dict.fromkeys(volume_id(n) for n in self.names))), self._channels)
         too_deep = [n for n, m in zip(self.names, parsed, strict=True) if int(m["index"]) >= depth[m["volume"]]]
         if too_deep:
             raise ValueError(f"slices beyond their volume's depth: {too_deep[:3]}")
@@ -383,7 +516,7 @@ class NiftiVolumes(Sequence):
             names = list(source.cases) if split == "all" else _split(source)[split]
         self._cases = source.select(list(names))
         self.names = [c.name for c in self._cases]
-        self.spacings = [source.header(c)[1] for c in self._cases]
+        self.spacings = [source.header(c, self._channels)[1] for c in self._cases]
 
     @property
     def patient_ids(self) -> list[str]:

@@ -23,3 +23,10 @@ def shared_data_root() -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"${ENV_VAR} points to {path}, which is not a folder; {HOW_TO_POINT}")
     return path
+
+
+def is_hidden(path) -> bool:
+    """True for a file or folder whose name starts with a dot: ``.DS_Store``, and the macOS ``._<name>``
+    AppleDouble copies that archives made on a Mac carry beside every file (they hold Finder metadata, not
+    the data, yet match the data's extension). Every reader skips them."""
+    return Path(path).name.startswith(".")
