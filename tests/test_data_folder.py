@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,106 @@ def test_noisy_jpeg_mask_becomes_binary(tmp_path):
     assert set(loaded.unique().tolist()) <= {0.0, 1.0}
     # JPEG ringing moves only a few edge pixels across the threshold.
     assert (loaded[0] != torch.from_numpy(mask > 127).float()).float().mean() < 0.02
+
+
+FOREGROUND = np.zeros((6, 8), bool)
+FOREGROUND[1:4, 2:7] = True
+FOREGROUND[5, 0] = True
+
+
+def _palette_mask(indices, colours):
+    mask = Image.fromarray(indices.astype(np.uint8), mode="L").convert("P")
+    mask.putpalette([c for colour in colours for c in colour])
+    return mask
+
+
+def _rgba(rgb):
+    return Image.fromarray(np.dstack([rgb, np.full(FOREGROUND.shape, 255, np.uint8)]), mode="RGBA")
+
+
+# Each mask encodes FOREGROUND; the readers must give it back pixel for pixel, whatever the encoding.
+MASK_ENCODINGS = {
+    "L 0/255": lambda fg: Image.fromarray(fg.astype(np.uint8) * 255),
+    "L 0/1": lambda fg: Image.fromarray(fg.astype(np.uint8)),
+    "1 bilevel": lambda fg: Image.fromarray(fg),
+    "LA 0/255": lambda fg: Image.fromarray(fg.astype(np.uint8) * 255).convert("LA"),
+    "I;16 0/1": lambda fg: Image.fromarray(fg.astype(np.uint16)),
+    "I;16 0/255": lambda fg: Image.fromarray(fg.astype(np.uint16) * 255),
+    "I;16 0/65535": lambda fg: Image.fromarray(fg.astype(np.uint16) * 65535),
+    "RGB pure red": lambda fg: Image.fromarray(np.dstack([fg * 255, fg * 0, fg * 0]).astype(np.uint8)),
+    "RGB pure blue": lambda fg: Image.fromarray(np.dstack([fg * 0, fg * 0, fg * 255]).astype(np.uint8)),
+    "RGBA red": lambda fg: _rgba(np.dstack([fg * 255, fg * 0, fg * 0]).astype(np.uint8)),
+    "P black/red": lambda fg: _palette_mask(fg, [(0, 0, 0), (255, 0, 0)]),
+    "P grey ramp 0/1": lambda fg: Image.fromarray(fg.astype(np.uint8)).convert("P"),
+    "P white/black": lambda fg: _palette_mask(~fg, [(255, 255, 255), (0, 0, 0)]),  # index 0 is the foreground
+}
+
+
+@pytest.mark.parametrize("encoding", MASK_ENCODINGS)
+def test_mask_encodings_read_exactly(tmp_path, encoding):
+    mask = MASK_ENCODINGS[encoding](FOREGROUND)
+    write_pair(tmp_path, "e", pattern(6, 8, 0), np.zeros((6, 8), np.uint8))
+    mask.save(tmp_path / "masks" / "e.png")
+    assert Image.open(tmp_path / "masks" / "e.png").mode == encoding.split()[0]  # stored as named, not converted
+    ds = SegmentationFolder(tmp_path)
+    np.testing.assert_array_equal(ds.load(0)[1], FOREGROUND.astype(np.uint8))
+    torch.testing.assert_close(ds[0][1][0], torch.from_numpy(FOREGROUND).float(), rtol=0, atol=0)
+
+
+def test_sixteen_bit_masks_follow_the_threshold_on_their_own_scale(tmp_path):
+    values = np.array([[0, 255, 32639, 32640, 40000, 65535]], np.uint16).repeat(2, 0)
+    write_pair(tmp_path, "w", pattern(2, 6, 0), np.zeros((2, 6), np.uint8))
+    Image.fromarray(values).save(tmp_path / "masks" / "w.png")
+    np.testing.assert_array_equal(SegmentationFolder(tmp_path).load(0)[1], (values > 127 * 257).astype(np.uint8))
+    np.testing.assert_array_equal(SegmentationFolder(tmp_path, threshold=0).load(0)[1], (values > 0).astype(np.uint8))
+
+
+def _refused(tmp_path, mask, name="bad.png"):
+    write_pair(tmp_path, "ok", pattern(4, 4, 0), np.full((4, 4), 255, np.uint8))
+    Image.fromarray(pattern(4, 4, 1)).save(tmp_path / "images" / f"{Path(name).stem}.png")
+    mask.save(tmp_path / "masks" / name)
+    ds = SegmentationFolder(tmp_path)
+    assert ds.load(ds.ids.index("ok"))[1].all()
+    return ds, ds.ids.index(Path(name).stem)
+
+
+@pytest.mark.parametrize("values, reach", [([0, 1, 2], 2), ([0, 60, 127], 127)])
+def test_masks_with_marks_but_no_foreground_are_refused_by_name(tmp_path, values, reach):
+    """A label map 0/1/2, or a faint mask nowhere above the threshold: reading it as empty would drop the lesion."""
+    grey = np.resize(np.array(values, np.uint8), (4, 4))
+    ds, index = _refused(tmp_path, Image.fromarray(grey))
+    with pytest.raises(ValueError, match=rf"bad\.png: values reach {reach} but none exceeds the threshold 127"):
+        ds[index]
+
+
+def test_encodings_the_rule_cannot_read_are_refused_by_name(tmp_path):
+    indices = np.array([[0, 1], [1, 0]], np.uint8).repeat(2, 0).repeat(2, 1)
+    no_colour = Image.fromarray(indices).convert("P")
+    no_colour.putpalette([0, 0, 0])  # index 1 has no colour: PIL would show it black
+    ds, index = _refused(tmp_path / "palette", no_colour)
+    with pytest.raises(ValueError, match=r"bad\.png: pixels use palette index 1 but the palette has 1 colours"):
+        ds[index]
+    ds, index = _refused(tmp_path / "cmyk", Image.new("CMYK", (4, 4)), "bad.tif")
+    with pytest.raises(ValueError, match=r"bad\.tif: PIL mode 'CMYK' is not a mask encoding; expected grey"):
+        ds[index]
+    ds, index = _refused(tmp_path / "float", Image.fromarray(np.ones((4, 4), np.float32)), "bad.tif")
+    with pytest.raises(ValueError, match=r"bad\.tif: PIL mode 'F' is not a mask encoding"):
+        ds[index]
+    ds, index = _refused(tmp_path / "wide", Image.fromarray(np.full((4, 4), 70000, np.int32)), "bad.tif")
+    with pytest.raises(ValueError, match=r"bad\.tif: expected values in 0\.\.65535; got 70000\.\.70000"):
+        ds[index]
+
+
+def test_hidden_and_macos_junk_files_are_skipped(tmp_path):
+    write_pair(tmp_path, "a", pattern(4, 4, 0), np.full((4, 4), 255, np.uint8))
+    for folder in ("images", "masks"):
+        (tmp_path / folder / "._a.png").write_bytes(b"\0\5\26\7 Mac OS X AppleDouble metadata")
+        (tmp_path / folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    Image.fromarray(pattern(4, 4, 1)).save(tmp_path / "images" / ".thumbnail.png")  # a real image, but hidden
+    ds = SegmentationFolder(tmp_path)
+    assert ds.ids == ["a"] and ds.mask_paths == [tmp_path / "masks" / "a.png"]
+    with pytest.raises(ValueError, match="no image"):
+        SegmentationFolder(tmp_path, ids=["._a"])
 
 
 def test_resize_bilinear_image_nearest_mask(tmp_path):
