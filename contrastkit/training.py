@@ -98,18 +98,43 @@ def _payload(model, optimizer, state: dict) -> dict:
     payload = {"model": unwrap_model(model).state_dict(), "state": state}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+        # Another optimizer class takes this state without complaint and fails at its first step
+        # (SGD on AdamW's: KeyError 'momentum'); the name lets a resume say which two disagree.
+        payload["optimizer_class"] = type(optimizer).__name__
+    return payload
+
+
+def _load(path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # a truncated or foreign file fails in pickle, zipfile or torch, each its own way
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or not {"model", "state"} <= payload.keys():
+        raise ValueError(f"{path} is not a checkpoint of contrastkit.training (no model and state in it)")
     return payload
 
 
 def _read(path, model, optimizer, map_location) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    unwrap_model(model).load_state_dict(payload["model"])
+    payload = _load(path, map_location)
+    try:
+        unwrap_model(model).load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its weights do not fit this model: {err}") from err
     if optimizer is not None and "optimizer" in payload:
+        saved, ours = payload.get("optimizer_class"), type(optimizer).__name__
+        if saved is not None and saved != ours:
+            raise ValueError(f"{path} holds the optimizer state of {saved}, which {ours} cannot take over")
         optimizer.load_state_dict(payload["optimizer"])
     return payload
+
+
+def checkpoint_state(path) -> dict:
+    """The extra state of the checkpoint at ``path`` (step, configuration…) without a model to load it
+    into; raises FileNotFoundError or ValueError naming ``path`` when it holds no readable checkpoint."""
+    return _load(path)["state"]
 
 
 def save_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -129,26 +154,36 @@ def load_checkpoint(path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def save_run(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, step: int, best: float,
-             best_step: int, history: History, started: float, scheduler=None, scaler=None, **extra) -> None:
+             best_step: int, history: History, started: float, scheduler=None, scaler=None, carry=(),
+             **extra) -> None:
     """A checkpoint a training run resumes from exactly: the progress counters, the metric
     history, the wall time so far (``started`` is the run's ``time.time()`` origin) and the
     torch RNG state, plus any ``extra`` state such as the configuration. ``scheduler`` (an
     :class:`LRSchedule`) and ``scaler`` (a :class:`MixedPrecision` or ``GradScaler``) are saved
-    through their ``state_dict()`` when given."""
+    through their ``state_dict()`` when given.
+
+    ``carry``: checkpoint files of the run that it still needs (its best model, a teacher) whose
+    weights travel inside this checkpoint, so that :func:`resume_run` can write them into whatever
+    folder the run continues in."""
     payload = _payload(model, optimizer, dict(step=step, best=best, best_step=best_step, history=history.records,
                                               elapsed=time.time() - started, torch_rng=torch.get_rng_state(),
                                               **extra))
     for key, obj in (("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None:
             payload[key] = obj.state_dict()
+    payload["carry"] = {Path(file).name: _load(file)["model"] for file in carry}
     _write(path, payload)
 
 
 def resume_run(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, map_location="cpu", *,
-               scheduler=None, scaler=None):
+               scheduler=None, scaler=None, carry_to=None):
     """Restores what :func:`save_run` wrote, the torch RNG included (and ``scheduler`` /
     ``scaler`` when given; an :class:`LRSchedule` missing from an older checkpoint is set to
     the saved step).
+
+    ``carry_to``: a folder to write the files the checkpoint carries into (weights only; pass it on
+    one process). A carried file is rewritten unless the folder is the checkpoint's own and holds it
+    already, so a folder another run left files in gets this run's.
 
     Returns ``(step, best, best_step, history, started)``, ``started`` shifted so that
     ``time.time() - started`` keeps counting the run's wall time across the interruption.
@@ -160,8 +195,46 @@ def resume_run(path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, m
         scheduler.load_state_dict(payload.get("scheduler", {"step": state["step"]}))
     if scaler is not None and payload.get("scaler"):
         scaler.load_state_dict(payload["scaler"])
+    if carry_to is not None:
+        own_folder = Path(carry_to).resolve() == Path(path).resolve().parent
+        for name, weights in payload.get("carry", {}).items():
+            if not (own_folder and (Path(carry_to) / name).is_file()):
+                _write(Path(carry_to) / name, {"model": weights, "state": {"carried_by": str(path)}})
     return (state["step"], state["best"], state["best_step"], History(state["history"]),
             time.time() - state["elapsed"])
+
+
+# The example scripts' settings that change how a run executes or what it reports, never what it
+# trains, so a resumed run may change them freely: where it writes, the hardware, threads and wall-time
+# budget, what it tests once trained, and how it started (a resume supersedes --stage1-from; a preset
+# is the values it set, which are compared one by one). --channels-last and --compile compute the same
+# model in another memory layout or traced, which, like another --device, changes only float rounding.
+RESUME_MAY_CHANGE = frozenset({
+    "out", "resume", "resume_anyway", "device", "threads", "time_budget", "channels_last", "compile",
+    "test_data", "test_volumes", "stage1_from", "preset", "preset_values",
+})
+
+
+def compare_configs(saved: dict, current: dict, ignore=RESUME_MAY_CHANGE) -> dict[str, tuple]:
+    """``{setting: (saved value, current value)}`` for the settings in which two run configurations
+    (``vars(args)``) differ, but for those in ``ignore``. A setting only one side has is not compared:
+    a checkpoint written before the flag existed cannot say what it used."""
+    return {k: (saved[k], current[k]) for k in sorted(saved.keys() & current.keys() - set(ignore))
+            if saved[k] != current[k]}
+
+
+def config_changes(state: dict, config: dict, ignore=RESUME_MAY_CHANGE) -> list[dict]:
+    """The configuration changes of a run that resumes from a checkpoint's ``state`` with ``config``:
+    those the checkpoint records (``config_changes``, saved by the run's earlier legs), then this
+    resume's when ``config`` differs (:func:`compare_configs`), as ``{"step", "differences":
+    {setting: [checkpoint's, new]}, "resumed_from_config"}``. Empty for a run of one configuration."""
+    changes = list(state.get("config_changes", []))
+    saved = state.get("config", {})
+    differences = compare_configs(saved, config, ignore)
+    if differences:
+        changes.append({"step": state["step"], "differences": {k: list(v) for k, v in differences.items()},
+                        "resumed_from_config": saved})
+    return changes
 
 
 class History:

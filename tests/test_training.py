@@ -414,3 +414,74 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
     assert code_version(tmp_path)["dirty"] is False
     (tmp_path / "a.py").write_text("x = 2\n")
     assert code_version(tmp_path)["dirty"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming: unreadable files, another optimizer, files that travel, configurations that differ
+
+
+def _run_checkpoint(path, optimizer_class=torch.optim.AdamW, **extra):
+    model = torch.nn.Linear(2, 2)
+    optimizer = optimizer_class(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    save_run(path, model, optimizer, step=4, best=0.5, best_step=2, history=History(), started=0.0, **extra)
+    return model, optimizer
+
+
+def test_unreadable_checkpoints_are_named(tmp_path):
+    from contrastkit.training import checkpoint_state
+
+    _run_checkpoint(tmp_path / "last.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tmp_path / "last.pt").read_bytes()[:200])
+    foreign = tmp_path / "foreign.pt"
+    torch.save([1, 2], foreign)
+    for path, match in ((truncated, "is not a readable checkpoint"), (foreign, "is not a checkpoint")):
+        with pytest.raises(ValueError, match=f"{path}.*{match}"):
+            checkpoint_state(path)
+        with pytest.raises(ValueError, match=str(path)):
+            resume_run(path, torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+    with pytest.raises(ValueError, match="its weights do not fit this model"):
+        load_checkpoint(tmp_path / "last.pt", torch.nn.Linear(3, 2))
+
+
+def test_resume_names_both_optimizers_when_they_differ(tmp_path):
+    # SGD would load AdamW's state, then fail at its first step with KeyError 'momentum'.
+    _run_checkpoint(tmp_path / "last.pt")
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="holds the optimizer state of AdamW, which SGD cannot take over"):
+        resume_run(tmp_path / "last.pt", model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+
+
+def test_carried_files_reach_another_folder_and_spare_the_runs_own(tmp_path):
+    run_dir, other = tmp_path / "run", tmp_path / "other"
+    best, _ = _run_checkpoint(run_dir / "best.pt")
+    _run_checkpoint(run_dir / "last.pt", carry=[run_dir / "best.pt"])
+    own = (run_dir / "best.pt").read_bytes()
+    model = torch.nn.Linear(2, 2)
+    resume_run(run_dir / "last.pt", model, torch.optim.AdamW(model.parameters()), carry_to=run_dir)
+    assert (run_dir / "best.pt").read_bytes() == own  # the run's own folder keeps its full best.pt
+    (other / "best.pt").parent.mkdir()
+    torch.save({"model": {}, "state": {}}, other / "best.pt")  # another run's leftover: replaced
+    resume_run(run_dir / "last.pt", model, torch.optim.AdamW(model.parameters()), carry_to=other)
+    fresh = torch.nn.Linear(2, 2)
+    load_checkpoint(other / "best.pt", fresh)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), best.parameters(), strict=True))
+
+
+def test_compare_configs_and_the_changes_a_run_records():
+    from contrastkit.training import RESUME_MAY_CHANGE, compare_configs, config_changes
+
+    saved = {"lr": 0.1, "seed": 0, "data": "a", "out": "A", "threads": 1, "device": "cpu", "old_flag": 1}
+    current = {"lr": 0.2, "seed": 0, "data": "b", "out": "B", "threads": 4, "device": "cuda", "new_flag": 2}
+    assert {"out", "threads", "device"} <= RESUME_MAY_CHANGE
+    # Only settings both sides know are compared: a flag newer than the checkpoint cannot differ from it.
+    assert compare_configs(saved, current) == {"data": ("a", "b"), "lr": (0.1, 0.2)}
+    assert compare_configs(saved, current, ignore={"data", "out", "threads", "device"}) == {"lr": (0.1, 0.2)}
+    assert config_changes({"step": 4, "config": saved}, {**saved, "out": "B"}) == []
+    first = config_changes({"step": 4, "config": saved}, current)
+    assert first == [{"step": 4, "differences": {"data": ["a", "b"], "lr": [0.1, 0.2]}, "resumed_from_config": saved}]
+    # A later resume keeps the earlier change the checkpoint records, then adds its own.
+    later = config_changes({"step": 8, "config": current, "config_changes": first}, {**current, "seed": 1})
+    assert later == [*first, {"step": 8, "differences": {"seed": [0, 1]}, "resumed_from_config": current}]
