@@ -26,6 +26,7 @@ Sources (see examples/README.md for what each preset keeps and what it cannot):
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -105,18 +106,46 @@ def flag(args: argparse.Namespace, dest: str) -> str:
     return text
 
 
+def ranged(kind, low=None, high=None, *, open_low=False, open_high=False):
+    """An argparse ``type``: an int or float (``kind``) in [low, high], an end given as None being
+    unbounded and ``open_low`` / ``open_high`` excluding it. argparse puts the flag before the message:
+    "argument --iterations: expected an int >= 1; got 0"."""
+    bounds = [f"{'>' if open_low else '>='} {low}" if low is not None else "",
+              f"{'<' if open_high else '<='} {high}" if high is not None else ""]
+    if low is not None and high is not None:
+        bounds = [f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"]
+    text = f"{'an int' if kind is int else 'a number'} {' '.join(b for b in bounds if b)}".strip()
+
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {text}; got {value!r}") from None
+        below = low is not None and (number <= low if open_low else number < low)
+        above = high is not None and (number >= high if open_high else number > high)
+        if below or above or not math.isfinite(number):
+            raise argparse.ArgumentTypeError(f"expected {text}; got {value}")
+        return number
+
+    return parse
+
+
+POSITIVE_INT, COUNT = ranged(int, 1), ranged(int, 0)
+POSITIVE, NON_NEGATIVE = ranged(float, 0, open_low=True), ranged(float, 0)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, *, lr: float, out: str) -> None:
     """The flags of how a run trains, shared by both scripts (``lr`` and ``out`` are their defaults)."""
     from contrastkit.training import SCHEDULES
 
     p = parser
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    p.add_argument("--lr", type=float, default=lr, help="base learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr", type=POSITIVE, default=lr, help="base learning rate, > 0")
+    p.add_argument("--momentum", type=NON_NEGATIVE, default=0.9, help="SGD momentum, >= 0")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=1e-4, help=">= 0")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default="poly",
                    help="over all iterations: poly lr·(1 − step/total)^0.9 (SSL4MIS); cosine; constant")
-    p.add_argument("--lr-warmup", type=float, default=0,
+    p.add_argument("--lr-warmup", type=NON_NEGATIVE, default=0,
                    help="linear learning-rate warm-up: a fraction of the iterations (< 1) or iterations (>= 1)")
     p.add_argument("--norm", choices=("batch", "group"), default="batch", help="U-Net normalisation layers")
     p.add_argument("--sync-bn", action="store_true", help="torchrun on GPUs: BatchNorm statistics over all ranks")
@@ -127,12 +156,40 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, lr: float, out: str) -
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model for training (backend inductor unless given)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0, help="seeds the model, sampler and augmentation")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=COUNT, default=0, help="seeds the model, sampler and augmentation; an int >= 0")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
+                   help="torch CPU threads, an int >= 1 (default: torch's choice)")
     p.add_argument("--out", default=out)
-    p.add_argument("--resume", default=None, help="a last.pt checkpoint to continue from")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop after this wall time: validate, keep the best checkpoint, test it, write metrics")
+    p.add_argument("--resume", default=None,
+                   help="a last.pt checkpoint to continue from, with the settings it was trained with (see "
+                        "'Resuming' in examples/README.md); --out may be another folder")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="--resume with settings that differ from the checkpoint's; metrics.json records both")
+    p.add_argument("--time-budget", type=POSITIVE, default=None, metavar="SECONDS",
+                   help="stop after this wall time (> 0): validate, keep the best checkpoint, test it, write metrics")
+
+
+def check_resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stops on a ``--resume`` file that is not a checkpoint, or one trained with other settings
+    than ``args`` (beyond ``RESUME_MAY_CHANGE``) unless ``--resume-anyway`` is given."""
+    from contrastkit.training import checkpoint_state, compare_configs
+
+    if args.resume is None:
+        return
+    try:
+        state = checkpoint_state(args.resume)
+    except (OSError, ValueError) as err:
+        parser.error(f"--resume {args.resume}: {err}")
+    differences = compare_configs(state.get("config", {}), vars(args))
+    if "optimizer" in differences:
+        saved, ours = differences["optimizer"]
+        parser.error(f"--optimizer {ours}: --resume {args.resume} was trained with --optimizer {saved}, whose state "
+                     f"{ours} cannot take over, even with --resume-anyway; resume with --optimizer {saved}")
+    if differences and not args.resume_anyway:
+        listed = ", ".join(f"--{k.replace('_', '-')} {ours!r} (checkpoint: {saved!r})"
+                           for k, (saved, ours) in differences.items())
+        parser.error(f"--resume {args.resume} was trained with other settings: {listed}. Give the checkpoint's "
+                     "values, or add --resume-anyway to continue with these (metrics.json then records both)")
 
 
 def make_optimizer(args: argparse.Namespace, parameters) -> torch.optim.Optimizer:

@@ -18,7 +18,19 @@ import time
 from pathlib import Path
 
 import torch
-from presets import add_preset_argument, add_run_arguments, apply_preset, flag, make_optimizer
+from presets import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    add_preset_argument,
+    add_run_arguments,
+    apply_preset,
+    check_resume,
+    flag,
+    make_optimizer,
+    ranged,
+)
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 from tqdm import tqdm
 
@@ -34,7 +46,9 @@ from contrastkit.training import (
     TimeBudget,
     barrier,
     broadcast_object,
+    checkpoint_state,
     code_version,
+    config_changes,
     derived_seed,
     distributed_run,
     load_checkpoint,
@@ -57,43 +71,47 @@ def parse_args(argv=None):
                    "('_segmentation' for ISIC 2018); for --data and --test-data")
     p.add_argument("--test-data", action="append", default=None, metavar="DIR",
                    help="repeatable: after training, also test the best checkpoint on this images/ + masks/ folder")
-    p.add_argument("--synthetic-size", type=int, default=400, help="number of synthetic images")
-    p.add_argument("--labeled-fraction", type=float, default=0.1, help="labeled share of the training images")
+    p.add_argument("--synthetic-size", type=POSITIVE_INT, default=400,
+                   help="number of synthetic images; the split needs at least 5 (10%% validation, 10%% test)")
+    p.add_argument("--labeled-fraction", type=ranged(float, 0, 1, open_low=True), default=0.1,
+                   help="labeled share of the training images, in (0, 1]; 1 only with --method supervised")
     p.add_argument("--method", choices=("supervised", "cross_level"), default="cross_level")
     p.add_argument("--schedule", choices=("sequential", "joint"), default="sequential")
-    p.add_argument("--warmup", type=float, default=0.3,
-                   help="sequential: contrast phase length, a fraction of the iterations (< 1) or iterations (>= 1)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--grid", type=int, default=2, help="patches per side; image-size/grid must divide by 2^depth")
-    p.add_argument("--width", type=int, default=16, help="U-Net base width")
-    p.add_argument("--depth", type=int, default=3, help="U-Net poolings")
-    p.add_argument("--iterations", type=int, default=None, help="optimizer steps (default 300)")
-    p.add_argument("--epochs", type=int, default=None, help="alternative to --iterations: passes over the labeled set")
-    p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K iterations")
-    p.add_argument("--batch", type=int, default=8, help="images per batch")
-    p.add_argument("--labeled-batch", type=int, default=4, help="labeled images per batch")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=0.3, help="sequential: contrast phase length, "
+                   "a fraction of the iterations (< 1) or iterations (>= 1); 0: consistency from the start")
+    p.add_argument("--image-size", type=POSITIVE_INT, default=64, help="an int >= 1, divided by --grid")
+    p.add_argument("--grid", type=POSITIVE_INT, default=2,
+                   help="patches per side, an int >= 1; image-size/grid must divide by 2^depth")
+    p.add_argument("--width", type=POSITIVE_INT, default=16, help="U-Net base width, an int >= 1")
+    p.add_argument("--depth", type=COUNT, default=3, help="U-Net poolings, an int >= 0")
+    p.add_argument("--iterations", type=POSITIVE_INT, default=None, help="optimizer steps, an int >= 1 (default 300)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None,
+                   help="alternative to --iterations: passes over the labeled set, an int >= 1")
+    p.add_argument("--eval-every", type=POSITIVE_INT, default=50,
+                   help="validate and checkpoint every K iterations, an int >= 1")
+    p.add_argument("--batch", type=POSITIVE_INT, default=8, help="images per batch, >= --labeled-batch")
+    p.add_argument("--labeled-batch", type=POSITIVE_INT, default=4, help="labeled images per batch, an int >= 1")
     p.add_argument("--negatives", choices=("image", "batch"), default="image",
                    help="contrast negatives: the other patches of the image, or of the whole (global) batch")
-    p.add_argument("--contrast-weight", type=float, default=0.1)
-    p.add_argument("--consistency-weight", type=float, default=1.0,
-                   help="times gh*gw: the original sums the per-patch mean over the cells")
-    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--contrast-weight", type=NON_NEGATIVE, default=0.1, help=">= 0")
+    p.add_argument("--consistency-weight", type=NON_NEGATIVE, default=1.0,
+                   help=">= 0, times gh*gw: the original sums the per-patch mean over the cells")
+    p.add_argument("--temperature", type=POSITIVE, default=0.07, help="> 0")
     p.add_argument("--patch-batchnorm", choices=("batch", "batch_no_update", "running"),
                    default="batch_no_update",
                    help="BatchNorm in the patch pass: its own statistics without updating the running ones (so "
                         "the running ones stay the full images'), its own also entering the running ones (the "
                         "original code), or the full images' running statistics")
-    p.add_argument("--split-seed", type=int, default=0, help="seeds the train/val/test split")
+    p.add_argument("--split-seed", type=COUNT, default=0, help="seeds the train/val/test split, an int >= 0")
     add_run_arguments(p, lr=3e-3, out="runs/cross_level")
     args = apply_preset(p, p.parse_args(argv), argv)
     check_args(p, args, world_size_from_env())
+    check_resume(p, args)
     return args
 
 
 def check_args(parser, args, world):
     """Flag combinations that cannot train, reported before anything is loaded."""
-    if args.time_budget is not None and not args.time_budget > 0:
-        parser.error(f"--time-budget must be a positive number of seconds; got {args.time_budget}")
     if args.image_size % args.grid:
         parser.error(f"{flag(args, 'grid')} does not divide {flag(args, 'image_size')}")
     patch = args.image_size // args.grid
@@ -119,22 +137,41 @@ def check_args(parser, args, world):
         except (OSError, ValueError) as err:
             option = "--data" if folder == args.data else "--test-data"
             parser.error(f"{option} {folder}: {err}")
+    parts = dict(zip(("labeled", "unlabeled", "validation", "test"), map(len, split_ids(args)), strict=True))
+    empty = [name for name, size in parts.items() if not size and (name != "unlabeled" or args.method == "cross_level")]
+    if empty:
+        source = flag(args, "synthetic_size") if args.data == "synthetic" else f"--data {args.data}"
+        why = []
+        if set(empty) - {"unlabeled"}:
+            why.append("validation and test take 10% of the images each, so at least 5 images")
+        if "unlabeled" in empty:
+            why.append("--method cross_level needs unlabeled images: a --labeled-fraction below 1")
+        parser.error(f"{source} with {flag(args, 'labeled_fraction')} leaves no {' and no '.join(empty)} images "
+                     f"({parts}); {'; '.join(why)}")
+
+
+def split_ids(args):
+    """The train-labeled, train-unlabeled, val and test ids of ``--data`` (synthetic: image indices)."""
+    ids = ([str(i) for i in range(args.synthetic_size)] if args.data == "synthetic"
+           else SegmentationFolder(args.data, mask_suffix=args.mask_suffix).ids)
+    split = make_split(ids, seed=args.split_seed, val=0.1, test=0.1, labeled=args.labeled_fraction)
+    return split.train_labeled, split.train_unlabeled, split.val, split.test
 
 
 def load_data(args):
     """Train-labeled, train-unlabeled, val and test sets, held in memory as tensors."""
     if args.data == "synthetic":
         source = SyntheticPolyps(args.synthetic_size, size=args.image_size, seed=1234)
-        ids = [str(i) for i in range(len(source))]
         load = lambda part: [source[int(i)] for i in part]  # noqa: E731
     else:
-        ids = SegmentationFolder(args.data, mask_suffix=args.mask_suffix).ids
         def load(part):
             folder = SegmentationFolder(args.data, size=args.image_size, ids=part, mask_suffix=args.mask_suffix)
             return [folder[i] for i in range(len(folder))]
-    split = make_split(ids, seed=args.split_seed, val=0.1, test=0.1, labeled=args.labeled_fraction)
-    parts = (split.train_labeled, split.train_unlabeled, split.val, split.test)
-    return [TensorDataset(*(torch.stack(t) for t in zip(*load(part), strict=True))) for part in parts]
+    parts = [load(part) for part in split_ids(args)]
+    # The supervised baseline may label every training image: its unlabeled set is empty, of the same shapes.
+    shapes = [t.shape for t in parts[0][0]]
+    return [TensorDataset(*(torch.stack(t) for t in zip(*items, strict=True))) if items
+            else TensorDataset(*(torch.empty(0, *shape) for shape in shapes)) for items in parts]
 
 
 def make_loader(args, labeled, unlabeled, context):
@@ -202,14 +239,15 @@ def train(args, context):
     n = args.labeled_batch // context.world_size  # labeled images in this process's share of a batch
 
     code = code_version()  # of the process that finishes the run (a resumed run may have started on another)
-    step, best, best_step, history, start = 0, -1.0, 0, History(), time.time()
-    if args.resume:
-        step, best, best_step, history, start = resume_run(args.resume, net, optimizer, device,
-                                                           scheduler=schedule, scaler=amp)
+    step, best, best_step, history, start, changes = 0, -1.0, 0, History(), time.time(), []
+    if args.resume:  # check_resume let only --resume-anyway change the configuration; metrics.json says how
+        changes = config_changes(checkpoint_state(args.resume), vars(args))
+        step, best, best_step, history, start = resume_run(args.resume, net, optimizer, device, scheduler=schedule,
+                                                           scaler=amp, carry_to=out if main_process else None)
 
-    def checkpoint(path):
+    def checkpoint(path, carry=()):
         save_run(path, net, optimizer, step=step, best=best, best_step=best_step, history=history, started=start,
-                 scheduler=schedule, scaler=amp, config=vars(args))
+                 scheduler=schedule, scaler=amp, carry=carry, config=vars(args), config_changes=changes)
 
     bar = tqdm(total=iterations, initial=step, desc=f"{args.method}/{args.schedule}", dynamic_ncols=True,
                disable=not main_process)
@@ -267,7 +305,7 @@ def train(args, context):
             if main_process:
                 checkpoint(out / "best.pt")
         if main_process:
-            checkpoint(out / "last.pt")
+            checkpoint(out / "last.pt", carry=[out / "best.pt"])  # a resume into another --out needs it
             bar.write(f"step {step}: val dice {val_dice:.4f} (best {best:.4f} at {best_step})")
         barrier()  # no rank runs ahead of the checkpoint it may have to resume from
     bar.close()
@@ -285,7 +323,9 @@ def train(args, context):
         extra[folder] = aggregate(binary_metrics(a, b) for a, b in zip(p, t, strict=True))
         print(f"test on {folder} ({len(dataset)} images), best checkpoint:\n{format_summary(extra[folder])}")
     wall = time.time() - start
-    result = {"config": vars(args), "code": code, "iterations": iterations, "iterations_done": step,
+    result = {"config": vars(args), "config_changes": changes,
+              "resumed_from_config": changes[-1]["resumed_from_config"] if changes else None,
+              "code": code, "iterations": iterations, "iterations_done": step,
               "stopped_at_time_budget": budget.stopped, "best_step": best_step, "best_val_dice": best,
               "test": summary, "test_data": extra, "wall_time_s": wall, "threads": torch.get_num_threads(),
               "world_size": context.world_size}

@@ -27,7 +27,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from presets import add_preset_argument, add_run_arguments, apply_preset, flag, make_optimizer
+from presets import (
+    COUNT,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    add_preset_argument,
+    add_run_arguments,
+    apply_preset,
+    check_resume,
+    flag,
+    make_optimizer,
+    ranged,
+)
 from tqdm import tqdm
 
 from contrastkit import PseudoLabelContrast, pseudo_labels
@@ -51,13 +63,17 @@ from contrastkit.metrics import aggregate, dice, format_summary, per_class_metri
 from contrastkit.models import UNet
 from contrastkit.segmentation import dice_ce_loss
 from contrastkit.training import (
+    RESUME_MAY_CHANGE,
     History,
     LRSchedule,
     MixedPrecision,
     TimeBudget,
     barrier,
     broadcast_object,
+    checkpoint_state,
     code_version,
+    compare_configs,
+    config_changes,
     derived_seed,
     distributed_run,
     load_checkpoint,
@@ -85,33 +101,42 @@ def parse_args(argv=None):
                    "(imagesTr/, labelsTr/; T2 only)")
     p.add_argument("--method", choices=("supervised", "pseudo_label"), default="pseudo_label")
     p.add_argument("--mode", choices=("prototype", "pixel"), default="prototype")
-    p.add_argument("--labeled-patients", type=int, default=3, help="labeled patients (synthetic: volumes)")
-    p.add_argument("--image-size", type=int, default=64, help="training slices are resized to this")
-    p.add_argument("--width", type=int, default=16, help="U-Net base width")
-    p.add_argument("--depth", type=int, default=3, help="U-Net poolings")
-    p.add_argument("--iterations", type=int, default=300, help="iterations per stage")
-    p.add_argument("--rounds", type=int, default=3, help="stage 2: pseudo-label rounds")
-    p.add_argument("--refresh-every", type=int, default=None, help="stage 2: iterations per round "
-                   "(default iterations // rounds); stage 2 lasts rounds * refresh-every iterations")
-    p.add_argument("--eval-every", type=int, default=50, help="validate and checkpoint every K iterations")
-    p.add_argument("--batch", type=int, default=8, help="slices per stage-2 batch")
-    p.add_argument("--labeled-batch", type=int, default=4, help="labeled slices per batch (all of a stage-1 batch)")
-    p.add_argument("--lam", type=float, default=0.1, help="weight λ of the contrastive term")
-    p.add_argument("--tau", type=float, default=0.1, help="contrastive temperature")
-    p.add_argument("--confidence-threshold", type=float, default=0.9,
-                   help="pseudo-labels below this softmax confidence are ignored")
-    p.add_argument("--anchors-per-class", type=int, default=None, help="sample anchors (default: all pixels)")
-    p.add_argument("--synthetic-volumes", type=int, default=20, help="synthetic training volumes")
+    p.add_argument("--labeled-patients", type=POSITIVE_INT, default=3,
+                   help="labeled patients (synthetic: volumes), an int >= 1; the other patients are unlabeled")
+    p.add_argument("--image-size", type=POSITIVE_INT, default=64,
+                   help="training slices are resized to this, a multiple of 2^depth")
+    p.add_argument("--width", type=POSITIVE_INT, default=16, help="U-Net base width, an int >= 1")
+    p.add_argument("--depth", type=COUNT, default=3, help="U-Net poolings, an int >= 0")
+    p.add_argument("--iterations", type=POSITIVE_INT, default=300, help="iterations per stage, an int >= 1")
+    p.add_argument("--rounds", type=POSITIVE_INT, default=3, help="stage 2: pseudo-label rounds, an int >= 1")
+    p.add_argument("--refresh-every", type=POSITIVE_INT, default=None, help="stage 2: iterations per round, an int "
+                   ">= 1 (default iterations // rounds); stage 2 lasts rounds * refresh-every iterations")
+    p.add_argument("--eval-every", type=POSITIVE_INT, default=50,
+                   help="validate and checkpoint every K iterations, an int >= 1")
+    p.add_argument("--batch", type=POSITIVE_INT, default=8, help="slices per stage-2 batch, >= --labeled-batch")
+    p.add_argument("--labeled-batch", type=POSITIVE_INT, default=4,
+                   help="labeled slices per batch (all of a stage-1 batch), an int >= 1")
+    p.add_argument("--lam", type=NON_NEGATIVE, default=0.1, help="weight λ of the contrastive term, >= 0")
+    p.add_argument("--tau", type=POSITIVE, default=0.1, help="contrastive temperature, > 0")
+    p.add_argument("--confidence-threshold", type=ranged(float, 0, 1), default=0.9,
+                   help="pseudo-labels below this softmax confidence are ignored; in [0, 1]")
+    p.add_argument("--anchors-per-class", type=POSITIVE_INT, default=None,
+                   help="sample anchors, an int >= 1 (default: all pixels)")
+    p.add_argument("--synthetic-volumes", type=ranged(int, 2), default=20,
+                   help="synthetic training volumes, more than --labeled-patients")
     p.add_argument("--stage1-from", default=None, metavar="DIR",
                    help="start stage 2 from the end of stage 1 of the run in DIR (its stage1.pt and stage1_best.pt, "
                    "written by every run): stage 1 is the same for every --method, so the arms of a study train it "
                    "once; DIR's settings must equal these but for the stage-2 ones")
-    p.add_argument("--val-volumes", type=int, default=None, help="use only the first N validation volumes")
-    p.add_argument("--test-volumes", type=int, default=None, help="use only the first N test volumes")
+    p.add_argument("--val-volumes", type=POSITIVE_INT, default=None,
+                   help="use only the first N validation volumes, an int >= 1")
+    p.add_argument("--test-volumes", type=POSITIVE_INT, default=None,
+                   help="use only the first N test volumes, an int >= 1")
     add_run_arguments(p, lr=2e-3, out="runs/pseudo_label")
     args = apply_preset(p, p.parse_args(argv), argv)
     check_args(p, args, world_size_from_env())
     args.classes = class_names(args.data)
+    check_resume(p, args)
     return args
 
 
@@ -122,8 +147,9 @@ def class_names(data):
 
 def check_args(parser, args, world):
     """Flag combinations that cannot train, reported before anything is loaded."""
-    if args.time_budget is not None and not args.time_budget > 0:
-        parser.error(f"--time-budget must be a positive number of seconds; got {args.time_budget}")
+    if args.data == "synthetic" and args.labeled_patients >= args.synthetic_volumes:
+        parser.error(f"{flag(args, 'labeled_patients')} leaves no unlabeled volume of {flag(args, 'synthetic_volumes')}"
+                     ": give fewer labeled patients or more volumes")
     if args.image_size % 2**args.depth:
         parser.error(f"{flag(args, 'image_size')} is not a multiple of 2^{args.depth} = {2**args.depth}, "
                      f"which {flag(args, 'depth')} requires")
@@ -208,10 +234,9 @@ def hd95_unit(volumes):
     return "mm" if getattr(volumes, "spacings", None) else "voxel"
 
 
-# Settings stage 1 does not read: a run may start from another's stage 1 when all the others agree.
-# Execution settings (device, threads) may differ too.
-STAGE2_ONLY = {"method", "mode", "lam", "tau", "confidence_threshold", "anchors_per_class", "stage1_from", "resume",
-               "out", "time_budget", "device", "threads", "preset"}
+# Settings stage 1 does not read: a run may start from another's stage 1 when all the others agree,
+# as may the settings a resume may change (where and how a run executes).
+STAGE2_ONLY = RESUME_MAY_CHANGE | {"method", "mode", "lam", "tau", "confidence_threshold", "anchors_per_class"}
 
 
 def stage1_state(folder, args, stage1):
@@ -223,11 +248,10 @@ def stage1_state(folder, args, stage1):
         if not path.is_file():
             raise FileNotFoundError(f"--stage1-from {folder}: no {path.name} (a run writes it when its stage 1 ends)")
     state = torch.load(last, map_location="cpu", weights_only=False)["state"]
-    theirs, ours = state.get("config", {}), vars(args)
-    differ = sorted(k for k in theirs.keys() & ours.keys() - STAGE2_ONLY if theirs[k] != ours[k])
+    differ = compare_configs(state.get("config", {}), vars(args), ignore=STAGE2_ONLY)
     if differ:
         raise ValueError(f"--stage1-from {folder}: its run was trained with other settings: "
-                         + ", ".join(f"{k}={theirs[k]!r} (here {ours[k]!r})" for k in differ))
+                         + ", ".join(f"{k}={theirs!r} (here {ours!r})" for k, (theirs, ours) in differ.items()))
     if state["step"] != stage1:
         raise ValueError(f"--stage1-from {folder}: stage1.pt is at step {state['step']}, stage 1 ends at {stage1}")
     return last, best
@@ -295,18 +319,22 @@ def train(args, context):
 
     code = code_version()  # of the process that finishes the run (a resumed run may have started on another)
     step, best, best_step, history, start, refreshed = 0, -1.0, 0, History(), time.time(), None
+    changes = []  # check_resume let only --resume-anyway change the configuration; metrics.json says how
     if args.resume or args.stage1_from:
         resume_from = args.resume
         if args.stage1_from:
             resume_from, stage1_best = stage1_state(args.stage1_from, args, stage1)
             if main_process:  # the first round's teacher, and the best model if stage 2 never beats it
                 shutil.copyfile(stage1_best, out / "best.pt")
+        else:
+            changes = config_changes(checkpoint_state(resume_from), vars(args))
         step, best, best_step, history, start = resume_run(resume_from, net, optimizer, context.device,
-                                                           scheduler=schedule, scaler=amp)
+                                                           scheduler=schedule, scaler=amp,
+                                                           carry_to=out if main_process else None)
 
-    def checkpoint(path):
+    def checkpoint(path, carry=()):
         save_run(path, net, optimizer, step=step, best=best, best_step=best_step, history=history, started=start,
-                 scheduler=schedule, scaler=amp, config=vars(args))
+                 scheduler=schedule, scaler=amp, carry=carry, config=vars(args), config_changes=changes)
 
     bar = tqdm(total=total, initial=step, desc=args.method + (f"/{args.mode}" if contrastive else ""),
                dynamic_ncols=True, disable=not main_process)
@@ -317,7 +345,8 @@ def train(args, context):
         round_start = stage1 + (step - stage1) // refresh_every * refresh_every
         if in_stage2 and refreshed != round_start:
             teacher_path = out / f"teacher_{round_start}.pt"
-            if step == round_start and main_process:  # a new round: the teacher is the best model so far
+            # A new round, or a resume whose --resume-anyway moved the rounds: the teacher is the best model so far.
+            if main_process and (step == round_start or not teacher_path.is_file()):
                 load_checkpoint(out / "best.pt", teacher)
                 save_checkpoint(teacher_path, teacher)
             barrier()
@@ -360,7 +389,9 @@ def train(args, context):
                 if main_process:
                     checkpoint(out / "best.pt")
             if main_process:
-                checkpoint(out / "last.pt")
+                # What a resume into another --out needs: the best model and this round's teacher.
+                teacher_file = [out / f"teacher_{refreshed}.pt"] if in_stage2 else []
+                checkpoint(out / "last.pt", carry=[out / "best.pt", *teacher_file])
                 if step == stage1:  # what another method's run may start its stage 2 from (--stage1-from)
                     shutil.copyfile(out / "best.pt", out / "stage1_best.tmp")
                     os.replace(out / "stage1_best.tmp", out / "stage1_best.pt")
@@ -376,7 +407,9 @@ def train(args, context):
     print(f"test ({len(test)} volumes), best checkpoint (step {best_step}, val dice {best:.4f}):\n"
           f"{format_summary(summary)}")
     wall = time.time() - start
-    result = {"config": vars(args), "code": code, "stage1_from": args.stage1_from,
+    result = {"config": vars(args), "config_changes": changes,
+              "resumed_from_config": changes[-1]["resumed_from_config"] if changes else None,
+              "code": code, "stage1_from": args.stage1_from,
               "iterations": {"stage1": stage1, "stage2": stage2, "total": total},
               "iterations_done": step, "stopped_at_time_budget": budget.stopped,
               "labeled_slices": n_lab, "unlabeled_slices": n_unl, "best_step": best_step, "best_val_dice": best,

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -119,19 +120,81 @@ def test_resume_continues_exactly(script, tmp_path, monkeypatch, options):
 
 
 def test_resume_with_more_iterations_extends_a_constant_schedule(script, tmp_path):
-    # Resuming with a larger --iterations continues the run; with a constant learning rate
-    # this is exactly one longer run (a decaying schedule is recomputed over the new total).
+    # Resuming with a larger --iterations continues the run (--resume-anyway: it is another
+    # configuration); with a constant learning rate this is exactly one longer run (a decaying
+    # schedule is recomputed over the new total).
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(script, straight, "--iterations", "6", "--warmup", "3", "--lr-schedule", "constant")
     run(script, split, "--iterations", "4", "--warmup", "3", "--lr-schedule", "constant")
     before = records(split)
-    run(script, split, "--iterations", "6", "--warmup", "3", "--lr-schedule", "constant",
-        "--resume", str(split / "last.pt"))
+    result = run(script, split, "--iterations", "6", "--warmup", "3", "--lr-schedule", "constant",
+                 "--resume", str(split / "last.pt"), "--resume-anyway")
+    assert [c["differences"] for c in result["config_changes"]] == [{"iterations": [4, 6]}]
     history = records(split)
     assert history[:2] == before and history == records(straight)
     a = torch.load(straight / "last.pt", weights_only=False)["model"]
     b = torch.load(split / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_into_another_out_finishes_like_an_uninterrupted_run(script, tmp_path, monkeypatch):
+    # The best model (step 2) is older than the checkpoint (step 4) and no later step beats it, so the
+    # new folder's best.pt can come only from what last.pt carries: it is moved alone, away from cut/.
+    straight, cut, moved, other = (tmp_path / name for name in ("straight", "cut", "moved", "other"))
+    args = ["--iterations", "6", "--warmup", "3"]
+    expected = run(script, straight, *args)
+    assert expected["best_step"] == 2  # what makes this test the case above; a change of the tiny run may move it
+    interrupt_at_validation(script, monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(script, cut, *args)
+    monkeypatch.undo()
+    moved.mkdir()
+    shutil.copyfile(cut / "last.pt", moved / "last.pt")
+    resumed = run(script, other, *args, "--resume", str(moved / "last.pt"))
+    metrics = json.loads((other / "metrics.json").read_text())
+    assert metrics["best_step"] == expected["best_step"] and metrics["test"] == expected["test"]
+    assert records(other) == records(straight)  # the history travelled too
+    a = torch.load(straight / "best.pt", weights_only=False)["model"]
+    b = torch.load(other / "best.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["config_changes"] == [] and resumed["resumed_from_config"] is None  # --out may differ
+
+
+def test_resume_with_other_settings_stops_naming_them(script, tmp_path, capsys):
+    run(script, tmp_path / "a", "--iterations", "2")
+    resume = [*TINY, "--iterations", "2", "--resume", str(tmp_path / "a" / "last.pt")]
+    message = _error(script, capsys, [*resume, "--lr", "0.001", "--synthetic-size", "60"])
+    assert "--lr 0.001 (checkpoint: 0.003)" in message and "--synthetic-size 60 (checkpoint: 40)" in message
+    assert "--resume-anyway" in message
+    # Where it writes and how it executes may change: these resume.
+    args = script.parse_args([*resume, "--out", str(tmp_path / "b"), "--threads", "2", "--time-budget", "60"])
+    assert args.out == str(tmp_path / "b")
+    # Another optimizer cannot take over the saved state, whatever the user says.
+    for anyway in ([], ["--resume-anyway"]):
+        message = _error(script, capsys, [*resume, "--optimizer", "sgd", *anyway])
+        assert "--optimizer sgd" in message and "trained with --optimizer adamw" in message
+
+
+def test_resume_anyway_records_both_configurations_in_another_out(script, tmp_path, monkeypatch):
+    cut = tmp_path / "cut"
+    args = ["--iterations", "6", "--warmup", "3"]
+    interrupt_at_validation(script, monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run(script, cut, *args)
+    monkeypatch.undo()
+    resume = ["--resume", str(cut / "last.pt"), "--resume-anyway"]
+    result = run(script, tmp_path / "every3", *args, "--eval-every", "3", *resume)
+    metrics = json.loads((tmp_path / "every3" / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))
+    assert metrics["config"]["eval_every"] == 3 and metrics["resumed_from_config"]["eval_every"] == 2
+    assert metrics["config_changes"] == [{"step": 4, "differences": {"eval_every": [2, 3]},
+                                          "resumed_from_config": metrics["resumed_from_config"]}]
+    assert [r["step"] for r in records(tmp_path / "every3")] == [2, 4, 6]
+    # Fewer iterations than the checkpoint's step, in bf16: nothing left to train, the best model is tested.
+    result = run(script, tmp_path / "short", *args, "--iterations", "2", "--amp", "bf16", *resume)
+    assert (result["iterations_done"], result["best_step"]) == (4, 2)
+    assert result["config_changes"][0]["differences"] == {"amp": ["none", "bf16"], "iterations": [6, 2]}
+    assert (tmp_path / "short" / "metrics.json").is_file()
 
 
 def test_real_kvasir_batches_through_the_script_data_path(script):
@@ -273,6 +336,41 @@ def test_bad_input_is_reported_before_training(script, tmp_path, capsys, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "--sync-bn" in _error(script, capsys, ["--sync-bn", "--device", "cpu"])
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--iterations", "0"], "argument --iterations: expected an int >= 1; got 0"),
+    (["--iterations", "-5"], "argument --iterations: expected an int >= 1; got -5"),
+    (["--epochs", "0"], "argument --epochs: expected an int >= 1; got 0"),
+    (["--threads", "0"], "argument --threads: expected an int >= 1; got 0"),
+    (["--warmup", "-1"], "argument --warmup: expected a number >= 0; got -1"),
+    (["--grid", "0"], "argument --grid: expected an int >= 1; got 0"),
+    (["--eval-every", "0"], "argument --eval-every: expected an int >= 1; got 0"),
+    (["--image-size", "0"], "argument --image-size: expected an int >= 1; got 0"),
+    (["--lr", "nan"], "argument --lr: expected a number > 0; got nan"),
+    (["--labeled-fraction", "0"], "argument --labeled-fraction: expected a number in (0, 1]; got 0"),
+    (["--labeled-fraction", "1.0"], "--labeled-fraction 1.0 leaves no unlabeled images"),
+    (["--synthetic-size", "3"], "--synthetic-size 3 with --labeled-fraction 0.1 leaves no validation and no test "
+                                "images ({'labeled': 1, 'unlabeled': 2, 'validation': 0, 'test': 0}); validation "
+                                "and test take 10% of the images each, so at least 5 images"),
+])
+def test_flags_out_of_range_are_refused_naming_the_flag(script, capsys, argv, message):
+    assert message in _error(script, capsys, argv)
+
+
+def test_unreadable_resume_file_is_reported_with_its_path(script, tmp_path, capsys):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert f"--resume {bad}: {bad} is not a readable checkpoint" in _error(script, capsys, ["--resume", str(bad)])
+    missing = tmp_path / "missing.pt"
+    assert f"--resume {missing}: no checkpoint at {missing}" in _error(script, capsys, ["--resume", str(missing)])
+
+
+def test_supervised_baseline_may_label_every_training_image(script, tmp_path):
+    argv = [*TINY, "--method", "supervised", "--labeled-fraction", "1", "--iterations", "2", "--out", str(tmp_path)]
+    labeled, unlabeled, val, test = script.load_data(script.parse_args(argv))
+    assert (len(labeled), len(unlabeled), len(val), len(test)) == (32, 0, 4, 4)
+    assert script.main(argv)["test"]["dice"]["n"] == 4
 
 
 def test_clcc_preset_builds_the_paper_config_and_trains(script, tmp_path):

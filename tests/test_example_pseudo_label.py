@@ -139,16 +139,36 @@ def test_resume_mid_round_matches_an_uninterrupted_run(script, tmp_path, monkeyp
     monkeypatch.setattr(script, "validate", validate)
     state = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["state"]
     assert state["step"] == 4  # mid-round 1 (steps 2-4), with the round-2 teacher already on disk
+    # The round's teacher travels in last.pt. Checked here because, when no step after the round's start
+    # beats it, it equals the best model, and the runs below could not tell it from one remade from best.pt.
+    carried = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["carry"]
+    teacher = torch.load(tmp_path / "cut" / "teacher_2.pt", weights_only=False)["model"]
+    assert carried.keys() == {"best.pt", "teacher_2.pt"}
+    assert all(torch.equal(carried["teacher_2.pt"][k], v) for k, v in teacher.items())
+    # last.pt alone, away from the folder holding best.pt and the round's teacher_2.pt, into another --out.
+    (tmp_path / "moved").mkdir()
+    shutil.copyfile(tmp_path / "cut" / "last.pt", tmp_path / "moved" / "last.pt")
+    elsewhere = script.main(args + ["--out", str(tmp_path / "other"), "--resume", str(tmp_path / "moved" / "last.pt")])
     resumed = script.main(args + ["--out", str(tmp_path / "cut"), "--resume", str(tmp_path / "cut" / "last.pt")])
-    _check_outputs(tmp_path / "cut")
-    assert resumed["best_step"] == full["best_step"]
-    assert _leaves(resumed["test"]) == pytest.approx(_leaves(full["test"]), rel=1e-5, abs=1e-6)
-    assert _leaves(resumed["per_volume"]) == pytest.approx(_leaves(full["per_volume"]), rel=1e-5, abs=1e-6)
-    history = json.loads((tmp_path / "cut" / "history.json").read_text())
-    assert [r["step"] for r in history] == [2, 4, 6, 8]
+    for out, result in ((tmp_path / "cut", resumed), (tmp_path / "other", elsewhere)):
+        _check_outputs(out)
+        assert result["best_step"] == full["best_step"]
+        assert _leaves(result["test"]) == pytest.approx(_leaves(full["test"]), rel=1e-5, abs=1e-6)
+        assert _leaves(result["per_volume"]) == pytest.approx(_leaves(full["per_volume"]), rel=1e-5, abs=1e-6)
+        history = json.loads((out / "history.json").read_text())
+        assert [r["step"] for r in history] == [2, 4, 6, 8]
+        expected = json.loads((tmp_path / "full" / "history.json").read_text())
+        assert [r.keys() for r in history] == [r.keys() for r in expected]
+        assert _leaves(history) == pytest.approx(_leaves(expected), rel=1e-5, abs=1e-6)
+    # A longer stage 1 (--resume-anyway) moves the round under way to steps 3-5, whose teacher no earlier
+    # leg made: it is the best model so far, as at the start of any round.
+    longer = script.main(args + ["--iterations", "3", "--out", str(tmp_path / "longer"), "--resume-anyway",
+                                 "--resume", str(tmp_path / "moved" / "last.pt")])
+    assert longer["config_changes"][0]["differences"] == {"iterations": [2, 3]}
+    assert longer["iterations_done"] == 9 and (tmp_path / "longer" / "teacher_3.pt").is_file()
 
 
-def test_stage2_from_the_baselines_stage1_matches_a_run_of_its_own(script, tmp_path):
+def test_stage2_from_the_baselines_stage1_matches_a_run_of_its_own(script, tmp_path, capsys):
     args = TINY + ["--iterations", "2", "--rounds", "2", "--refresh-every", "2", "--eval-every", "2"]
     own = script.main(args + ["--mode", "pixel", "--out", str(tmp_path / "own")])
     baseline = script.main(args + ["--method", "supervised", "--out", str(tmp_path / "base")])
@@ -161,6 +181,13 @@ def test_stage2_from_the_baselines_stage1_matches_a_run_of_its_own(script, tmp_p
     assert _leaves(forked["test"]) == pytest.approx(_leaves(own["test"]), rel=1e-5, abs=1e-6)
     history = json.loads((tmp_path / "fork" / "history.json").read_text())
     assert history == json.loads((tmp_path / "own" / "history.json").read_text())
+    # examples/study.py resumes a cut fork without its --stage1-from: the same run, so accepted;
+    # another setting stops it, naming the flag and both values.
+    resume = args + ["--mode", "pixel", "--out", str(tmp_path / "fork"), "--resume", str(tmp_path / "fork" / "last.pt")]
+    assert script.parse_args(resume).stage1_from is None
+    with pytest.raises(SystemExit):
+        script.parse_args([*resume, "--lam", "0.5"])
+    assert "--lam 0.5 (checkpoint: 0.1)" in capsys.readouterr().err
 
 
 def test_stage1_from_refuses_what_it_cannot_continue(script, tmp_path, capsys):
@@ -220,6 +247,21 @@ def _error(script, capsys, argv):
         script.parse_args(argv)
     assert exit_info.value.code == 2
     return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--iterations", "-1"], "argument --iterations: expected an int >= 1; got -1"),
+    (["--iterations", "0"], "argument --iterations: expected an int >= 1; got 0"),
+    (["--rounds", "0"], "argument --rounds: expected an int >= 1; got 0"),
+    (["--refresh-every", "0"], "argument --refresh-every: expected an int >= 1; got 0"),
+    (["--eval-every", "0"], "argument --eval-every: expected an int >= 1; got 0"),
+    (["--val-volumes", "0"], "argument --val-volumes: expected an int >= 1; got 0"),
+    (["--confidence-threshold", "1.5"], "argument --confidence-threshold: expected a number in [0, 1]; got 1.5"),
+    (["--labeled-patients", "4", "--synthetic-volumes", "4"],
+     "--labeled-patients 4 leaves no unlabeled volume of --synthetic-volumes 4"),
+])
+def test_flags_out_of_range_are_refused_naming_the_flag(script, capsys, argv, message):
+    assert message in _error(script, capsys, argv)
 
 
 def test_ssl4mis_preset_builds_the_protocol_and_trains(script, tmp_path, capsys, monkeypatch):
