@@ -21,12 +21,12 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from einops import reduce
 
 from . import _triton
 from ._chunked import chunked_rows
 from ._dense import dense_block_rows
+from ._masks import normalized
 from ._options import InfoNCEOptions, OpInputs
 from ._reference import dense_rows
 from ._validation import BACKENDS, check_choice
@@ -55,7 +55,7 @@ class Backend(NamedTuple):
 
 def mean_pool(features: torch.Tensor, grid_h: int, grid_w: int, normalize: bool) -> torch.Tensor:
     pooled = reduce(features, "b c (gh ph) (gw pw) -> b c gh gw", "mean", gh=grid_h, gw=grid_w)
-    return F.normalize(pooled, dim=1) if normalize else pooled
+    return normalized(pooled, dim=1) if normalize else pooled
 
 
 def _any_input(operation: str, x: torch.Tensor, size: int) -> bool:

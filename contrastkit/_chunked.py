@@ -17,7 +17,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ._masks import contributing_rows, masked_logsumexp, pair_masks, prepare
+from ._masks import contributing_rows, inverse_norm, masked_logsumexp, pair_masks, prepare
 from ._options import SHARED, InfoNCEOptions, OpInputs, input_gradients, op_schema, split_op_args
 from ._validation import as_rows, compute_dtype
 
@@ -100,16 +100,17 @@ forward_op.register_fake(_forward_fake)
 
 
 def _normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """Gradient with respect to the raw rows of ``F.normalize(x)`` (x / max(|x|, eps))."""
+    """Gradient with respect to the raw rows of ``_masks.normalized(x)`` = x·r, r = (|x|² + floor²)^-1/2:
+    r·(g - u (u·g)) with u = x·r, computed on the rows ``overflow_safe`` scales by 1/m (then r = r_m / m)."""
     if not normalize:
         return grad_normalized.to(x.dtype)
     out_dtype = x.dtype
     x = x.to(grad_normalized.dtype)
-    norm = x.norm(dim=1, keepdim=True)
-    scaled = norm > 1e-12
-    unit = x / torch.where(scaled, norm, 1.0)
-    projected = grad_normalized - unit * (unit * grad_normalized).sum(dim=1, keepdim=True)
-    grad = torch.where(scaled, projected / torch.where(scaled, norm, 1.0), grad_normalized / 1e-12)
+    largest = x.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    scaled = x / largest
+    inverse = inverse_norm(scaled, dim=1)
+    unit = scaled * inverse
+    grad = (grad_normalized - unit * (unit * grad_normalized).sum(dim=1, keepdim=True)) * (inverse / largest)
     return grad.to(out_dtype)
 
 
@@ -200,6 +201,16 @@ def _autograd_backward(ctx, grad_loss, _grad_valid, _grad_lse):
 
 
 forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "second derivatives (create_graph=True, e.g. a gradient penalty) of info_nce are not implemented "
+        "on the chunked 'torch' backend, whose backward is a fused custom op: pass backend='dense' (or "
+        "'reference'), which autograd differentiates twice")
+
+
+backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def chunked_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:

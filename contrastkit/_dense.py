@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ._masks import contributing_rows, same_group
+from ._masks import contributing_rows, inverse_norm, normalized, same_group
 from ._options import InfoNCEOptions, OpInputs
 from ._validation import as_rows, compute_dtype, num_rows
-
-# F.normalize's floor on a row's norm, squared. Added rather than clamped: the same value wherever
-# |x|² is above ~1e-17 (float32) and a zero row still scales by 1e12, with no op in the backward.
-_NORM_FLOOR_SQUARED = 1e-24
 
 
 def block_count(options: InfoNCEOptions, num_queries: int, num_keys: int) -> int | None:
@@ -47,14 +43,49 @@ def _as_blocks(x: torch.Tensor, blocks: int) -> torch.Tensor:
     return as_rows(x).reshape(blocks, -1, x.shape[1])
 
 
+class _ScaledRows(torch.autograd.Function):
+    """x / (τ sqrt(|x|² + floor²)) per row (``_masks.normalized``, then divided by τ), its backward
+    written out: f (g - out τ² (out·g)) with f = 1 / (τ sqrt(|x|² + floor²)). Autograd's backward
+    of the same few ops costs twice the device ops, and this path exists for problems where the
+    launches are the cost. Under ``create_graph`` the plain formula is differentiated instead."""
+
+    @staticmethod
+    def forward(ctx, x, temperature):
+        largest = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1.0)
+        scaled = x / largest
+        factor = inverse_norm(scaled)
+        if temperature is not None:
+            factor = factor.div_(temperature)
+        out = scaled * factor
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, out, factor.div_(largest), temperature)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out, factor, temperature = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            with torch.enable_grad():
+                inputs = [t for t in (x, temperature) if t is not None]
+                plain = normalized(x) if temperature is None else normalized(x) / temperature
+                grads = torch.autograd.grad(plain, inputs, grad, create_graph=True, allow_unused=True)
+            return grads[0], (grads[1] if temperature is not None else None)
+        dot = (out * grad).sum(dim=-1, keepdim=True)
+        grad_temperature = None
+        if temperature is not None and ctx.needs_input_grad[1]:
+            grad_temperature = dot.sum().div(temperature).neg()
+        coefficient = dot if temperature is None else dot * temperature.square()
+        if not ctx.needs_input_grad[0]:
+            return None, grad_temperature
+        return torch.addcmul(grad, out, coefficient, value=-1).mul_(factor), grad_temperature
+
+
 def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None) -> torch.Tensor:
-    """Rows in the compute dtype, L2-normalised (as F.normalize) and divided by τ if given, with
-    one per-row scale: a sum of squares reduces fast over a strided view of a map where a norm
-    does not, and τ joins the per-row scale instead of costing a pass over the rows."""
+    """Rows in the compute dtype, L2-normalised (``_masks.normalized``) and divided by τ if given, with
+    one per-row scale (τ joins it instead of costing a pass over the rows)."""
     x = x.to(compute_dtype(x.dtype))
     if normalize:
-        scale = x.square().sum(dim=-1, keepdim=True).add(_NORM_FLOOR_SQUARED).rsqrt()
-        return x * (scale if temperature is None else scale / temperature)
+        return _ScaledRows.apply(x, temperature)
     return x if temperature is None else x / temperature
 
 

@@ -4,7 +4,6 @@ chunked path compute alike, kept apart so that ``_reference.py`` holds only the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._options import SHARED
 from ._validation import compute_dtype
@@ -16,11 +15,38 @@ def same_group(groups: torch.Tensor, key_groups: torch.Tensor) -> torch.Tensor:
             | (key_groups == SHARED)[None, :])
 
 
+# The floor of normalisation, squared: rows become x / sqrt(|x|² + 1e-24). Above a norm of ~1e-9 that
+# is F.normalize's unit vector to float32 precision; below, the row shrinks smoothly to 0 instead of
+# F.normalize's kink at max(|x|, 1e-12), so every backend computes one formula with no branch (a zero
+# row still scales by 1e12) and the backward of the floor is no op at all.
+NORM_FLOOR_SQUARED = 1e-24
+
+
+def overflow_safe(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Rows divided by max(1, their largest |entry|), a constant for autograd: what normalising
+    needs before it squares. A float32 row of norm above ~1e19 has an infinite sum of squares (it
+    would normalise to 0 and lose its gradient); divided, its sum of squares is at most D. A row
+    whose entries are at most 1 is left exactly as it is, so the floor keeps its meaning, and the
+    direction of every row is unchanged, so the normalised rows are too."""
+    return x / x.detach().abs().amax(dim=dim, keepdim=True).clamp_min(1.0)
+
+
+def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """1 / sqrt(|x|² + floor²) along ``dim`` (keepdim) of rows that ``overflow_safe`` has scaled."""
+    return x.square().sum(dim=dim, keepdim=True).add(NORM_FLOOR_SQUARED).rsqrt()
+
+
+def normalized(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The library's L2 normalisation: x / sqrt(|x|² + 1e-24) along ``dim``, for rows of any finite norm."""
+    x = overflow_safe(x, dim)
+    return x * inverse_norm(x, dim)
+
+
 def prepare(x: torch.Tensor, temperature: torch.Tensor | None, normalize: bool) -> torch.Tensor:
     """Rows in the compute dtype, L2-normalised if asked, optionally pre-scaled by 1/temperature."""
     x = x.to(compute_dtype(x.dtype))
     if normalize:
-        x = F.normalize(x, dim=-1)
+        x = normalized(x)
     if temperature is not None:
         x = x / temperature
     return x

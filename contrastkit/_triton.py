@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ._masks import overflow_safe
 from ._options import InfoNCEOptions, OpInputs
 
 
@@ -36,7 +37,18 @@ def _require_kernels():
 NOT_FOR_KERNELS = ("chunk_size", "blocks", "paired")
 
 
+def _overflow_safe_rows(x: torch.Tensor) -> torch.Tensor:
+    # The kernels multiply raw rows and scale the products by the inverse norms: rows of norm ~1e19
+    # and more would overflow the products, so they are divided by their largest entry first (the
+    # normalised rows are the same; rows whose entries are at most 1 are left exactly as they are).
+    return overflow_safe(x, dim=1)
+
+
 def info_nce_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    if options.normalize:
+        query = _overflow_safe_rows(inputs.query)
+        key = query if inputs.key is inputs.query else _overflow_safe_rows(inputs.key)
+        inputs = inputs._replace(query=query, key=key)
     # OpInputs lists the tensors in the kernels' order.
     return _require_kernels().info_nce_rows(*inputs, denominator=options.denominator, normalize=options.normalize,
                                             ignore_index=options.ignore_index,

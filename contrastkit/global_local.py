@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import _validation as v
+from ._masks import normalized
 from ._temperature import TemperatureModule
 from ._validation import check_flag, check_same_maps
 from .core import info_nce
@@ -74,6 +74,7 @@ def _check_ids(z: torch.Tensor, **ids: torch.Tensor) -> list[torch.Tensor]:
     return checked
 
 
+@v.embedding_names("z", "z, its copies from other ranks or the queue's keys")
 def global_contrast(
     z: torch.Tensor,
     volume_ids: torch.Tensor,
@@ -162,6 +163,7 @@ def _gd_minus(z, slices, partition_ids, keys, key_partitions, queue, options):
                     **options)
 
 
+@v.embedding_names("f1 or f2", "f1, f2 or the queue's keys")
 def local_contrast(
     f1: torch.Tensor,
     f2: torch.Tensor,
@@ -229,7 +231,7 @@ def _nearest_negatives_loss(rows, queued, k, normalize, options):
         dtype = torch.promote_types(rows.dtype, torch.float32)
         q, c = rows.to(dtype), candidates.to(dtype)
         if normalize:
-            q, c = F.normalize(q, dim=2), F.normalize(c, dim=2)
+            q, c = normalized(q, dim=2), normalized(c, dim=2)
         similarity = q @ c.transpose(1, 2)  # (B, 2R, 2R + Q)
         similarity[:, own, own] = float("-inf")
         similarity[:, own, partner] = float("-inf")

@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-NORM_EPS = tl.constexpr(1e-12)  # F.normalize divides by max(|x|, eps)
+# Rows are normalised as x / sqrt(|x|² + 1e-24): unit vectors above a norm of ~1e-9, shrinking
+# smoothly to 0 below (a zero row scales by 1e12); one formula and no branch, forward and backward.
+NORM_FLOOR_SQUARED = tl.constexpr(1e-24)
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 # each_positive's positive pass multiplies factors in [1, 2] over this many tiles before one log2:
@@ -45,6 +47,16 @@ def _row_offsets(rows, HW, W, sB, sH, sW):
 
 
 @triton.jit
+def _inverse_norm(x, axis: tl.constexpr):
+    """1 / sqrt(|x|² + floor²) along ``axis``, the entries first divided by m = max(1, the largest
+    |entry|) (then 1 / (m sqrt(|x/m|² + floor²))): a float32 sum of squares overflows from norms of
+    ~1e19, which would give a zero row (or NaN) for finite input."""
+    largest = tl.maximum(tl.max(tl.abs(x), axis=axis), 1.0)
+    y = x / tl.expand_dims(largest, axis)
+    return 1.0 / (tl.sqrt(tl.sum(y * y, axis=axis) + NORM_FLOOR_SQUARED) * largest)
+
+
+@triton.jit
 def _gather(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW,
             NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -56,8 +68,7 @@ def _gather(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, 
     x = tl.load(x_ptr + offsets, mask=inside[:, None] & (dims < D)[None, :], other=0.0)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D_PAD + dims[None, :], x, mask=written[:, None])
     if NORMALIZE:
-        x = x.to(tl.float32)
-        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), NORM_EPS)
+        inv = _inverse_norm(x.to(tl.float32), 1)
         inv = tl.where(inside, inv, 1.0)
     else:
         inv = tl.full([BLOCK], 1.0, tl.float32)
@@ -68,8 +79,8 @@ def _gather(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, 
 @triton.jit
 def gather_rows_kernel(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW,
                        NORMALIZE: tl.constexpr, BLOCK: tl.constexpr, D_PAD: tl.constexpr):
-    """out[i] = x[perm[i]] zero-padded to D_PAD (rows n <= i < total zero), inv_norm[i] = 1 / max(|x[perm[i]]|, eps)
-    (1 without normalisation and on padding rows)."""
+    """out[i] = x[perm[i]] zero-padded to D_PAD (rows n <= i < total zero),
+    inv_norm[i] = 1 / sqrt(|x[perm[i]]|² + floor²) (1 without normalisation and on padding rows)."""
     _gather(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, HW, W, sB, sD, sH, sW, NORMALIZE, BLOCK, D_PAD)
 
 
@@ -100,12 +111,11 @@ def gather_partials_kernel(x_ptr, perm_ptr, out_ptr, inv_norm_ptr, n, total, D, 
 
 @triton.jit
 def _store_grad(ptr, grad, x, inv, perm_ptr, rows, n, D, NORMALIZE: tl.constexpr, D_PAD: tl.constexpr):
-    """Gradient w.r.t. the raw rows x from the gradient w.r.t. x / max(|x|, eps) (F.normalize), stored
-    at the rows' original places (``perm``) of a contiguous (n, D) buffer."""
+    """Gradient w.r.t. the raw rows x from the gradient g w.r.t. u = x·inv (the normalised rows),
+    inv·(g - u (u·g)), stored at the rows' original places (``perm``) of a contiguous (n, D) buffer."""
     if NORMALIZE:
         unit = x.to(tl.float32) * inv[:, None]
-        projected = grad - unit * tl.sum(unit * grad, axis=1)[:, None]
-        grad = tl.where((inv < 1.0 / NORM_EPS)[:, None], projected, grad) * inv[:, None]
+        grad = (grad - unit * tl.sum(unit * grad, axis=1)[:, None]) * inv[:, None]
     inside = rows < n
     target = tl.load(perm_ptr + rows, mask=inside, other=0).to(tl.int64)
     dims = tl.arange(0, D_PAD)

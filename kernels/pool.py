@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._info_nce_kernels import NORM_EPS
+from ._info_nce_kernels import _inverse_norm
 from ._layout import KERNEL_DTYPES, interpreting
 
 # Elements of one (channels x pixels) tile: bounds register use for any C.
@@ -47,7 +47,7 @@ def _out_offsets(pid, grid_h, grid_w, sB, sC, sH, sW, C_PAD: tl.constexpr):
 
 
 @triton.jit
-def pool_fwd_kernel(x_ptr, out_ptr, norm_ptr, C, grid_h, grid_w, cell_h, cell_w,
+def pool_fwd_kernel(x_ptr, out_ptr, inv_norm_ptr, C, grid_h, grid_w, cell_h, cell_w,
                     x_sB, x_sC, x_sH, x_sW, o_sB, o_sC, o_sH, o_sW,
                     NORMALIZE: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
@@ -59,16 +59,16 @@ def pool_fwd_kernel(x_ptr, out_ptr, norm_ptr, C, grid_h, grid_w, cell_h, cell_w,
         acc += tl.sum(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32), axis=1)
     mean = acc / (cell_h * cell_w)
     if NORMALIZE:
-        norm = tl.sqrt(tl.sum(mean * mean, axis=0))
-        tl.store(norm_ptr + pid, norm)
-        mean = mean / tl.maximum(norm, NORM_EPS)
+        inv = _inverse_norm(mean, 0)
+        tl.store(inv_norm_ptr + pid, inv)
+        mean = mean * inv
     channels = tl.arange(0, C_PAD)
     tl.store(out_ptr + _out_offsets(pid, grid_h, grid_w, o_sB, o_sC, o_sH, o_sW, C_PAD), mean,
              mask=channels < C)
 
 
 @triton.jit
-def pool_bwd_kernel(grad_out_ptr, out_ptr, norm_ptr, grad_x_ptr, C, grid_h, grid_w, cell_h, cell_w,
+def pool_bwd_kernel(grad_out_ptr, out_ptr, inv_norm_ptr, grad_x_ptr, C, grid_h, grid_w, cell_h, cell_w,
                     g_sB, g_sC, g_sH, g_sW, o_sB, o_sC, o_sH, o_sW, x_sB, x_sC, x_sH, x_sW,
                     NORMALIZE: tl.constexpr, C_PAD: tl.constexpr, BLOCK_P: tl.constexpr):
     pid = tl.program_id(0)
@@ -76,12 +76,11 @@ def pool_bwd_kernel(grad_out_ptr, out_ptr, norm_ptr, grad_x_ptr, C, grid_h, grid
     grad = tl.load(grad_out_ptr + _out_offsets(pid, grid_h, grid_w, g_sB, g_sC, g_sH, g_sW, C_PAD),
                    mask=channels < C, other=0.0).to(tl.float32)
     if NORMALIZE:
-        # out = mean / max(|mean|, eps): project out the radial part, or just scale below eps.
+        # out = mean·inv, inv = 1 / sqrt(|mean|² + floor²): the gradient is inv·(g - out (out·g)).
         unit = tl.load(out_ptr + _out_offsets(pid, grid_h, grid_w, o_sB, o_sC, o_sH, o_sW, C_PAD),
                        mask=channels < C, other=0.0).to(tl.float32)
-        norm = tl.load(norm_ptr + pid)
-        projected = grad - unit * tl.sum(unit * grad, axis=0)
-        grad = tl.where(norm > NORM_EPS, projected, grad) / tl.maximum(norm, NORM_EPS)
+        inv = tl.load(inv_norm_ptr + pid)
+        grad = (grad - unit * tl.sum(unit * grad, axis=0)) * inv
     grad = grad / (cell_h * cell_w)
     for start in range(0, cell_h * cell_w, BLOCK_P):
         pixel = start + tl.arange(0, BLOCK_P)
@@ -98,41 +97,41 @@ def _tile(channels: int) -> tuple[int, int]:
 @torch.library.custom_op("contrastkit::pool_patches_triton", mutates_args=())
 def pool_patches_triton(features: torch.Tensor, grid_h: int, grid_w: int,
                         normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled (B, C, grid_h, grid_w) in the input dtype, per-cell norm of the mean in float32)."""
+    """(pooled (B, C, grid_h, grid_w) in the input dtype, per-cell inverse norm of the mean in float32)."""
     b, c, h, w = features.shape
     out = features.new_empty(b, c, grid_h, grid_w)
-    norm = torch.zeros(b * grid_h * grid_w, dtype=torch.float32, device=features.device)
+    inv_norm = torch.zeros(b * grid_h * grid_w, dtype=torch.float32, device=features.device)
     c_pad, block_p = _tile(c)
     pool_fwd_kernel[(b * grid_h * grid_w,)](
-        features, out, norm, c, grid_h, grid_w, h // grid_h, w // grid_w, *features.stride(), *out.stride(),
+        features, out, inv_norm, c, grid_h, grid_w, h // grid_h, w // grid_w, *features.stride(), *out.stride(),
         NORMALIZE=normalize, C_PAD=c_pad, BLOCK_P=block_p)
-    return out, norm
+    return out, inv_norm
 
 
 @pool_patches_triton.register_fake
 def _(features, grid_h, grid_w, normalize):
     b, c = features.shape[:2]
-    norm = features.new_empty(b * grid_h * grid_w, dtype=torch.float32)
-    return features.new_empty(b, c, grid_h, grid_w), norm
+    inv_norm = features.new_empty(b * grid_h * grid_w, dtype=torch.float32)
+    return features.new_empty(b, c, grid_h, grid_w), inv_norm
 
 
 @torch.library.custom_op("contrastkit::pool_patches_triton_backward", mutates_args=())
 def pool_patches_triton_backward(
-    grad_out: torch.Tensor, features: torch.Tensor, out: torch.Tensor, norm: torch.Tensor,
+    grad_out: torch.Tensor, features: torch.Tensor, out: torch.Tensor, inv_norm: torch.Tensor,
     grid_h: int, grid_w: int, normalize: bool,
 ) -> torch.Tensor:
     b, c, h, w = features.shape
     grad_features = torch.empty_like(features)
     c_pad, block_p = _tile(c)
     pool_bwd_kernel[(b * grid_h * grid_w,)](
-        grad_out, out, norm, grad_features, c, grid_h, grid_w, h // grid_h, w // grid_w,
+        grad_out, out, inv_norm, grad_features, c, grid_h, grid_w, h // grid_h, w // grid_w,
         *grad_out.stride(), *out.stride(), *grad_features.stride(),
         NORMALIZE=normalize, C_PAD=c_pad, BLOCK_P=block_p)
     return grad_features
 
 
 @pool_patches_triton_backward.register_fake
-def _(grad_out, features, out, norm, grid_h, grid_w, normalize):
+def _(grad_out, features, out, inv_norm, grid_h, grid_w, normalize):
     return torch.empty_like(features)
 
 
@@ -142,9 +141,9 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (grid_h, grid_w, normalize)
 
 
-def _backward(ctx, grad_out, _grad_norm):
-    features, out, norm = ctx.saved_tensors
-    return pool_patches_triton_backward(grad_out, features, out, norm, *ctx.options), None, None, None
+def _backward(ctx, grad_out, _grad_inv_norm):
+    features, out, inv_norm = ctx.saved_tensors
+    return pool_patches_triton_backward(grad_out, features, out, inv_norm, *ctx.options), None, None, None
 
 
 pool_patches_triton.register_autograd(_backward, setup_context=_setup_context)
@@ -153,8 +152,8 @@ pool_patches_triton.register_autograd(_backward, setup_context=_setup_context)
 def pool_patches(features: torch.Tensor, grid_h: int, grid_w: int, normalize: bool) -> torch.Tensor:
     """Mean of each cell of a grid_h x grid_w grid over a (B, C, H, W) map, (B, C, grid_h, grid_w).
 
-    With ``normalize`` each pooled C-vector is divided by max(its L2 norm, 1e-12), as
-    ``F.normalize(pooled, dim=1)``. Differentiable; the output has the input's dtype.
+    With ``normalize`` each pooled C-vector v becomes v / sqrt(|v|² + 1e-24) (a unit vector above
+    a norm of ~1e-9), as the library normalises rows. Differentiable; the output has the input's dtype.
     """
     if not isinstance(features, torch.Tensor) or features.dim() != 4:
         got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__

@@ -243,6 +243,28 @@ def test_unnormalized_large_logits_stay_finite(mode, denominator):
     run_and_compare(q * 4, None if k is None else k * 4, case, torch.float32, denominator, tau=0.5, normalize=False)
 
 
+@pytest.mark.parametrize("mode", ["qk", "self"])
+def test_rows_of_huge_norm_normalise_like_unit_rows(mode):
+    # A float32 row of norm 1e25 has an infinite sum of squares: the gather kernel divides by the
+    # row's largest entry first, so loss and gradient (times the scale) are those of unit rows.
+    q, k, case = make_case(mode, 37, 53, 24, torch.float32, classes=3)
+    scale = torch.logspace(19, 30, 37)[:, None]
+
+    def run(factor):
+        leaves = [x.to(DEVICE).detach().requires_grad_(True) for x in (q * factor, None if k is None else k * 1e25)
+                  if x is not None]
+        ids = {name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for name, t in case.items()}
+        rows = info_nce(leaves[0], None if k is None else leaves[1], **ids, reduction="none", backend="triton")
+        rows.sum().backward()
+        return rows.detach().cpu(), [x.grad.cpu() for x in leaves]
+
+    huge_rows, huge_grads = run(scale)
+    unit_rows, unit_grads = run(1.0)
+    assert torch.isfinite(huge_rows).all()
+    torch.testing.assert_close(huge_rows, unit_rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(huge_grads[0] * scale, unit_grads[0], rtol=1e-3, atol=1e-5)
+
+
 def test_feature_maps_read_through_strides():
     g = torch.Generator().manual_seed(3)
     # A (B, C, H, W) map in NCHW, and a channels_last map as keys: neither is permuted or copied.
