@@ -11,6 +11,8 @@ as :func:`set_value_checks` or the environment variable ``CONTRASTKIT_VALUE_CHEC
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import math
 import numbers
 import os
@@ -88,6 +90,8 @@ def check_same_maps(name_a: str, a, name_b: str, b, dims: int, layout: str) -> N
             raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
         if x.dim() != dims:
             raise ValueError(f"{name} must be {layout}; got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
     if a.shape != b.shape:
         raise ValueError(
             f"{name_a} and {name_b} must have the same shape; got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -144,7 +148,16 @@ def temperature_tensor(temperature: float | torch.Tensor, dtype: torch.dtype, de
             raise ValueError(f"temperature is on {temperature.device} but the embeddings are on {device}; "
                              "put it on the embeddings' device")
         return temperature.to(dtype)
-    return torch.full((), temperature, dtype=dtype, device=device)
+    if torch.compiler.is_compiling():
+        return torch.full((), temperature, dtype=dtype, device=device)
+    return _constant_temperature(float(temperature), dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_temperature(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A number τ is the same tensor call after call: creating it is a device op (a launch on a
+    # GPU) in a call that otherwise has about forty. It is never written to and needs no gradient.
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def check_embeddings(name: str, x) -> tuple[int, int]:
@@ -219,6 +232,18 @@ def finite_check(*named: tuple[str, torch.Tensor]):
     return total * 0 != 0, message
 
 
+def logit_overflow_check(loss: torch.Tensor, query: torch.Tensor, key: torch.Tensor, tau: torch.Tensor):
+    """(flag, message) for :func:`raise_first_failure`: per-row losses that are not finite although
+    the inputs were. Without normalisation a logit q·k/τ is unbounded, and beyond float32's range
+    (~3e38) the loss is inf - inf; no finite answer exists in the compute dtype, so it is an error."""
+    def message() -> str:
+        largest = [float(as_rows(x).detach().double().norm(dim=1).max()) for x in (query, key)]
+        return (f"the loss is not finite: with normalize=False the logits q·k/τ overflow "
+                f"{compute_dtype(query.dtype)} (largest query norm {largest[0]:.3g}, key norm {largest[1]:.3g}, "
+                f"τ = {float(tau):.3g}); scale the embeddings down or use normalize=True")
+    return ~torch.isfinite(loss.detach()).all(), message
+
+
 def raise_first_failure(checks) -> None:
     """Value checks in one host sync: ``checks`` are (0-dim bool flag, message) pairs, a message
     being a string or a function returning one (or None: a false alarm) that runs only when its
@@ -248,6 +273,29 @@ def check_weights(weights, length: int, device: torch.device) -> torch.Tensor | 
     return weights.reshape(length)
 
 
+_embedding_names: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar(
+    "contrastkit_embedding_names", default=("query", "key"))
+
+
+@contextlib.contextmanager
+def embedding_names(query: str, key: str):
+    """Inside the block, value-check messages of ``info_nce`` call the embeddings by the names the
+    caller's user knows (a loss's ``local_map``), not ``query`` / ``key``."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace a ContextVar; value checks are off then
+        yield
+        return
+    token = _embedding_names.set((query, key))
+    try:
+        yield
+    finally:
+        _embedding_names.reset(token)
+
+
+def current_embedding_names() -> tuple[str, str]:
+    """What the caller calls the query and the key rows (see :func:`embedding_names`)."""
+    return ("query", "key") if torch.compiler.is_compiling() else _embedding_names.get()
+
+
 def check_values(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -273,7 +321,8 @@ def check_values(
     def bad_groups(x):
         return (x < 0) & (x != SHARED)
 
-    embeddings = [("query", query)] + ([] if key is query else [("key", key)])
+    query_name, key_name = current_embedding_names()
+    embeddings = [(query_name, query)] + ([] if key is query else [(key_name, key)])
     checks = [finite_check(*embeddings)]
     for name, x, bad, twin in (("labels", labels, bad_labels, None), ("key_labels", key_labels, bad_labels, labels),
                                ("groups", groups, bad_groups, None), ("key_groups", key_groups, bad_groups, groups)):

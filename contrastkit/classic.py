@@ -19,6 +19,7 @@ def _global_keys(rows: torch.Tensor, labels: torch.Tensor, gather_distributed: b
     return rows, labels, 0
 
 
+@v.embedding_names("z1 or z2", "z1, z2, their copies from other ranks or the queue's keys")
 def nt_xent_loss(
     z1: torch.Tensor,
     z2: torch.Tensor,
@@ -53,6 +54,7 @@ def nt_xent_loss(
     )
 
 
+@v.embedding_names("features", "features, their copies from other ranks or the queue's keys")
 def supcon_loss(
     features: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -129,6 +131,7 @@ def sample_locations(batch: int, locations: int, num_patches: int | None, device
     return scores.argsort(dim=1)[:, :num_patches].to(device)
 
 
+@v.embedding_names("feat_q", "feat_k or the queue's keys")
 def patch_nce_loss(
     feat_q: torch.Tensor,
     feat_k: torch.Tensor,

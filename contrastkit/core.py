@@ -88,12 +88,13 @@ def info_nce(
     :func:`contrastkit.value_checks_enabled` says (by default on the CPU, not on CUDA, never
     while ``torch.compile`` traces; :func:`contrastkit.set_value_checks` switches them).
     """
-    n, dim = v.check_embeddings("query", query)
+    query_name, key_name = v.current_embedding_names()
+    n, dim = v.check_embeddings(query_name, query)
     self_contrast, paired = key is None, False
     if self_contrast:
         key, m = query, n
     else:
-        m, key_dim = v.check_embeddings("key", key)
+        m, key_dim = v.check_embeddings(key_name, key)
         v.check_pair(query, key, dim, key_dim)
     device = query.device
     temperature = v.check_temperature(temperature)
@@ -163,6 +164,8 @@ def info_nce(
         key_groups = torch.arange(m, device=device) // (m // blocks)
     inputs = OpInputs(query, key, labels, key_labels, groups, key_groups, tau)
     loss, valid = chosen.info_nce_rows(inputs, options)
+    if not normalize and v.value_checks_enabled(device):
+        v.raise_first_failure([v.logit_overflow_check(loss, query, key, tau)])
     return reduce_rows(loss, valid, weights, reduction)
 
 
@@ -181,6 +184,11 @@ def reduce_rows(loss: torch.Tensor, valid: torch.Tensor | None, weights: torch.T
     (``valid`` None: every row contributes)."""
     if weights is not None:
         weights = weights.detach().to(loss.dtype)
+        if reduction == "mean":
+            # The mean is the same for weights scaled by any constant: scaled to at most 1, the
+            # sums cannot overflow (float32 weights of 1e38 would give inf / inf), and weights
+            # already at most 1 (confidences) are divided by exactly 1.
+            weights = weights / weights.amax().clamp_min(1.0)
         loss = loss * weights
     if reduction == "none":
         return loss

@@ -122,11 +122,13 @@ def cross_level_contrast(
         def direction(queries, keys):
             return info_nce(queries, keys, groups=groups, **options)
 
-    loss = direction(global_cells, local_cells)
+    with v.embedding_names("global_map", "local_map"):
+        loss = direction(global_cells, local_cells)
     if symmetric:
         # Local cells as queries against the global cells as keys. detach_local keeps its
         # meaning — no gradient reaches local_map — so here the gradient flows through the keys.
-        loss = 0.5 * (loss + direction(local_cells, global_cells))
+        with v.embedding_names("local_map", "global_map"):
+            loss = 0.5 * (loss + direction(local_cells, global_cells))
     return loss
 
 

@@ -286,6 +286,9 @@ def pseudo_label_contrast(
     if anchors_per_class is not None:
         anchors = sample_anchors(labels, usable, anchors_per_class, generator)
     if num_classes is None:  # read from the labels: one host sync
+        if labels.device.type == "meta":
+            raise ValueError("prototype mode without num_classes reads the number of classes from the labels' "
+                             "values, which meta tensors do not hold: pass num_classes")
         num_classes = int(torch.where(usable, labels, 0).max()) + 1
         if num_classes > MAX_INFERRED_CLASSES:
             raise ValueError(

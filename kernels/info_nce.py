@@ -632,6 +632,17 @@ forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 symmetric_forward_op.register_autograd(_autograd_backward_symmetric, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "second derivatives (create_graph=True, e.g. a gradient penalty) of the fused InfoNCE kernels are "
+        "not implemented: compute that loss with backend='dense' (or 'reference'), which autograd "
+        "differentiates twice")
+
+
+for _op in (backward_op, symmetric_backward_op):
+    _op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def _check_device(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and not interpreting():
         raise ValueError(

@@ -81,3 +81,49 @@ def test_temperature_outside_its_range_is_refused_by_name(tau):
         t = torch.tensor(edge, requires_grad=True)
         ck.info_nce(x, labels=labels, temperature=t).backward()
         assert torch.isfinite(t.grad)
+
+
+def test_messages_name_the_argument_the_user_passed():
+    g = torch.Generator().manual_seed(0)
+    global_map, local_map = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g)
+    local_map[1, 0, 0, 0] = float("nan")
+    for symmetric in (False, True):
+        with pytest.raises(ValueError, match="^local_map contains NaN"):
+            ck.cross_level_contrast(global_map, local_map, symmetric=symmetric)
+    z1, z2 = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    z2[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="^z1 or z2 contains NaN"):
+        ck.nt_xent_loss(z1, z2)
+    with pytest.raises(ValueError, match="^f1 must not be empty"):
+        ck.local_contrast(torch.randn(0, 4, 4, 4), torch.randn(0, 4, 4, 4), region_grid=2)
+
+
+def test_meta_tensors_run_or_say_what_they_lack():
+    maps = torch.randn(2, 4, 4, 4, device="meta")
+    labels = torch.zeros(2, 4, 4, dtype=torch.long, device="meta")
+    assert ck.pseudo_label_contrast(maps, labels, num_classes=3).device.type == "meta"
+    assert ck.cross_level_contrast(maps, maps).device.type == "meta"
+    with pytest.raises(ValueError, match="pass num_classes"):
+        ck.pseudo_label_contrast(maps, labels)
+
+
+def test_second_derivatives_dense_path_exact_and_chunked_path_refused_by_name():
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    x = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    tau = torch.tensor(0.3, dtype=torch.float64)
+
+    def penalty(backend, rows, temperature):
+        loss = ck.info_nce(rows, labels=labels, temperature=temperature, backend=backend)
+        (grad,) = torch.autograd.grad(loss, rows, create_graph=True)
+        return grad.square().sum()
+
+    # A gradient penalty through the dense path's fused normalisation equals the reference's.
+    leaves = {b: (x.clone().requires_grad_(True), tau.clone().requires_grad_(True)) for b in ("dense", "reference")}
+    grads = {b: torch.autograd.grad(penalty(b, *leaves[b]), leaves[b]) for b in leaves}
+    for got, want in zip(grads["dense"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda r, t: penalty("dense", r, t), leaves["dense"])
+    rows = x.clone().requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="backend='dense'"):
+        penalty("torch", rows, 0.3).backward()
