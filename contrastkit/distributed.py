@@ -79,6 +79,49 @@ class _GatherWithGradient(torch.autograd.Function):
         return grad[ctx.start : ctx.stop], None
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool)
+_TRAILING = 4  # trailing dimensions described per tensor (rows are (n, D) or (n,) in practice)
+
+
+def _layout(x: torch.Tensor | None) -> list[int]:
+    if x is None:
+        return [0] * (3 + _TRAILING)
+    trailing = list(x.shape[1:])[:_TRAILING]
+    code = _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
+    return [1, code, x.dim(), *trailing, *[0] * (_TRAILING - len(trailing))]
+
+
+def _describe(row: list[int]) -> str:
+    if not row[0]:
+        return "None"
+    dtype = _DTYPES[row[1]] if row[1] < len(_DTYPES) else "another dtype"
+    return f"{dtype} with {row[2]} dims, trailing shape {tuple(row[3:3 + max(row[2] - 1, 0)])}"
+
+
+def _agreed_sizes(keys: torch.Tensor, index_tensors) -> list[int]:
+    """Every rank's row count, from one all-gather that also carries each tensor's dtype and
+    trailing shape. Ranks that disagree (another embedding size, a float16 rank beside float32
+    ones) would make the row gather fail inside the backend — gloo aborts the process — so every
+    rank compares the layouts it received and raises the same clear error instead."""
+    tensors = (keys, *index_tensors)
+    mine = [keys.shape[0]] + [value for x in tensors for value in _layout(x)]
+    local = torch.tensor(mine, dtype=torch.long, device=keys.device)
+    parts = [torch.empty_like(local) for _ in range(get_world_size())]
+    dist.all_gather(parts, local)
+    rows = [part.tolist() for part in parts]
+    width = 3 + _TRAILING
+    for position in range(len(tensors)):
+        field = slice(1 + position * width, 1 + (position + 1) * width)
+        layouts = [row[field] for row in rows]
+        if any(layout != layouts[0] for layout in layouts):
+            name = "keys" if position == 0 else f"index tensor {position - 1}"
+            seen = "; ".join(f"rank {rank}: {_describe(layout)}" for rank, layout in enumerate(layouts))
+            raise ValueError(f"the ranks disagree on the {name} they gather (every rank must pass the same "
+                             f"dtype and trailing shape): {seen}")
+    return [row[0] for row in rows]
+
+
 def gather_keys(keys: torch.Tensor, *index_tensors: torch.Tensor | None):
     """All-gather ``keys`` and matching per-row tensors (labels, groups, ...) over ranks.
 
@@ -103,7 +146,7 @@ def gather_keys(keys: torch.Tensor, *index_tensors: torch.Tensor | None):
             )
     if not is_distributed():
         return (keys, *index_tensors, 0)
-    sizes = all_sizes(n, keys.device)
+    sizes = _agreed_sizes(keys, index_tensors)
     if keys.requires_grad:
         all_keys = _GatherWithGradient.apply(keys, tuple(sizes))
     else:
