@@ -490,7 +490,7 @@ BUDGETS = {
     "cross_level_b8": {"cpu": (45, 1), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
     "cross_level_b24": {"cpu": (45, 1), "cpu_nochecks": (40, 0), "gpu": (40, 0)},
     "supcon8": {"cpu": (6048, 1), "cpu_nochecks": (6039, 0), "gpu": (40, 0)},
-    "pl_pixel": {"cpu": (1081, 2), "cpu_nochecks": (1059, 0), "gpu": (65, 0)},
+    "pl_pixel": {"cpu": (1081, 2), "cpu_nochecks": (1059, 0), "gpu": (68, 0)},
     "pl_prototype": {"cpu": (133, 2), "cpu_nochecks": (105, 0), "gpu": (105, 0)},
     "ntxent": {"cpu": (107, 1), "cpu_nochecks": (94, 0), "gpu": (94, 0)},
     "supcon": {"cpu": (104, 1), "cpu_nochecks": (91, 0), "gpu": (91, 0)},
