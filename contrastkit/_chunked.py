@@ -17,7 +17,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ._masks import contributing_rows, inverse_norm, masked_logsumexp, pair_masks, prepare
+from ._masks import contributing_rows, inverse_norm, masked_logsumexp, overflow_scale, pair_masks, prepare
 from ._options import SHARED, InfoNCEOptions, OpInputs, input_gradients, op_schema, split_op_args
 from ._validation import as_rows, compute_dtype
 
@@ -106,7 +106,7 @@ def _normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor, normaliz
         return grad_normalized.to(x.dtype)
     out_dtype = x.dtype
     x = x.to(grad_normalized.dtype)
-    largest = x.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    largest = overflow_scale(x, dim=1)
     scaled = x / largest
     inverse = inverse_norm(scaled, dim=1)
     unit = scaled * inverse
