@@ -17,7 +17,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ._masks import contributing_rows, inverse_norm, masked_logsumexp, overflow_scale, pair_masks, prepare
+from ._masks import contributing_rows, inverse_norm, masked_logsumexp, pair_masks, prepare
 from ._options import SHARED, InfoNCEOptions, OpInputs, input_gradients, op_schema, split_op_args
 from ._validation import as_rows, compute_dtype
 
@@ -101,16 +101,14 @@ forward_op.register_fake(_forward_fake)
 
 def _normalize_backward(x: torch.Tensor, grad_normalized: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Gradient with respect to the raw rows of ``_masks.normalized(x)`` = x·r, r = (|x|² + floor²)^-1/2:
-    r·(g - u (u·g)) with u = x·r, computed on the rows ``overflow_safe`` scales by 1/m (then r = r_m / m)."""
+    r·(g - u (u·g)) with u = x·r."""
     if not normalize:
         return grad_normalized.to(x.dtype)
     out_dtype = x.dtype
     x = x.to(grad_normalized.dtype)
-    largest = overflow_scale(x, dim=1)
-    scaled = x / largest
-    inverse = inverse_norm(scaled, dim=1)
-    unit = scaled * inverse
-    grad = (grad_normalized - unit * (unit * grad_normalized).sum(dim=1, keepdim=True)) * (inverse / largest)
+    inverse = inverse_norm(x, dim=1)
+    unit = x * inverse
+    grad = (grad_normalized - unit * (unit * grad_normalized).sum(dim=1, keepdim=True)) * inverse
     return grad.to(out_dtype)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._masks import contributing_rows, inverse_norm, normalized, overflow_scale, same_group
+from ._masks import contributing_rows, inverse_norm, normalized, same_group
 from ._options import InfoNCEOptions, OpInputs
 from ._validation import as_rows, compute_dtype, num_rows
 
@@ -51,14 +51,12 @@ class _ScaledRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, temperature):
-        largest = overflow_scale(x)
-        scaled = x / largest
-        factor = inverse_norm(scaled)
+        factor = inverse_norm(x)
         if temperature is not None:
             factor = factor.div_(temperature)
-        out = scaled * factor
+        out = x * factor
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, out, factor.div_(largest), temperature)
+            ctx.save_for_backward(x, out, factor, temperature)
         return out
 
     @staticmethod
@@ -91,7 +89,6 @@ def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None) 
             return _ScaledRows.apply(x, temperature)
         # No backward to write out (detached keys): the same ops without autograd.Function's
         # Python overhead, a third of this path's host time at the papers' sizes.
-        x = x / overflow_scale(x)
         scale = inverse_norm(x)
         return x * (scale if temperature is None else scale.div_(temperature))
     return x if temperature is None else x / temperature

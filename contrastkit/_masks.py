@@ -22,30 +22,21 @@ def same_group(groups: torch.Tensor, key_groups: torch.Tensor) -> torch.Tensor:
 NORM_FLOOR_SQUARED = 1e-24
 
 
-def overflow_scale(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Per row, max(1, Σ|x|) (kept below the dtype's largest value), without gradient: a divisor
-    after which a row's entries are at most 1, so its float32 sum of squares cannot overflow (it
-    does from norms of ~1e19). The L1 norm, not the largest entry: a sum reduces ~10x faster than
-    a max over the strided channel axis of a feature map on the CPU, and serves as well."""
-    return x.detach().abs().sum(dim=dim, keepdim=True).clamp_(1.0, torch.finfo(x.dtype).max)
-
-
-def overflow_safe(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Rows divided by ``overflow_scale``: what normalising needs before it squares. A row whose
-    entries sum to at most 1 in magnitude is left exactly as it is, so the floor keeps its meaning
-    (larger rows have norms far above it), and the direction of every row is unchanged, so the
-    normalised rows are too."""
-    return x / overflow_scale(x, dim)
-
-
 def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """1 / sqrt(|x|² + floor²) along ``dim`` (keepdim) of rows that ``overflow_safe`` has scaled."""
-    return x.square().sum(dim=dim, keepdim=True).add(NORM_FLOOR_SQUARED).rsqrt()
+    """1 / sqrt(|x|² + floor²) along ``dim`` (keepdim), in x's dtype, the squares summed in float64:
+    float32 squares overflow from norms of ~1e19 (the row would normalise to 0 and lose its
+    gradient) and underflow below ~1e-23; float64 holds both ends of every finite float32 row, in
+    fewer ops than rescaling the row first. MPS has no float64: there the row is divided by
+    max(1, Σ|x|) before squaring, which keeps its sum of squares at most 1."""
+    if x.device.type == "mps" and x.dtype != torch.float64:
+        scale = x.detach().abs().sum(dim=dim, keepdim=True).clamp_(1.0, torch.finfo(x.dtype).max)
+        return (x / scale).square().sum(dim=dim, keepdim=True).add(NORM_FLOOR_SQUARED).rsqrt() / scale
+    wide = x.to(torch.float64)
+    return wide.square().sum(dim=dim, keepdim=True).add(NORM_FLOOR_SQUARED).rsqrt().to(x.dtype)
 
 
 def normalized(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The library's L2 normalisation: x / sqrt(|x|² + 1e-24) along ``dim``, for rows of any finite norm."""
-    x = overflow_safe(x, dim)
     return x * inverse_norm(x, dim)
 
 
