@@ -23,8 +23,11 @@ from contrastkit.metrics import (
 pytest.importorskip("scipy")
 
 
-def brute_force_hd95(p: np.ndarray, t: np.ndarray, spacing) -> float:
-    """Surface = foreground voxel with a face neighbour outside the mask or the array; float64 pairwise."""
+def brute_force_hd95(p: np.ndarray, t: np.ndarray, spacing, directed_max: bool = False) -> float:
+    """Surface = foreground voxel with a face neighbour outside the mask or the array; float64 pairwise.
+
+    Pooled 95th percentile (MedPy), or with ``directed_max`` the larger directed one (MONAI).
+    """
 
     def surface(m):
         pts = []
@@ -43,7 +46,14 @@ def brute_force_hd95(p: np.ndarray, t: np.ndarray, spacing) -> float:
 
     sp, st = surface(p), surface(t)
     d = np.sqrt(((sp[:, None, :] - st[None, :, :]) ** 2).sum(-1))
+    if directed_max:
+        return float(max(np.percentile(d.min(1), 95), np.percentile(d.min(0), 95)))
     return float(np.percentile(np.concatenate([d.min(1), d.min(0)]), 95))
+
+
+def hand_dice(p: np.ndarray, t: np.ndarray) -> float:
+    total = p.sum() + t.sum()
+    return 1.0 if total == 0 else 2.0 * (p & t).sum() / total
 
 
 def test_overlap_metrics_hand_computed():
@@ -157,3 +167,107 @@ def test_errors():
         aggregate([{"dice": 1.0}, {"iou": 1.0}])
     with pytest.raises(ValueError, match="empty"):
         aggregate([])
+
+
+def random_batch(seed: int, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of varied sizes, one image with an empty prediction and one with both empty."""
+    rng = np.random.default_rng(seed)
+    p = rng.random(shape) < rng.uniform(0.05, 0.5, (shape[0],) + (1,) * (len(shape) - 1))
+    t = rng.random(shape) < rng.uniform(0.05, 0.5, (shape[0],) + (1,) * (len(shape) - 1))
+    p[1] = False
+    p[2], t[2] = False, False
+    return p, t
+
+
+def test_batched_nchw_is_per_image():
+    """(N, 1, H, W) is N images, each scored on its own, not one 4-D volume (issue 24, point 4)."""
+    p, t = random_batch(0, (5, 1, 9, 11))
+    spacing = (0.8, 1.5)
+    got = dice(p, t, layout="NCHW")
+    assert got.shape == (5, 1)
+    np.testing.assert_allclose(got[:, 0], [hand_dice(a[0], b[0]) for a, b in zip(p, t, strict=True)])
+    pairs = list(zip(p[:, 0], t[:, 0], strict=True))
+    for fn in (iou, precision, recall):
+        np.testing.assert_array_equal(fn(p, t, layout="NCHW")[:, 0], [fn(a, b) for a, b in pairs])
+    for convention, directed_max in (("medpy", False), ("monai", True)):
+        got = hd95(p, t, spacing, layout="NCHW", convention=convention)[:, 0]
+        for n in (0, 3, 4):
+            assert got[n] == pytest.approx(brute_force_hd95(p[n, 0], t[n, 0], spacing, directed_max), rel=1e-9)
+        if convention == "medpy":  # empty prediction: the grid diagonal
+            assert got[1] == pytest.approx(math.hypot(8 * 0.8, 10 * 1.5)) and got[2] == 0.0
+        else:
+            assert math.isnan(got[1]) and math.isnan(got[2])
+    per_image = binary_metrics(p, t, spacing, layout="NCHW")
+    assert per_image == [binary_metrics(a[0], b[0], spacing) for a, b in zip(p, t, strict=True)]
+    assert aggregate(per_image)["dice"]["mean"] == pytest.approx(np.mean([hand_dice(a, b) for a, b in pairs]))
+
+
+def test_batched_ncdhw_is_per_volume():
+    p, t = random_batch(1, (3, 1, 4, 6, 5))
+    spacing = (3.0, 1.0, 0.7)
+    got = hd95(p, t, spacing, layout="NCDHW")
+    assert got.shape == (3, 1)
+    assert got[0, 0] == pytest.approx(brute_force_hd95(p[0, 0], t[0, 0], spacing), rel=1e-9)
+    assert got[2, 0] == 0.0  # both empty, MedPy convention
+
+
+def test_one_hot_include_background():
+    """One-hot (N, K, H, W): channel c is class c; include_background=False drops channel 0 only."""
+    rng = np.random.default_rng(2)
+    labels_p, labels_t = rng.integers(0, 3, (4, 8, 7)), rng.integers(0, 3, (4, 8, 7))
+    one_hot_p = torch.nn.functional.one_hot(torch.from_numpy(labels_p), 3).permute(0, 3, 1, 2)
+    one_hot_t = torch.nn.functional.one_hot(torch.from_numpy(labels_t), 3).permute(0, 3, 1, 2)
+    pairs = list(zip(labels_p, labels_t, strict=True))
+    expected = np.array([[hand_dice(a == c, b == c) for c in range(3)] for a, b in pairs])
+    foreground = dice(one_hot_p, one_hot_t, layout="NCHW", include_background=False)
+    np.testing.assert_allclose(foreground, expected[:, 1:])
+    np.testing.assert_allclose(dice(one_hot_p, one_hot_t, layout="NCHW", include_background=True), expected)
+    scores = binary_metrics(one_hot_p, one_hot_t, layout="NCHW", include_background=False)
+    assert [list(s) for s in scores] == [[1, 2]] * 4
+    assert scores[3][2]["dice"] == pytest.approx(expected[3, 2])
+    # the same label maps as MONAI's (N, 1, H, W) integer maps
+    rows = per_class_metrics(labels_p[:, None], labels_t[:, None], 3, layout="NCHW")
+    assert rows == [per_class_metrics(a, b, 3) for a, b in zip(labels_p, labels_t, strict=True)]
+
+
+def test_hd95_monai_convention_hand_computed():
+    """Directed maximum: a 2x2 blob far from an 11x11 square is inside P's directed 95 % but not the pooled 95 %."""
+    t = np.zeros((64, 64), bool)
+    t[2:13, 2:13] = True
+    p = t.copy()
+    p[58:60, 58:60] = True
+    assert hd95(p, t) == 0.0
+    expected = brute_force_hd95(p, t, (1.0, 1.0), directed_max=True)
+    assert expected > 60
+    assert hd95(p, t, convention="monai") == pytest.approx(expected, rel=1e-9)
+    assert hd95(t, p, convention="monai") == pytest.approx(expected, rel=1e-9)
+    empty = np.zeros_like(t)
+    assert math.isnan(hd95(empty, empty, convention="monai"))
+    assert math.isnan(hd95(empty, t, convention="monai"))
+    assert hd95(empty, t, convention="monai", empty_hd95="max") == pytest.approx(math.hypot(63, 63))
+
+
+def test_layout_errors():
+    batch = np.zeros((2, 1, 4, 4), bool)
+    with pytest.raises(ValueError, match="layout must be given for 4-D"):
+        dice(batch, batch)
+    with pytest.raises(ValueError, match="layout must be given for 4-D"):
+        hd95(batch, batch)
+    with pytest.raises(ValueError, match="layout must be given for 4-D"):
+        per_class_metrics(batch.astype(np.int64), batch.astype(np.int64), 2)
+    assert dice(batch, batch, layout="image") == 1.0  # one 4-D image, said so explicitly
+    with pytest.raises(ValueError, match=r"layout='NCDHW' expects 5-D"):
+        dice(batch, batch, layout="NCDHW")
+    with pytest.raises(ValueError, match="layout must be None or one of"):
+        dice(batch, batch, layout="NHWC")
+    one_hot = np.zeros((2, 3, 4, 4), bool)
+    with pytest.raises(ValueError, match="include_background must be True or False for one-hot input with 3"):
+        dice(one_hot, one_hot, layout="NCHW")
+    with pytest.raises(ValueError, match="include_background applies to batched one-hot input only"):
+        dice(batch[0, 0], batch[0, 0], include_background=False)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        hd95(batch[0, 0], batch[0, 0], convention="scipy")
+    with pytest.raises(ValueError, match="spacing must give one value per dimension \\(2\\)"):
+        hd95(batch, batch, (1.0, 1.0, 1.0, 1.0), layout="NCHW")
+    with pytest.raises(ValueError, match="one channel"):
+        per_class_metrics(one_hot.astype(np.int64), one_hot.astype(np.int64), 2, layout="NCHW")
