@@ -72,20 +72,36 @@ def supcon_loss(
 
     Args:
         features: (N, D), or (N, V, D) for V views of each sample (flattened view-major, as in
-            the reference code: all samples of view 0, then view 1, ...).
-        labels: (N,) class ids; a sample labelled ``ignore_index`` takes no part. ``None``
-            (needs views) makes every sample its own class: the SimCLR loss over V views.
+            the reference code: all samples of view 0, then view 1, ...), or a (B, C, H, W)
+            feature map whose pixels are the samples (pixel-level SupCon; the memory-lean
+            backends never hold the pixels' similarity matrix).
+        labels: (N,) class ids — (B, H, W) or (B, 1, H, W) for a map; a sample labelled
+            ``ignore_index`` takes no part. ``None`` (needs views) makes every sample its own
+            class: the SimCLR loss over V views.
         denominator: ``"all"`` (the paper), ``"each_positive"`` or ``"negatives"``.
         queue: a :class:`MemoryQueue` holding labels; its keys with an anchor's label are
             positives, the others negatives.
 
     Anchors without a positive contribute nothing; **a batch with no positive pair gives
-    exactly 0** (attached to the graph). ``reduction="none"`` returns (N,) or (N, V).
+    exactly 0** (attached to the graph). ``reduction="none"`` returns (N,), (N, V) or (B, H, W).
     """
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor; got {type(features).__name__}")
+    if features.dim() == 4:  # a (B, C, H, W) map: every pixel a sample of its label's class
+        if labels is None:
+            raise ValueError("labels is required for (B, C, H, W) feature maps: (B, H, W) or (B, 1, H, W) class ids")
+        b, _, h, w = features.shape
+        if not isinstance(labels, torch.Tensor) or labels.shape not in ((b, h, w), (b, 1, h, w)):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels for a (B, C, H, W) = {tuple(features.shape)} map must be (B, H, W) = "
+                             f"{(b, h, w)} or (B, 1, H, W); got {got}")
+        loss = supcon_loss(v.as_rows(features), labels.reshape(-1), temperature=temperature,
+                           denominator=denominator, normalize=normalize, ignore_index=ignore_index,
+                           reduction=reduction, gather_distributed=gather_distributed, queue=queue, backend=backend)
+        return loss.reshape(b, h, w) if reduction == "none" else loss
     if features.dim() not in (2, 3):
-        raise ValueError(f"features must be (N, D) or (N, V, D); got shape {tuple(features.shape)}")
+        raise ValueError(f"features must be (N, D), (N, V, D) or a (B, C, H, W) map; got shape "
+                         f"{tuple(features.shape)}")
     check_flag("gather_distributed", gather_distributed)
     n = features.shape[0]
     views = features.shape[1] if features.dim() == 3 else 1

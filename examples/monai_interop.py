@@ -3,7 +3,7 @@ plus pseudo-label (prototype) contrast on the labeled images and cross-level con
 unlabeled ones. The only contrastkit pieces are `with_projection` and the two losses.
 
     pip install -e ".[examples,monai]"
-    python examples/monai_interop.py                                   # synthetic polyps: test Dice ~0.68, ~2 min on a CPU
+    python examples/monai_interop.py          # synthetic polyps: test Dice ~0.68, ~2 min on a CPU
     python examples/monai_interop.py --data ../shared/data/kvasir-seg --image-size 128 --iterations 1500
 """
 

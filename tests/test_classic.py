@@ -187,7 +187,7 @@ def test_supcon_half_precision_is_finite():
 def test_supcon_bad_input():
     with pytest.raises(ValueError, match="labels is required"):
         supcon_loss(torch.randn(4, 3))
-    with pytest.raises(ValueError, match=r"\(N, D\) or \(N, V, D\)"):
+    with pytest.raises(ValueError, match=r"\(N, D\), \(N, V, D\) or a \(B, C, H, W\) map"):
         supcon_loss(torch.randn(4), torch.arange(4))
     with pytest.raises(ValueError, match="labels must hold one entry per sample"):
         supcon_loss(torch.randn(4, 2, 3), torch.arange(8))
@@ -311,3 +311,22 @@ def test_patch_nce_is_one_call_equal_to_the_v1_loop(monkeypatch, with_queue):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(torch.autograd.grad(got, feat_q)[0], torch.autograd.grad(want, feat_q)[0],
                                rtol=1e-12, atol=1e-13)
+
+
+def test_supcon_on_a_feature_map_is_supcon_over_its_pixels():
+    g = torch.Generator().manual_seed(7)
+    maps = torch.randn(2, 5, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(-1, 3, (2, 3, 4), generator=g)
+    rows = maps.detach().permute(0, 2, 3, 1).reshape(-1, 5).clone().requires_grad_(True)
+    want = supcon_loss(rows, labels.reshape(-1), reduction="none")
+    got = supcon_loss(maps, labels, reduction="none")
+    assert got.shape == (2, 3, 4)
+    torch.testing.assert_close(got.reshape(-1), want)
+    want.sum().backward()
+    got.sum().backward()
+    torch.testing.assert_close(maps.grad.permute(0, 2, 3, 1).reshape(-1, 5), rows.grad)
+    torch.testing.assert_close(SupConLoss()(maps, labels[:, None]), supcon_loss(maps, labels))
+    with pytest.raises(ValueError, match=r"labels for a \(B, C, H, W\)"):
+        supcon_loss(maps, labels[:, :2])
+    with pytest.raises(ValueError, match="labels is required for \\(B, C, H, W\\)"):
+        supcon_loss(maps)

@@ -24,7 +24,8 @@ def test_a_tiny_run_trains_and_writes_its_metrics(tmp_path):
                           "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["test_dice"] == pytest.approx(result["test_dice"])
-    assert 0.0 <= saved["test_dice"] <= 1.0 and saved["test_images"] == 64 // 5  # (3 x 8 labeled + 40) images, a fifth held out
+    # (3 x 8 labeled + 40) images, a fifth held out for the test
+    assert 0.0 <= saved["test_dice"] <= 1.0 and saved["test_images"] == 64 // 5
 
 
 @pytest.mark.parametrize("flag, value", [("--image-size", "48"), ("--iterations", "0"), ("--labeled", "-1")])
