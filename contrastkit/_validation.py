@@ -72,6 +72,16 @@ def value_checks_enabled(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def plain(x):
+    """A tensor subclass (MONAI's MetaTensor, ...) as a plain ``torch.Tensor`` on the same data and
+    autograd graph; anything else unchanged. A subclass's ``__torch_function__`` runs on every op it
+    meets: MetaTensor's merges the metadata of a batch's images and fails on indices that reorder
+    them (``sample_anchors``), and a loss's outputs would come back as subclasses."""
+    if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+        return x.as_subclass(torch.Tensor)
+    return x
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs accumulate in float32; float32 and float64 keep their own."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -9,9 +9,12 @@ import torch
 from ._validation import (
     compute_dtype,
     finite_check,
+    plain,
     raise_first_failure,
     value_checks_enabled,
 )
+
+LABEL_FORMATS = ("index", "one_hot")
 
 
 def check_label_map(name: str, labels, dims: int | None = None) -> torch.Tensor:
@@ -23,6 +26,49 @@ def check_label_map(name: str, labels, dims: int | None = None) -> torch.Tensor:
     if dims is not None and labels.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimensions; got shape {tuple(labels.shape)}")
     return labels
+
+
+def check_labels_format(labels_format) -> str:
+    if labels_format not in LABEL_FORMATS:
+        raise ValueError(f"labels_format must be one of {', '.join(map(repr, LABEL_FORMATS))}; got {labels_format!r}")
+    return labels_format
+
+
+def index_label_map(name: str, labels, labels_format: str = "index",
+                    ignore_index: int = -1) -> tuple[torch.Tensor, int | None]:
+    """(B, h, w) class ids from the layouts segmentation code passes, and the class count where the
+    layout fixes it (one-hot: K).
+
+    ``"index"``: (B, h, w) or (B, 1, h, w) integer ids (MONAI and ``CrossEntropyLoss`` targets keep
+    the channel axis). ``"one_hot"``: (B, K, h, w), any dtype, a 1 in the channel of the pixel's class;
+    a pixel with no 1 (unlabelled: MONAI's ``AsDiscrete(to_onehot=...)`` of an ignored value) becomes
+    ``ignore_index``. One-hot is
+    taken only on request: a (B, K, h, w) map of ids and a one-hot map cannot be told apart by shape.
+    The values of one-hot maps are checked by :func:`one_hot_value_check`.
+    """
+    labels = plain(labels)
+    if labels_format == "one_hot":
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(labels).__name__}")
+        if labels.dim() != 4 or min(labels.shape) == 0:
+            raise ValueError(f"{name} with labels_format='one_hot' must be a non-empty (B, K, h, w) map; "
+                             f"got shape {tuple(labels.shape)}")
+        hot = labels != 0
+        return torch.where(hot.any(dim=1), hot.int().argmax(dim=1), ignore_index), labels.shape[1]
+    check_label_map(name, labels)
+    if labels.dim() == 4 and labels.shape[1] == 1:
+        return labels[:, 0], None
+    if labels.dim() != 3:
+        hint = ("; for one-hot (B, K, h, w) labels pass labels_format='one_hot'"
+                if labels.dim() == 4 else "")
+        raise ValueError(f"{name} must be (B, h, w) or (B, 1, h, w) class ids; got shape {tuple(labels.shape)}{hint}")
+    return labels, None
+
+
+def one_hot_value_check(name: str, labels: torch.Tensor):
+    """(flag, message) for :func:`raise_first_failure`: entries other than 0 and 1, or a pixel with two 1s."""
+    bad = ((labels != 0) & (labels != 1)).any() | ((labels != 0).sum(dim=1) > 1).any()
+    return bad, f"{name} with labels_format='one_hot' must hold 0s and 1s, at most one 1 per pixel"
 
 
 def _check_ignore_index(ignore_index) -> int:
@@ -45,13 +91,19 @@ def downsample_labels(labels: torch.Tensor, size) -> torch.Tensor:
     and ``ignore_index`` values survive unchanged. Works for up-sampling as well.
 
     Args:
-        labels: (B, h, w) integer class ids (any integer dtype; it is kept).
+        labels: (B, h, w) or (B, 1, h, w) integer class ids (any integer dtype; it is kept).
         size: ``H`` or ``(H, W)``, the output size.
 
     Returns:
-        (B, H, W) labels with the dtype and device of ``labels``.
+        (B, H, W) labels — (B, 1, H, W) for (B, 1, h, w) input — with the dtype and device of
+        ``labels``, a plain tensor even for a subclass such as MONAI's MetaTensor.
     """
-    labels = check_label_map("labels", labels, dims=3)
+    labels = plain(labels)
+    check_label_map("labels", labels)
+    if labels.dim() == 4 and labels.shape[1] == 1:
+        return downsample_labels(labels[:, 0], size)[:, None]
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be (B, h, w) or (B, 1, h, w); got shape {tuple(labels.shape)}")
     if isinstance(size, numbers.Integral) and not isinstance(size, bool):
         size = (int(size), int(size))
     elif isinstance(size, (tuple, list, torch.Size)) and len(size) == 2 and all(
@@ -102,6 +154,7 @@ def pseudo_labels(
         ``(labels, confidence)``: int64 labels of shape ``(B, ...)`` and the confidence of the
         same shape, float32 (float64 for float64 logits).
     """
+    logits = plain(logits)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a floating torch.Tensor; got {type(logits).__name__}")
     if not logits.is_floating_point():

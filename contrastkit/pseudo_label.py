@@ -24,6 +24,7 @@ In both, the loss is :math:`\sum_i w_i \ell_i / \sum_i w_i` over all anchors of 
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import torch
 
@@ -32,25 +33,34 @@ from ._temperature import TemperatureModule
 from ._validation import check_flag, compute_dtype
 from .core import info_nce
 from .distributed import gather_keys
-from .labels import check_label_map, downsample_labels, resize_nearest
+from .labels import (
+    check_label_map,
+    check_labels_format,
+    downsample_labels,
+    index_label_map,
+    one_hot_value_check,
+    resize_nearest,
+)
 
 MODES = ("prototype", "pixel")
 BACKGROUND = 0
 # Prototype mode without num_classes sizes its (B, K) means by the largest label it reads: a stray
 # id of 10^12 must be an error, not a 16 TB allocation.
 MAX_INFERRED_CLASSES = 4096
+_warned_foreground_only = False  # the warning of _warn_foreground_only is given once per process
 
 
 def _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
-                   confidence_threshold, num_classes):
+                   confidence_threshold, num_classes, labels_format="index"):
     v.check_temperature(temperature)
     v.check_choice("mode", mode, MODES)
+    check_labels_format(labels_format)
     if anchors_per_class is not None and (
         isinstance(anchors_per_class, bool) or not isinstance(anchors_per_class, int) or anchors_per_class < 1
     ):
         raise ValueError(f"anchors_per_class must be None or a positive int; got {anchors_per_class!r}")
-    if not isinstance(include_background, bool):
-        raise TypeError(f"include_background must be a bool; got {type(include_background).__name__}")
+    if include_background is not None and not isinstance(include_background, bool):
+        raise TypeError(f"include_background must be None (auto) or a bool; got {type(include_background).__name__}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
     if confidence_threshold is not None and (
@@ -102,7 +112,7 @@ def _check_inputs(embeddings, labels, confidence, pair_index, generator):
         raise TypeError(f"generator must be a torch.Generator or None; got {type(generator).__name__}")
 
 
-def _check_values(embeddings, labels, confidence, pair_index, ignore_index, num_classes):
+def _check_values(embeddings, labels, confidence, pair_index, ignore_index, num_classes, extra=()):
     """The value checks, tested in one host sync (see :func:`contrastkit.value_checks_enabled`)."""
     bad_labels = (labels < 0) & (labels != ignore_index)
     if num_classes is not None:
@@ -117,7 +127,22 @@ def _check_values(embeddings, labels, confidence, pair_index, ignore_index, num_
     if pair_index is not None:
         checks.append((((pair_index < 0) | (pair_index >= labels.shape[0])).any(),
                        f"pair_index values must be image indices in [0, {labels.shape[0]})"))
-    v.raise_first_failure(checks)
+    v.raise_first_failure(checks + list(extra))
+
+
+def _warn_foreground_only() -> None:
+    """Binary labels with the background left out: class 1 alone takes part, so no anchor has a
+    negative (prototype mode: loss and gradient exactly 0; pixel mode: positives only). Nothing
+    fails, which is why it needs saying; once per process, as training repeats it every step."""
+    global _warned_foreground_only
+    if _warned_foreground_only or torch.compiler.is_compiling():
+        return
+    _warned_foreground_only = True
+    warnings.warn(
+        "PseudoLabelContrast: the labels are binary (classes 0 and 1) and include_background=False "
+        "leaves class 1 alone, so no anchor has a negative and the loss cannot train anything; "
+        "pass include_background=True (or None, the default, which includes it for binary labels)",
+        UserWarning, stacklevel=3)
 
 
 def _draw(labels: torch.Tensor, usable: torch.Tensor, generator: torch.Generator | None):
@@ -127,8 +152,12 @@ def _draw(labels: torch.Tensor, usable: torch.Tensor, generator: torch.Generator
     without replacement. Shapes never depend on the values: no host synchronisation."""
     batch = labels.shape[0]
     flat, use = labels.reshape(batch, -1), usable.reshape(batch, -1)
-    rand_device = generator.device if generator is not None else labels.device
-    noise = torch.rand(flat.shape, generator=generator, device=rand_device).to(labels.device)
+    if generator is None:
+        # No generator argument at all: torch.compile(dynamic=True) fails on torch.rand with a
+        # symbolic size and an explicit generator=None.
+        noise = torch.rand(flat.shape, device=labels.device)
+    else:
+        noise = torch.rand(flat.shape, generator=generator, device=generator.device).to(labels.device)
     # float64 holds a class id below 2^28 and the noise's 24 bits side by side, exactly.
     key = torch.where(use, flat.to(torch.float64) + noise.to(torch.float64), float("inf"))
     order = key.argsort(dim=1)
@@ -144,6 +173,7 @@ def sample_anchors(labels: torch.Tensor, usable: torch.Tensor, per_class: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Mask of ``min(per_class, count)`` pixels drawn uniformly without replacement from the
     usable pixels of each (image, class) of a (B, H, W) label map, without a host sync."""
+    labels, usable = v.plain(labels), v.plain(usable)
     order, _, sorted_use, rank = _draw(labels, usable, generator)
     chosen = sorted_use & (rank < per_class)
     return torch.zeros_like(chosen).scatter(1, order, chosen).reshape(usable.shape)
@@ -201,10 +231,11 @@ def pseudo_label_contrast(
     temperature: float | torch.Tensor = 0.1,
     mode: str = "prototype",
     anchors_per_class: int | None = None,
-    include_background: bool = False,
+    include_background: bool | None = None,
     ignore_index: int = -1,
     confidence_threshold: float | None = None,
     num_classes: int | None = None,
+    labels_format: str = "index",
     generator: torch.Generator | None = None,
     gather_distributed: bool = False,
     backend: str = "auto",
@@ -213,9 +244,11 @@ def pseudo_label_contrast(
 
     Args:
         embeddings: (B, D, H, W) pixel embeddings (e.g. a 1×1-conv head on the decoder output).
-        labels: (B, h, w) integer ground truth or pseudo-labels. If (h, w) ≠ (H, W) they are
+        labels: (B, h, w) or (B, 1, h, w) integer ground truth or pseudo-labels, or with
+            ``labels_format="one_hot"`` a (B, K, h, w) one-hot map. If (h, w) ≠ (H, W) they are
             resized to (H, W) by nearest-neighbour sampling (:func:`downsample_labels`).
-        confidence: optional (B, h, w) values in [0, 1], resized like ``labels``. Pixels below
+            Tensor subclasses (MONAI's MetaTensor) are read as plain tensors.
+        confidence: optional (B, h, w) or (B, 1, h, w) values in [0, 1], resized like ``labels``. Pixels below
             ``confidence_threshold`` take no part at all (neither anchor nor class mean nor
             key); the other anchors are weighted by their confidence. Use 1 for labeled images.
         pair_index: optional (B,) image indices: image i is contrasted against the class means
@@ -227,12 +260,20 @@ def pseudo_label_contrast(
         anchors_per_class: None — every usable pixel is an anchor; else the number of anchors
             drawn per (image, class) uniformly without replacement (all if fewer). In pixel mode
             the drawn pixels are both the anchors and the keys.
-        include_background: whether class 0 takes part (the original uses foreground only).
+        include_background: whether class 0 takes part. ``None`` (the default): only when the labels
+            are binary — ``num_classes == 2``, or without ``num_classes`` the batch's largest class
+            id is 1 — since with class 1 alone no anchor has a negative. ``False`` is the
+            original's foreground-only contrast (meant for several foreground classes); with
+            binary labels it warns once.
         ignore_index: label of pixels that take no part.
         confidence_threshold: None or a value in [0, 1]; used only when ``confidence`` is given.
         num_classes: if given, labels must lie in [0, num_classes) or equal ``ignore_index``. In
             prototype mode it also spares a host synchronisation (the class count is otherwise
-            read from the labels), so ``torch.compile`` traces the whole loss.
+            read from the labels), so ``torch.compile`` traces the whole loss. Multi-class users
+            should pass it: it also fixes ``include_background=None``'s choice for every batch.
+        labels_format: ``"index"`` — class ids, (B, h, w) or (B, 1, h, w); ``"one_hot"`` —
+            (B, K, h, w) with a 1 in the channel of each pixel's class (any dtype), a pixel without
+            a 1 being ignored; K is the class count (``num_classes``, if given, must equal it).
         generator: random generator for the anchor sampling.
         gather_distributed: pixel mode under DDP: the usable pixels of every process are keys
             (:func:`contrastkit.gather_keys`); each process returns the mean over its own anchors.
@@ -247,25 +288,64 @@ def pseudo_label_contrast(
         still counts in the mean; absent classes simply have no anchors and no means.
     """
     _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
-                   confidence_threshold, num_classes)
+                   confidence_threshold, num_classes, labels_format)
+    embeddings, confidence, pair_index = v.plain(embeddings), v.plain(confidence), v.plain(pair_index)
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"embeddings must be a torch.Tensor; got {type(embeddings).__name__}")
+    one_hot = v.plain(labels) if labels_format == "one_hot" else None
+    labels, format_classes = index_label_map("labels", labels, labels_format, ignore_index)
+    if format_classes is not None:
+        if num_classes is not None and num_classes != format_classes:
+            raise ValueError(f"num_classes={num_classes} but the one-hot labels have {format_classes} channels")
+        if 0 <= ignore_index < format_classes:
+            raise ValueError(f"ignore_index={ignore_index} is a class id (one-hot labels with "
+                             f"K={format_classes}); use a value outside [0, K)")
+        num_classes = format_classes
+    if isinstance(confidence, torch.Tensor) and confidence.dim() == 4 and confidence.shape[1] == 1:
+        confidence = confidence[:, 0]
     _check_inputs(embeddings, labels, confidence, pair_index, generator)
     check_flag("gather_distributed", gather_distributed)
     if mode == "pixel" and pair_index is not None:
         raise ValueError(
             "pair_index applies to mode='prototype' only; mode='pixel' contrasts the whole batch"
         )
-    if v.value_checks_enabled(embeddings.device):
-        _check_values(embeddings, labels, confidence, pair_index, ignore_index, num_classes)
+    checks_on = v.value_checks_enabled(embeddings.device)
+    if checks_on:
+        _check_values(embeddings, labels, confidence, pair_index, ignore_index, num_classes,
+                      [] if one_hot is None else [one_hot_value_check("labels", one_hot)])
+    if include_background is None and num_classes is not None:
+        include_background = num_classes == 2
 
     batch, _, height, width = embeddings.shape
     labels = downsample_labels(labels, (height, width)).long()
-    usable = labels != ignore_index
-    if not include_background:
-        usable &= labels != BACKGROUND
+    seen = labels != ignore_index  # usable but for the background rule
     if confidence is not None:
         confidence = resize_nearest(confidence, (height, width))
         if confidence_threshold is not None:
-            usable &= confidence >= confidence_threshold
+            seen &= confidence >= confidence_threshold
+    if mode == "prototype" and num_classes is None:  # read from the labels: one host sync
+        if labels.device.type == "meta":
+            raise ValueError("prototype mode without num_classes reads the number of classes from the labels' "
+                             "values, which meta tensors do not hold: pass num_classes")
+        num_classes = int(torch.where(seen, labels, 0).max()) + 1
+        if num_classes > MAX_INFERRED_CLASSES:
+            raise ValueError(
+                f"labels reach {num_classes - 1}: prototype mode keeps one mean per class id up to the largest, "
+                f"so without num_classes it takes at most {MAX_INFERRED_CLASSES} classes; remap the ids to "
+                f"0..K-1 and pass num_classes=K")
+        if include_background is None:
+            include_background = num_classes == 2
+    if include_background is None:
+        # Pixel mode without num_classes: decided on the device (no host sync), per batch.
+        binary = torch.where(seen, labels, 0).amax() == 1
+        usable = seen & ((labels != BACKGROUND) | binary)
+    elif include_background:
+        usable = seen
+    else:
+        usable = seen & (labels != BACKGROUND)
+        if num_classes == 2 or (num_classes is None and checks_on
+                                and int(torch.where(seen, labels, 0).amax()) == 1):
+            _warn_foreground_only()
     weights = None if confidence is None else confidence.reshape(batch, -1)
     options = dict(temperature=temperature, normalize=True, denominator="all",
                    ignore_index=ignore_index, backend=backend)
@@ -285,16 +365,6 @@ def pseudo_label_contrast(
     anchors = usable
     if anchors_per_class is not None:
         anchors = sample_anchors(labels, usable, anchors_per_class, generator)
-    if num_classes is None:  # read from the labels: one host sync
-        if labels.device.type == "meta":
-            raise ValueError("prototype mode without num_classes reads the number of classes from the labels' "
-                             "values, which meta tensors do not hold: pass num_classes")
-        num_classes = int(torch.where(usable, labels, 0).max()) + 1
-        if num_classes > MAX_INFERRED_CLASSES:
-            raise ValueError(
-                f"labels reach {num_classes - 1}: prototype mode keeps one mean per class id up to the largest, "
-                f"so without num_classes it takes at most {MAX_INFERRED_CLASSES} classes; remap the ids to "
-                f"0..K-1 and pass num_classes=K")
     # Background takes no part unless included: its means would be keys of no anchor and no positive.
     first_class = 0 if include_background else BACKGROUND + 1
     keys, key_labels = _prototype_keys(embeddings, labels, usable, None if pair_index is None else pair_index.long(),
@@ -341,13 +411,14 @@ class PseudoLabelContrast(TemperatureModule):
     """
 
     def __init__(self, temperature: float | torch.Tensor = 0.1, mode: str = "prototype",
-                 anchors_per_class: int | None = None, include_background: bool = False,
+                 anchors_per_class: int | None = None, include_background: bool | None = None,
                  ignore_index: int = -1,
                  confidence_threshold: float | None = None, num_classes: int | None = None,
-                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False):
+                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False,
+                 labels_format: str = "index"):
         super().__init__(temperature, learnable_temperature)
         _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
-                       confidence_threshold, num_classes)
+                       confidence_threshold, num_classes, labels_format)
         v.check_choice("backend", backend, v.BACKENDS)
         self.gather_distributed = check_flag("gather_distributed", gather_distributed)
         self.mode = mode
@@ -356,6 +427,7 @@ class PseudoLabelContrast(TemperatureModule):
         self.ignore_index = ignore_index
         self.confidence_threshold = confidence_threshold
         self.num_classes = num_classes
+        self.labels_format = labels_format
         self.backend = backend
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
@@ -366,11 +438,13 @@ class PseudoLabelContrast(TemperatureModule):
             temperature=self.temperature, mode=self.mode, anchors_per_class=self.anchors_per_class,
             include_background=self.include_background, ignore_index=self.ignore_index,
             confidence_threshold=self.confidence_threshold, num_classes=self.num_classes,
-            generator=generator, gather_distributed=self.gather_distributed, backend=self.backend,
+            labels_format=self.labels_format, generator=generator, gather_distributed=self.gather_distributed,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (f"{self.temperature_repr()}, mode={self.mode!r}, "
                 f"anchors_per_class={self.anchors_per_class}, "
                 f"include_background={self.include_background}, ignore_index={self.ignore_index}, "
-                f"confidence_threshold={self.confidence_threshold}, num_classes={self.num_classes}")
+                f"confidence_threshold={self.confidence_threshold}, num_classes={self.num_classes}, "
+                f"labels_format={self.labels_format!r}")

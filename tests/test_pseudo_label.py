@@ -224,7 +224,7 @@ def test_downsample_labels_is_torch_nearest(size):
 def test_downsample_labels_errors():
     with pytest.raises(TypeError, match="labels must have an integer dtype"):
         ck.downsample_labels(torch.zeros(1, 4, 4), 2)
-    with pytest.raises(ValueError, match="3 dimensions"):
+    with pytest.raises(ValueError, match=r"labels must be \(B, h, w\) or \(B, 1, h, w\)"):
         ck.downsample_labels(torch.zeros(4, 4, dtype=torch.long), 2)
     with pytest.raises(TypeError, match="size"):
         ck.downsample_labels(torch.zeros(1, 4, 4, dtype=torch.long), 2.5)
@@ -471,3 +471,152 @@ def test_prototype_without_num_classes_refuses_a_huge_label_id():
         ck.pseudo_label_contrast(emb, labels)
     labels[1, 2, 3] = 4095  # the largest id it still sizes by itself
     assert torch.isfinite(ck.pseudo_label_contrast(emb, labels))
+
+
+# ---------------------------------------------------------------- binary labels (issue 24)
+
+
+@pytest.mark.parametrize("mode", ["prototype", "pixel"])
+@pytest.mark.parametrize("num_classes", [None, 2])
+def test_binary_labels_contrast_foreground_against_background_by_default(mode, num_classes):
+    emb, labels, confidence = _batch(21, batch=3, size=4, num_classes=2)
+    emb.requires_grad_()
+    got = ck.PseudoLabelContrast(mode=mode, num_classes=num_classes)(emb, labels, confidence)
+    formula = prototype_formula if mode == "prototype" else pixel_formula
+    want = formula(emb, labels, confidence=confidence, include_background=True)
+    torch.testing.assert_close(got, want)
+    assert got.item() > 0.1  # foreground-only binary contrast was exactly 0
+    (grad,) = torch.autograd.grad(got, emb)
+    torch.testing.assert_close(grad, torch.autograd.grad(want, emb)[0])
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["prototype", "pixel"])
+def test_multi_class_default_stays_foreground_only(mode):
+    emb, labels, _ = _batch(22, batch=2, size=4, num_classes=3)
+    formula = prototype_formula if mode == "prototype" else pixel_formula
+    for num_classes in (None, 3):
+        got = ck.pseudo_label_contrast(emb, labels, mode=mode, num_classes=num_classes)
+        torch.testing.assert_close(got, formula(emb, labels, include_background=False))
+
+
+@pytest.mark.parametrize("mode", ["prototype", "pixel"])
+def test_foreground_only_binary_labels_warn_once_naming_the_option(mode, monkeypatch):
+    import warnings
+
+    import contrastkit.pseudo_label as pl
+
+    monkeypatch.setattr(pl, "_warned_foreground_only", False)
+    emb, labels, _ = _batch(23, batch=2, size=4, num_classes=2)
+    loss = ck.PseudoLabelContrast(mode=mode, include_background=False)
+    with pytest.warns(UserWarning, match=r"include_background=False .* pass include_background=True"):
+        first = loss(emb, labels)
+    if mode == "prototype":
+        assert first.item() == 0.0  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(emb, labels)  # once per process
+        monkeypatch.setattr(pl, "_warned_foreground_only", False)
+        ck.PseudoLabelContrast(mode=mode)(emb, labels)  # the default includes the background
+        ck.pseudo_label_contrast(emb, labels.clamp_max(0), mode=mode, include_background=False)  # nothing to fix
+        ck.pseudo_label_contrast(emb, labels * 2, mode=mode, include_background=False, num_classes=3)
+        if mode == "pixel":
+            with ck.value_checks(False):  # the values are not read where a read would be a host sync
+                ck.pseudo_label_contrast(emb, labels, mode=mode, include_background=False)
+    with pytest.warns(UserWarning, match="include_background=True"):  # num_classes=2 says so without reading
+        ck.pseudo_label_contrast(emb, labels, mode=mode, include_background=False, num_classes=2)
+
+
+# ---------------------------------------------------------------- label layouts and tensor subclasses
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass with a __torch_function__ of its own, as MONAI's MetaTensor has."""
+
+
+@pytest.mark.parametrize("mode", ["prototype", "pixel"])
+def test_labels_with_a_channel_axis_or_one_hot_give_the_index_result(mode):
+    emb, labels, confidence = _batch(24, batch=2, size=6, num_classes=3)
+    labels[0, 0, :3] = -1
+    kw = dict(mode=mode, num_classes=3, anchors_per_class=4, confidence_threshold=0.2)
+    want = ck.pseudo_label_contrast(emb, labels, confidence, generator=_gen(5), **kw)
+    one_hot = F.one_hot(labels.clamp_min(0), 3).permute(0, 3, 1, 2)
+    one_hot[0, :, 0, :3] = 0  # unlabelled pixels: no channel set
+    for layout, conf, fmt in ((labels[:, None], confidence, "index"), (labels, confidence[:, None], "index"),
+                              (one_hot, confidence, "one_hot"), (one_hot.float(), confidence, "one_hot"),
+                              (one_hot.bool(), confidence, "one_hot")):
+        got = ck.pseudo_label_contrast(emb, layout, conf, generator=_gen(5), labels_format=fmt, **kw)
+        assert torch.equal(got, want), (layout.shape, layout.dtype, fmt)
+    # one-hot fixes K by its shape: without num_classes, prototype mode reads nothing from the values
+    kw.pop("num_classes")
+    module = ck.PseudoLabelContrast(mode=mode, labels_format="one_hot", anchors_per_class=4, confidence_threshold=0.2)
+    assert torch.equal(module(emb, one_hot, confidence, generator=_gen(5)), want)
+    assert "labels_format='one_hot'" in repr(module)
+
+
+def test_label_layout_errors_name_the_argument():
+    emb, labels, _ = _batch(25, batch=2, size=4, num_classes=3)
+    one_hot = F.one_hot(labels, 3).permute(0, 3, 1, 2)
+    with pytest.raises(ValueError, match=r"\(B, h, w\) or \(B, 1, h, w\).*labels_format='one_hot'"):
+        ck.pseudo_label_contrast(emb, one_hot)  # never guessed from the shape
+    with pytest.raises(ValueError, match="labels_format must be one of 'index', 'one_hot'"):
+        ck.PseudoLabelContrast(labels_format="onehot")
+    with pytest.raises(ValueError, match="num_classes=4 but the one-hot labels have 3 channels"):
+        ck.pseudo_label_contrast(emb, one_hot, labels_format="one_hot", num_classes=4)
+    with pytest.raises(ValueError, match=r"labels_format='one_hot' must be a non-empty \(B, K, h, w\)"):
+        ck.pseudo_label_contrast(emb, labels, labels_format="one_hot")
+    with pytest.raises(ValueError, match="ignore_index=1 is a class id"):
+        ck.pseudo_label_contrast(emb, one_hot, labels_format="one_hot", ignore_index=1)
+    for bad in (one_hot * 2, one_hot + F.one_hot(torch.zeros_like(labels), 3).permute(0, 3, 1, 2)):
+        with pytest.raises(ValueError, match="at most one 1 per pixel"):
+            ck.pseudo_label_contrast(emb, bad, labels_format="one_hot")
+    with pytest.raises(TypeError, match="include_background must be None"):
+        ck.PseudoLabelContrast(include_background=1)
+
+
+def test_downsample_labels_keeps_a_channel_axis():
+    labels = torch.randint(0, 3, (2, 1, 8, 6), generator=_gen(26))
+    got = ck.downsample_labels(labels, (4, 3))
+    assert got.shape == (2, 1, 4, 3)
+    assert torch.equal(got[:, 0], ck.downsample_labels(labels[:, 0], (4, 3)))
+
+
+@pytest.mark.parametrize("mode", ["prototype", "pixel"])
+def test_tensor_subclasses_give_the_plain_result_as_a_plain_tensor(mode):
+    emb, labels, confidence = _batch(27, batch=2, size=4, num_classes=3)
+    kw = dict(mode=mode, anchors_per_class=3)
+    want = ck.pseudo_label_contrast(emb, labels, confidence, generator=_gen(1), **kw)
+    leaf = emb.clone().as_subclass(_Tagged).requires_grad_()
+    got = ck.pseudo_label_contrast(leaf, labels.as_subclass(_Tagged), confidence.as_subclass(_Tagged),
+                                   generator=_gen(1), **kw)
+    assert type(got) is torch.Tensor and torch.equal(got, want)
+    got.backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    labels_out, conf_out = ck.pseudo_labels(torch.randn(2, 3, 4, 4).as_subclass(_Tagged))
+    assert type(labels_out) is torch.Tensor and type(conf_out) is torch.Tensor
+    assert type(ck.downsample_labels(labels.as_subclass(_Tagged), 2)) is torch.Tensor
+
+
+@pytest.mark.parametrize("mode", ["prototype", "pixel"])
+def test_monai_metatensor_batches_give_the_plain_result(mode):
+    monai_data = pytest.importorskip("monai.data")
+    g = _gen(28)
+    items = [{"image": monai_data.MetaTensor(torch.randn(4, 6, 6, generator=g, dtype=torch.float64),
+                                             meta={"filename_or_obj": f"case{i}.nii.gz"}),
+              "label": monai_data.MetaTensor(torch.randint(0, 2, (1, 6, 6), generator=g),
+                                             meta={"filename_or_obj": f"case{i}_seg.nii.gz"})}
+             for i in range(3)]
+    batch = next(iter(monai_data.DataLoader(items, batch_size=3)))
+    emb, labels = batch["image"], batch["label"]  # (B, 4, 6, 6), (B, 1, 6, 6) MetaTensors
+    assert isinstance(labels, monai_data.MetaTensor)
+    plain_emb, plain_labels = emb.as_subclass(torch.Tensor), labels.as_subclass(torch.Tensor)[:, 0]
+    for kw in (dict(), dict(anchors_per_class=5)):
+        want = ck.pseudo_label_contrast(plain_emb, plain_labels, mode=mode, generator=_gen(2), **kw)
+        got = ck.PseudoLabelContrast(mode=mode, **kw)(emb, labels, generator=_gen(2))
+        assert type(got) is torch.Tensor and torch.equal(got, want)
+    pl_labels, pl_conf = ck.pseudo_labels(emb)
+    assert type(pl_labels) is torch.Tensor and type(pl_conf) is torch.Tensor
+    assert torch.equal(pl_labels, ck.pseudo_labels(plain_emb)[0])
+    anchors = sample_anchors(labels[:, 0], labels[:, 0] >= 0, 2, _gen(0))
+    assert type(anchors) is torch.Tensor
+    assert torch.equal(anchors, sample_anchors(plain_labels, plain_labels >= 0, 2, _gen(0)))
