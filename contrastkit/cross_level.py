@@ -37,7 +37,7 @@ from .distributed import gather_keys, rank_offset
 from .patches import as_grid, patchify, pool_patches
 
 NEGATIVES = ("image", "batch")
-ACTIVATIONS = ("sigmoid", "softmax")
+ACTIVATIONS = ("sigmoid", "softmax", "multilabel")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -99,7 +99,7 @@ def cross_level_contrast(
                        ("gather_distributed", gather_distributed)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
-    global_cells, local_cells = _cells(global_map, local_map)
+    global_cells, local_cells = _cells(v.plain(global_map), v.plain(local_map))
     if detach_local:
         local_cells = local_cells.detach()
     options = dict(temperature=temperature, normalize=normalize, denominator="all", backend=backend)
@@ -243,6 +243,20 @@ def _consistency_grid(patch_logits: torch.Tensor, full_logits: torch.Tensor, gri
     return inferred
 
 
+def _check_activation(activation: str, channels: int) -> None:
+    # Both mismatches run without error and train the wrong thing: sigmoid on softmax logits makes
+    # each class channel its own binary problem, and the softmax of one channel is 1 everywhere
+    # (the loss is 0 whatever the model predicts).
+    if activation == "sigmoid" and channels > 1:
+        raise ValueError(
+            f"activation='sigmoid' takes 1-channel (binary) logits; got {channels} channels. For "
+            f"multi-class logits pass activation='softmax'; for {channels} independent (multi-label) "
+            "channels pass activation='multilabel'")
+    if activation == "softmax" and channels == 1:
+        raise ValueError("activation='softmax' needs K >= 2 channels (over one channel it is 1 everywhere "
+                         "and the loss is 0); for 1-channel binary logits pass activation='sigmoid'")
+
+
 def cross_level_consistency(
     patch_logits: torch.Tensor,
     full_logits: torch.Tensor,
@@ -257,7 +271,9 @@ def cross_level_consistency(
     v.check_choice("reduction", reduction, REDUCTIONS)
     if not isinstance(detach_full, bool):
         raise TypeError(f"detach_full must be a bool; got {type(detach_full).__name__}")
+    patch_logits, full_logits = v.plain(patch_logits), v.plain(full_logits)
     grid = _consistency_grid(patch_logits, full_logits, grid)
+    _check_activation(activation, patch_logits.shape[1])
     if v.value_checks_enabled(patch_logits.device):
         v.raise_first_failure([v.finite_check(("patch_logits", patch_logits), ("full_logits", full_logits))])
     dtype = compute_dtype(patch_logits.dtype)
@@ -265,7 +281,7 @@ def cross_level_consistency(
     if detach_full:
         full_region = full_region.detach()
     patch_logits = patch_logits.to(dtype)
-    if activation == "sigmoid":
+    if activation != "softmax":
         diff = torch.sigmoid(patch_logits) - torch.sigmoid(full_region)
     else:
         diff = torch.softmax(patch_logits, dim=1) - torch.softmax(full_region, dim=1)
@@ -279,8 +295,10 @@ class CrossLevelConsistency(nn.Module):
     r"""Each patch's own prediction must match the full-image prediction over its region.
 
     Args:
-        activation: ``"sigmoid"`` (binary or multi-label logits, the original) or
-            ``"softmax"`` (multi-class, over dim 1).
+        activation: ``"sigmoid"`` (1-channel binary logits, the original), ``"softmax"``
+            (multi-class, K >= 2, over dim 1) or ``"multilabel"`` (a sigmoid on each of K
+            independent channels). Logits that do not match — several channels with
+            ``"sigmoid"``, one with ``"softmax"`` — are a ValueError naming the fitting choice.
         detach_full: no gradient reaches ``full_logits`` (the original detaches it).
         reduction: ``"mean"`` over every element, ``"sum"``, or ``"none"`` — the
             (B·gh·gw, K, ph, pw) squared differences.

@@ -223,10 +223,11 @@ def test_consistency_softmax(grid):
 
 def test_consistency_reductions_and_explicit_grid():
     patch, full = logits(2, 2, 3, 4, 2, 3)
-    none = cross_level_consistency(patch, full, reduction="none", grid=(3, 4))
+    none = cross_level_consistency(patch, full, reduction="none", grid=(3, 4), activation="multilabel")
     assert none.shape == patch.shape
-    torch.testing.assert_close(cross_level_consistency(patch, full, reduction="sum"), none.sum())
-    torch.testing.assert_close(cross_level_consistency(patch, full), none.mean())
+    torch.testing.assert_close(cross_level_consistency(patch, full, reduction="sum", activation="multilabel"),
+                               none.sum())
+    torch.testing.assert_close(cross_level_consistency(patch, full, activation="multilabel"), none.mean())
 
 
 @pytest.mark.parametrize("detach_full", [True, False])
@@ -243,9 +244,9 @@ def test_consistency_gradients(detach_full):
         torch.testing.assert_close(full.grad, rf[0], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax", "multilabel"])
 def test_consistency_gradcheck(activation):
-    patch, full = logits(1, 2, 2, 1, 1, 2, requires_grad=True)
+    patch, full = logits(1, 1 if activation == "sigmoid" else 2, 2, 1, 1, 2, requires_grad=True)
     fn = lambda p, f: cross_level_consistency(p, f, activation=activation, detach_full=False)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (patch, full))
 
@@ -277,3 +278,34 @@ def test_consistency_errors():
         CrossLevelConsistency(activation="relu")
     with pytest.raises(ValueError, match="reduction must be one of"):
         CrossLevelConsistency(reduction="max")
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_consistency_multilabel_is_a_sigmoid_per_channel(grid):
+    patch, full = logits(2, 3, *grid, 2, 2, seed=4)
+    got = cross_level_consistency(patch, full, activation="multilabel")
+    # each channel on its own is the 1-channel (binary) loss; the mean over channels weighs them equally
+    per_channel = [cross_level_consistency(patch[:, k:k + 1], full[:, k:k + 1]) for k in range(3)]
+    torch.testing.assert_close(got, torch.stack(per_channel).mean(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(got * grid[0] * grid[1], original_consistency_sum(patch, full, *grid),
+                               rtol=1e-12, atol=0)
+
+
+def test_consistency_refuses_logits_that_do_not_match_the_activation():
+    patch, full = logits(2, 2, 2, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"activation='sigmoid' takes 1-channel .* got 2 channels.*"
+                                         r"pass activation='softmax'.*activation='multilabel'"):
+        CrossLevelConsistency()(patch, full)  # 2-channel softmax logits with the default
+    binary, binary_full = logits(2, 1, 2, 2, 3, 3)
+    with pytest.raises(ValueError, match=r"activation='softmax' needs K >= 2 .* pass activation='sigmoid'"):
+        CrossLevelConsistency(activation="softmax")(binary, binary_full)
+
+
+def test_consistency_accepts_tensor_subclasses_and_returns_plain_tensors():
+    class Tagged(torch.Tensor):
+        pass
+
+    patch, full = logits(2, 1, 2, 2, 3, 3)
+    want = cross_level_consistency(patch, full)
+    got = cross_level_consistency(patch.as_subclass(Tagged), full.as_subclass(Tagged))
+    assert type(got) is torch.Tensor and torch.equal(got, want)

@@ -127,3 +127,18 @@ def test_second_derivatives_dense_path_exact_and_chunked_path_refused_by_name():
     rows = x.clone().requires_grad_(True)
     with pytest.raises(NotImplementedError, match="backend='dense'"):
         penalty("torch", rows, 0.3).backward()
+
+
+def test_plain_turns_tensor_subclasses_into_tensors_on_the_same_data_and_graph():
+    from contrastkit._validation import plain
+
+    class Tagged(torch.Tensor):
+        pass
+
+    leaf = torch.arange(3.0).as_subclass(Tagged).requires_grad_()
+    out = plain(leaf)
+    assert type(out) is torch.Tensor and out.data_ptr() == leaf.data_ptr()
+    (out * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(leaf.grad, torch.tensor([1.0, 2.0, 3.0]))
+    x, p = torch.ones(2), torch.nn.Parameter(torch.ones(2))
+    assert plain(x) is x and plain(p) is p and plain(None) is None and plain(3) == 3
