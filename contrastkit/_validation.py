@@ -129,6 +129,10 @@ def check_temperature(temperature) -> float | torch.Tensor:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive real number or a 0-dim floating tensor; "
                         f"got {type(temperature).__name__}")
+    if torch.compiler.is_compiling():
+        # torch.compile(dynamic=True) traces a module's float τ as a symbol: it has no value to test
+        # here, and the module checked it when it was built.
+        return temperature
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be positive and finite; got {temperature}")
