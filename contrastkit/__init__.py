@@ -7,9 +7,11 @@ from ._validation import set_value_checks, value_checks, value_checks_enabled
 from .classic import NTXentLoss, PatchNCELoss, SupConLoss, nt_xent_loss, patch_nce_loss, supcon_loss
 from .core import info_nce
 from .cross_level import (
+    PATCH_BATCHNORM,
     CrossLevelConsistency,
     CrossLevelContrast,
     CrossLevelViews,
+    batchnorm_mode,
     cross_level_consistency,
     cross_level_contrast,
     cross_level_views,
@@ -54,6 +56,8 @@ __all__ = [
     "cross_level_consistency",
     "cross_level_contrast",
     "cross_level_views",
+    "batchnorm_mode",
+    "PATCH_BATCHNORM",
     # pseudo-label contrast
     "PseudoLabelContrast",
     "pseudo_label_contrast",

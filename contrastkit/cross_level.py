@@ -343,6 +343,9 @@ class CrossLevelViews(NamedTuple):
     patch_logits: torch.Tensor  # (B·gh·gw, K, H/gh, W/gw)
     global_map: torch.Tensor  # (B, C, gh, gw): full-image projection pooled onto the grid
     local_map: torch.Tensor  # (B·gh·gw, C): each patch's projection pooled over the patch
+    # (B, C, H, W): the full-image projection itself, for a pixel-level loss in the same step
+    # (e.g. PseudoLabelContrast on the labeled images) without a third forward pass
+    full_projection: torch.Tensor | None = None
 
 
 def _logits_and_projection(out, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,4 +416,5 @@ def cross_level_views(
         patch_logits=patch_logits,
         global_map=pool_patches(full_proj, grid),
         local_map=pool_patches(patch_proj, 1).flatten(1),
+        full_projection=full_proj,
     )

@@ -72,6 +72,17 @@ def test_views_are_the_pooled_model_outputs():
     region = full.projection[1, :, 8:16, 16:32]
     torch.testing.assert_close(views.global_map[1, :, 1, 1], region.mean(dim=(1, 2)))
     torch.testing.assert_close(views.local_map, patches.projection.mean(dim=(2, 3)))
+    torch.testing.assert_close(views.full_projection, full.projection)  # for a pixel-level loss beside
+
+
+def test_batchnorm_mode_is_public_and_keeps_running_statistics_for_the_full_images():
+    model = small_unet(norm="batch").train()
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = norm.running_mean.clone()
+    with contrastkit.batchnorm_mode(model, "batch_no_update"):
+        model(torch.randn(2, 3, 16, 16) * 5 + 3)
+    assert torch.equal(norm.running_mean, before) and norm.momentum == 0.1 and model.training
+    assert contrastkit.PATCH_BATCHNORM == ("batch", "batch_no_update", "running")
 
 
 def test_views_reject_models_without_features():
