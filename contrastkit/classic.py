@@ -158,6 +158,7 @@ def patch_nce_loss(
     normalize: bool = True,
     gather_distributed: bool = False,
     queue: MemoryQueue | None = None,
+    reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""PatchNCE (CUT, Park et al. 2020) between feature maps (B, C, H, W) at the same locations.
@@ -179,15 +180,24 @@ def patch_nce_loss(
     keys = feat_k.detach().flatten(2).transpose(1, 2).gather(1, where).reshape(-1, c)
     # One call for the batch: each query's own location is its positive, the other sampled
     # locations of its image (its group) and the queue's keys (shared by all) its negatives.
-    options = dict(temperature=temperature, normalize=normalize, denominator="all", reduction="sum", backend=backend)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    options = dict(temperature=temperature, normalize=normalize, denominator="all",
+                   reduction="none" if reduction == "none" else "sum", backend=backend)
     if queue is None:  # paired views in B equal blocks, one per image
-        return info_nce(queries, keys, groups=b, **options) / queries.shape[0]
+        return _patch_reduction(info_nce(queries, keys, groups=b, **options), reduction, b, queries.shape[0])
     locations = torch.arange(queries.shape[0], device=feat_q.device)
     images = torch.div(locations, queries.shape[0] // b, rounding_mode="floor")
     keys, key_labels, key_groups = append_queue(queue, keys, locations, images, labels=locations)
     total = info_nce(queries, keys, labels=locations, key_labels=key_labels, groups=images, key_groups=key_groups,
                      **options)
-    return total / queries.shape[0]
+    return _patch_reduction(total, reduction, b, queries.shape[0])
+
+
+def _patch_reduction(total: torch.Tensor, reduction: str, images: int, queries: int) -> torch.Tensor:
+    """The mean over the B·P queries (all contribute), their sum, or each query's loss as (B, P)."""
+    if reduction == "none":
+        return total.reshape(images, -1)
+    return total if reduction == "sum" else total / queries
 
 
 class NTXentLoss(TemperatureModule):
@@ -243,8 +253,10 @@ class PatchNCELoss(TemperatureModule):
 
     def __init__(self, temperature: float | torch.Tensor = 0.07, num_patches: int | None = 256,
                  normalize: bool = True, gather_distributed: bool = False, backend: str = "auto",
-                 learnable_temperature: bool = False):
+                 learnable_temperature: bool = False, reduction: str = "mean"):
         super().__init__(temperature, learnable_temperature)
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
+        self.reduction = reduction
         if num_patches is not None and (isinstance(num_patches, bool) or not isinstance(num_patches, int)
                                         or num_patches < 1):
             raise ValueError(f"num_patches must be a positive int or None; got {num_patches!r}")
@@ -255,7 +267,7 @@ class PatchNCELoss(TemperatureModule):
     def forward(self, feat_q, feat_k, generator: torch.Generator | None = None,
                 queue: MemoryQueue | None = None):
         return patch_nce_loss(feat_q, feat_k, temperature=self.temperature, num_patches=self.num_patches,
-                              generator=generator, normalize=self.normalize,
+                              generator=generator, normalize=self.normalize, reduction=self.reduction,
                               gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
 
     def extra_repr(self) -> str:

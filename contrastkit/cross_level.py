@@ -91,10 +91,13 @@ def cross_level_contrast(
     symmetric: bool = False,
     normalize: bool = True,
     gather_distributed: bool = False,
+    reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
-    r"""Cross-level (global cell vs. local patch) PatchNCE loss; see :class:`CrossLevelContrast`."""
+    r"""Cross-level (global cell vs. local patch) PatchNCE loss; see :class:`CrossLevelContrast`.
+    ``reduction="none"`` gives each cell's loss, (B, gh, gw)."""
     v.check_choice("negatives", negatives, NEGATIVES)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
     for name, flag in (("detach_local", detach_local), ("symmetric", symmetric), ("normalize", normalize),
                        ("gather_distributed", gather_distributed)):
         if not isinstance(flag, bool):
@@ -102,7 +105,8 @@ def cross_level_contrast(
     global_cells, local_cells = _cells(v.plain(global_map), v.plain(local_map))
     if detach_local:
         local_cells = local_cells.detach()
-    options = dict(temperature=temperature, normalize=normalize, denominator="all", backend=backend)
+    options = dict(temperature=temperature, normalize=normalize, denominator="all", reduction=reduction,
+                   backend=backend)
     if gather_distributed and negatives == "batch":
         # The cells of every rank are negatives: cell ids must be unique across ranks.
         n = global_map.shape[0] * global_map.shape[2] * global_map.shape[3]
@@ -129,7 +133,7 @@ def cross_level_contrast(
         # meaning — no gradient reaches local_map — so here the gradient flows through the keys.
         with v.embedding_names("local_map", "global_map"):
             loss = 0.5 * (loss + direction(local_cells, global_cells))
-    return loss
+    return loss.reshape(global_map.shape[0], *global_map.shape[2:]) if reduction == "none" else loss
 
 
 class CrossLevelContrast(TemperatureModule):
@@ -181,10 +185,12 @@ class CrossLevelContrast(TemperatureModule):
         gather_distributed: bool = False,
         backend: str = "auto",
         learnable_temperature: bool = False,
+        reduction: str = "mean",
     ) -> None:
         super().__init__(temperature, learnable_temperature)
         v.check_choice("negatives", negatives, NEGATIVES)
-        self.negatives = negatives
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
+        self.negatives, self.reduction = negatives, reduction
         self.detach_local = detach_local
         self.symmetric = symmetric
         self.normalize = normalize
@@ -202,6 +208,7 @@ class CrossLevelContrast(TemperatureModule):
             symmetric=self.symmetric,
             normalize=self.normalize,
             gather_distributed=self.gather_distributed,
+            reduction=self.reduction,
             backend=self.backend,
         )
 

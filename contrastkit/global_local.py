@@ -86,6 +86,7 @@ def global_contrast(
     normalize: bool = True,
     gather_distributed: bool = False,
     queue: MemoryQueue | None = None,
+    reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Global contrast over slice embeddings ``z`` (N, D), with the ``"each_positive"`` denominator.
@@ -105,6 +106,7 @@ def global_contrast(
     partition ids across ranks are positives of each other).
     """
     v.check_choice("strategy", strategy, STRATEGIES)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
     check_flag("gather_distributed", gather_distributed)
     if isinstance(z, torch.Tensor) and z.dim() != 2:
         raise ValueError(f"z must be (N, D) slice embeddings; got shape {tuple(z.shape)}")
@@ -124,7 +126,8 @@ def global_contrast(
     else:
         gathered = z, volume_ids, partition_ids, ranks, 0
     keys, key_volumes, key_partitions, key_ranks, self_offset = gathered
-    options = dict(temperature=temperature, normalize=normalize, denominator="each_positive", backend=backend)
+    options = dict(temperature=temperature, normalize=normalize, denominator="each_positive", reduction=reduction,
+                   backend=backend)
 
     if strategy == "GD":
         keys, key_labels, _ = append_queue(queue, keys, key_partitions, labels=partition_ids,
@@ -174,6 +177,7 @@ def local_contrast(
     normalize: bool = True,
     gather_distributed: bool = False,
     queue: MemoryQueue | None = None,
+    reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Local region contrast between feature maps ``f1``, ``f2`` (B, C, H, W) of two views.
@@ -187,6 +191,7 @@ def local_contrast(
     """
     check_same_maps("f1", f1, "f2", f2, 4, "a (B, C, H, W) feature map")
     check_flag("gather_distributed", gather_distributed)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
     grid = as_grid(region_grid)
     regions = grid[0] * grid[1]
     b = f1.shape[0]
@@ -203,7 +208,8 @@ def local_contrast(
     # One core call for the batch: the regions of an image are one group; queue keys are shared.
     region = torch.arange(regions, device=f1.device).repeat(2)
     flat = rows.reshape(b * 2 * regions, -1)
-    options = dict(temperature=temperature, normalize=normalize, reduction="sum", backend=backend)
+    options = dict(temperature=temperature, normalize=normalize, reduction="none" if reduction == "none" else "sum",
+                   backend=backend)
     if negatives_per_region is None and queue is None:
         # Self-contrast in B equal blocks (one per image): region ids need only be unique within one.
         total = info_nce(flat, labels=region.repeat(b), groups=b, **options)
@@ -215,7 +221,9 @@ def local_contrast(
                          self_key_offset=0, **options)
     else:
         total = _nearest_negatives_loss(rows, queued, negatives_per_region, normalize, options)
-    return total / (b * 2 * regions)
+    if reduction == "none":  # per region: (B, 2, gh, gw), the first view's regions first
+        return total.reshape(b, 2, *grid)
+    return total if reduction == "sum" else total / (b * 2 * regions)
 
 
 def _nearest_negatives_loss(rows, queued, k, normalize, options):
@@ -252,8 +260,11 @@ class GlobalContrast(TemperatureModule):
     """
 
     def __init__(self, strategy: str = "GD", temperature: float | torch.Tensor = 0.1, normalize: bool = True,
-                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False):
+                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False,
+                 reduction: str = "mean"):
         super().__init__(temperature, learnable_temperature)
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
+        self.reduction = reduction
         v.check_choice("strategy", strategy, STRATEGIES)
         v.check_choice("backend", backend, v.BACKENDS)
         self.strategy, self.normalize, self.backend = strategy, normalize, backend
@@ -261,7 +272,7 @@ class GlobalContrast(TemperatureModule):
 
     def forward(self, z, volume_ids, partition_ids, view_ids, queue: MemoryQueue | None = None):
         return global_contrast(z, volume_ids, partition_ids, view_ids, strategy=self.strategy,
-                               temperature=self.temperature, normalize=self.normalize,
+                               temperature=self.temperature, normalize=self.normalize, reduction=self.reduction,
                                gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
 
     def extra_repr(self) -> str:
@@ -273,8 +284,10 @@ class LocalContrast(TemperatureModule):
 
     def __init__(self, temperature: float | torch.Tensor = 0.1, region_grid=4,
                  negatives_per_region: int | None = None, normalize: bool = True, gather_distributed: bool = False,
-                 backend: str = "auto", learnable_temperature: bool = False):
+                 backend: str = "auto", learnable_temperature: bool = False, reduction: str = "mean"):
         super().__init__(temperature, learnable_temperature)
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
+        self.reduction = reduction
         self.region_grid = as_grid(region_grid)
         if negatives_per_region is not None and (isinstance(negatives_per_region, bool)
                                                  or not isinstance(negatives_per_region, int)
@@ -289,7 +302,8 @@ class LocalContrast(TemperatureModule):
     def forward(self, f1, f2, queue: MemoryQueue | None = None):
         return local_contrast(f1, f2, region_grid=self.region_grid, temperature=self.temperature,
                               negatives_per_region=self.negatives_per_region, normalize=self.normalize,
-                              gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
+                              reduction=self.reduction, gather_distributed=self.gather_distributed, queue=queue,
+                              backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"{self.temperature_repr()}, region_grid={self.region_grid}, "

@@ -238,9 +238,12 @@ def pseudo_label_contrast(
     labels_format: str = "index",
     generator: torch.Generator | None = None,
     gather_distributed: bool = False,
+    reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Local pseudo-label contrast; see the module docstring for the formulas.
+    ``reduction="none"`` gives each anchor's loss (0 for pixels that are not anchors): (B, H, W) at
+    the embeddings' resolution in prototype mode, one entry per sampled pixel row in pixel mode.
 
     Args:
         embeddings: (B, D, H, W) pixel embeddings (e.g. a 1×1-conv head on the decoder output).
@@ -347,8 +350,9 @@ def pseudo_label_contrast(
                                 and int(torch.where(seen, labels, 0).amax()) == 1):
             _warn_foreground_only()
     weights = None if confidence is None else confidence.reshape(batch, -1)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
     options = dict(temperature=temperature, normalize=True, denominator="all",
-                   ignore_index=ignore_index, backend=backend)
+                   ignore_index=ignore_index, reduction=reduction, backend=backend)
     if mode == "pixel":
         rows, row_labels, row_weights = _pixel_anchors(embeddings, labels, usable, weights, anchors_per_class,
                                                        include_background, num_classes, ignore_index, generator)
@@ -371,8 +375,9 @@ def pseudo_label_contrast(
                                        min(first_class, num_classes - 1), num_classes, ignore_index)
     anchor_labels = torch.where(anchors, labels, ignore_index).reshape(-1)
     queries = embeddings.to(keys.dtype)  # half maps meet their means (summed in fp32) in fp32
-    return info_nce(queries, keys, labels=anchor_labels, key_labels=key_labels, groups=batch,
+    loss = info_nce(queries, keys, labels=anchor_labels, key_labels=key_labels, groups=batch,
                     weights=None if weights is None else weights.reshape(-1), **options)
+    return loss.reshape(batch, height, width) if reduction == "none" else loss
 
 
 def _pixel_anchors(embeddings, labels, usable, weights, anchors_per_class, include_background, num_classes,
@@ -415,8 +420,10 @@ class PseudoLabelContrast(TemperatureModule):
                  ignore_index: int = -1,
                  confidence_threshold: float | None = None, num_classes: int | None = None,
                  gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False,
-                 labels_format: str = "index"):
+                 labels_format: str = "index", reduction: str = "mean"):
         super().__init__(temperature, learnable_temperature)
+        v.check_choice("reduction", reduction, v.REDUCTIONS)
+        self.reduction = reduction
         _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
                        confidence_threshold, num_classes, labels_format)
         v.check_choice("backend", backend, v.BACKENDS)
@@ -439,7 +446,7 @@ class PseudoLabelContrast(TemperatureModule):
             include_background=self.include_background, ignore_index=self.ignore_index,
             confidence_threshold=self.confidence_threshold, num_classes=self.num_classes,
             labels_format=self.labels_format, generator=generator, gather_distributed=self.gather_distributed,
-            backend=self.backend,
+            reduction=self.reduction, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
