@@ -40,7 +40,7 @@ PRESETS = {
             "batch": 8, "labeled_batch": 4, "epochs": 300, "warmup": 1 / 3,
             "contrast_weight": 1.0, "consistency_weight": 1.0, "temperature": 0.07,
             "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-2,
-            "lr_schedule": "cosine", "lr_warmup": 1 / 3, "eval_every": 100,
+            "lr_schedule": "cosine", "lr_warmup": 1 / 3, "eval_every": 100, "norm": "batch",
         },
     },
     "ssl4mis-acdc": {
@@ -134,8 +134,8 @@ POSITIVE_INT, COUNT = ranged(int, 1), ranged(int, 0)
 POSITIVE, NON_NEGATIVE = ranged(float, 0, open_low=True), ranged(float, 0)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, *, lr: float, out: str) -> None:
-    """The flags of how a run trains, shared by both scripts (``lr`` and ``out`` are their defaults)."""
+def add_run_arguments(parser: argparse.ArgumentParser, *, lr: float, out: str, norm: str = "batch") -> None:
+    """The flags of how a run trains, shared by both scripts (``lr``, ``out`` and ``norm`` are their defaults)."""
     from contrastkit.training import SCHEDULES
 
     p = parser
@@ -147,7 +147,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, lr: float, out: str) -
                    help="over all iterations: poly lr·(1 − step/total)^0.9 (SSL4MIS); cosine; constant")
     p.add_argument("--lr-warmup", type=NON_NEGATIVE, default=0,
                    help="linear learning-rate warm-up: a fraction of the iterations (< 1) or iterations (>= 1)")
-    p.add_argument("--norm", choices=("batch", "group"), default="batch", help="U-Net normalisation layers")
+    p.add_argument("--norm", choices=("batch", "group"), default=norm, help="U-Net normalisation layers")
     p.add_argument("--sync-bn", action="store_true", help="torchrun on GPUs: BatchNorm statistics over all ranks")
     p.add_argument("--no-augment", action="store_true", help="no flips or rotations")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",

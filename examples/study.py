@@ -65,7 +65,7 @@ def _pseudo_label(name, *args, stage1_from=None):
 
 
 KVASIR_CPU = ("--labeled-fraction", "0.1", "--image-size", "128", "--grid", "4", "--width", "16", "--depth", "3",
-              "--iterations", "1200", "--eval-every", "100", "--lr-schedule", "poly")
+              "--iterations", "1200", "--eval-every", "100", "--lr-schedule", "poly", "--norm", "batch")
 ACDC_CPU = ("--labeled-patients", "3", "--image-size", "128", "--width", "16", "--depth", "4", "--iterations",
             "800", "--rounds", "2", "--eval-every", "200", "--val-volumes", "10", "--lr-schedule", "poly")
 GPU_KVASIR = ("--preset", "clcc-kvasir", "--iterations", "1500", "--eval-every", "100", "--amp", "bf16")
