@@ -27,7 +27,7 @@ from .global_local import (
 )
 from .labels import downsample_labels, pseudo_labels
 from .patches import patchify, pool_patches, unpatchify
-from .pseudo_label import PseudoLabelContrast, pseudo_label_contrast
+from .pseudo_label import PseudoLabelContrast, pseudo_label_contrast, sample_pixels
 from .queue import MemoryQueue, append_queue
 
 __version__ = "0.1.0"
@@ -61,6 +61,7 @@ __all__ = [
     # pseudo-label contrast
     "PseudoLabelContrast",
     "pseudo_label_contrast",
+    "sample_pixels",
     "pseudo_labels",
     "downsample_labels",
     # the classic family

@@ -179,6 +179,34 @@ def sample_anchors(labels: torch.Tensor, usable: torch.Tensor, per_class: int,
     return torch.zeros_like(chosen).scatter(1, order, chosen).reshape(usable.shape)
 
 
+def sample_pixels(labels: torch.Tensor, per_class: int, *, usable: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Class-balanced pixel sampling without a host sync: a (B, H, W) bool mask of
+    ``min(per_class, count)`` pixels drawn uniformly without replacement from each (image, class)
+    of a (B, H, W) label map — a fixed budget per class, so a small lesion is drawn as often as the
+    background. ``usable`` (bool, same shape; default: every pixel with a label >= 0) says which
+    pixels may be drawn, e.g. those above a confidence threshold. The draw is one sort per image on
+    the labels' device; ``generator`` makes it reproducible. Pixel mode of
+    :class:`PseudoLabelContrast` samples its anchors with it; any pixel-level loss can too, e.g.
+    ``supcon_loss(features.permute(0, 2, 3, 1)[mask], labels[mask])``.
+    """
+    labels = v.plain(labels)
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 3 or labels.is_floating_point():
+        raise ValueError(f"labels must be a (B, H, W) integer label map; got {_described(labels)}")
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be a positive int; got {per_class!r}")
+    if usable is None:
+        usable = labels >= 0
+    elif not isinstance(usable, torch.Tensor) or usable.dtype != torch.bool or usable.shape != labels.shape:
+        raise ValueError(f"usable must be a bool mask of the labels' shape {tuple(labels.shape)}; "
+                         f"got {_described(usable)}")
+    return sample_anchors(labels, usable, per_class, generator)
+
+
+def _described(x) -> str:
+    return f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def _anchor_slots(labels, usable, per_class, first_class, num_classes, generator):
     """The drawn anchors in a fixed layout: per image, ``per_class`` slots for each class in
     [first_class, num_classes), filled with pixel indices (B, S) and marked (B, S) where a class

@@ -620,3 +620,25 @@ def test_monai_metatensor_batches_give_the_plain_result(mode):
     anchors = sample_anchors(labels[:, 0], labels[:, 0] >= 0, 2, _gen(0))
     assert type(anchors) is torch.Tensor
     assert torch.equal(anchors, sample_anchors(plain_labels, plain_labels >= 0, 2, _gen(0)))
+
+
+def test_sample_pixels_is_class_balanced_and_refuses_bad_input():
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(-1, 3, (3, 9, 7), generator=g)
+    labels[0, :, :5] = 0  # a dominant background in image 0
+    mask = ck.sample_pixels(labels, 4, generator=torch.Generator().manual_seed(0))
+    assert mask.dtype == torch.bool and mask.shape == labels.shape
+    assert not mask[labels < 0].any()  # ignored pixels are never drawn
+    for image in range(3):
+        for c in range(3):
+            count = int((labels[image] == c).sum())
+            assert int(mask[image][labels[image] == c].sum()) == min(4, count)
+    confident = torch.rand(labels.shape, generator=g) > 0.5
+    only = ck.sample_pixels(labels, 2, usable=confident & (labels >= 0), generator=torch.Generator().manual_seed(0))
+    assert not only[~confident].any()
+    for bad, match in (((labels.float(), 2), "integer label map"), ((labels, 0), "per_class"),
+                       ((labels[0], 2), "integer label map")):
+        with pytest.raises(ValueError, match=match):
+            ck.sample_pixels(*bad)
+    with pytest.raises(ValueError, match="usable must be a bool mask"):
+        ck.sample_pixels(labels, 2, usable=confident[:2])
