@@ -6,15 +6,13 @@ per-rank losses (DDP's averaging then yields the gradient of their mean).
 """
 
 import os
-import socket
 import sys
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_processes import free_port, run_processes
 
 from contrastkit import (
     MemoryQueue,
@@ -31,12 +29,6 @@ from contrastkit.distributed import get_rank, get_world_size, is_distributed
 WORLD = 2
 SAMPLES = (3, 4)  # unequal on purpose: the gathering pads and strips
 DIM = 5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def global_data():
@@ -149,17 +141,7 @@ def worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
-    context = mp.start_processes(worker, args=(free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 60
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-process gloo run did not finish within 60 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    run_processes(worker, (free_port(), out_dir), nprocs=WORLD)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 

@@ -8,27 +8,18 @@ with zero gradient); ranks that disagree on the embedding size or dtype get the 
 
 import os
 import sys
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_processes import free_port, run_processes
 
 from contrastkit import cross_level_contrast, gather_keys, global_contrast, pseudo_label_contrast, supcon_loss
 
 WORLD = 2
 DIM = 6
 IGNORE = -1
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def batch(rank):
@@ -109,16 +100,7 @@ def fault_worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp_faults"))
-    context = mp.start_processes(fault_worker, args=(free_port(), out_dir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 60
-    try:
-        while not context.join(timeout=1):  # raises if a rank died (an abort)
-            assert time.monotonic() < deadline, "the 2-process gloo run hung (> 60 s)"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    run_processes(fault_worker, (free_port(), out_dir), nprocs=WORLD)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 

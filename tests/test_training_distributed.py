@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_processes import free_port, run_processes
 
 from contrastkit.data import TwoStreamBatchSampler
 from contrastkit.segmentation import bce_dice_loss, dice_ce_loss
@@ -33,14 +33,6 @@ from contrastkit.training import (
 
 WORLD = 2
 SHARES = (1, 3)  # images per rank, unequal on purpose: the global means must not assume equal shares
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def global_batch():
@@ -112,16 +104,7 @@ def worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp_training"))
-    context = mp.start_processes(worker, args=(free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + 60
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail("the 2-process gloo run did not finish within 60 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    run_processes(worker, (free_port(), out_dir), nprocs=WORLD)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
@@ -204,16 +187,7 @@ def leaving_worker(rank, port, out_dir, fail):
 
 @pytest.mark.parametrize("fail", [False, True], ids=["completed", "raised"])
 def test_distributed_run_ranks_leave_together_and_errors_end_the_group(tmp_path, fail):
-    context = mp.start_processes(leaving_worker, args=(free_port(), str(tmp_path), fail), nprocs=WORLD,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 60
-    try:
-        while not context.join(timeout=1):  # raises if a rank aborted (the gloo teardown race)
-            assert time.monotonic() < deadline, "distributed_run did not let the ranks leave within 60 s"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
+    run_processes(leaving_worker, (free_port(), str(tmp_path), fail), nprocs=WORLD)
     records = [torch.load(tmp_path / f"leave{r}.pt") for r in range(WORLD)]
     assert all(r["group_ended"] for r in records)
     if fail:  # no barrier on the way out: rank 1 does not wait for the slow rank 0
