@@ -22,6 +22,14 @@ def same_group(groups: torch.Tensor, key_groups: torch.Tensor) -> torch.Tensor:
 NORM_FLOOR_SQUARED = 1e-24
 
 
+def overflow_scale(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """max(1, Σ|x|) per row (keepdim, float32 or wider, without gradient): rows divided by it have
+    entries of at most 1, so neither their squares nor their products can overflow; rows already
+    that small divide by exactly 1."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return x.detach().abs().sum(dim=dim, keepdim=True, dtype=dtype).clamp_(1.0, torch.finfo(dtype).max)
+
+
 def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """1 / sqrt(|x|² + floor²) along ``dim`` (keepdim), in x's dtype, the squares summed in float64:
     float32 squares overflow from norms of ~1e19 (the row would normalise to 0 and lose its
@@ -29,7 +37,7 @@ def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     fewer ops than rescaling the row first. MPS has no float64: there the row is divided by
     max(1, Σ|x|) before squaring, which keeps its sum of squares at most 1."""
     if x.device.type == "mps" and x.dtype != torch.float64:
-        scale = x.detach().abs().sum(dim=dim, keepdim=True).clamp_(1.0, torch.finfo(x.dtype).max)
+        scale = overflow_scale(x, dim).to(x.dtype)
         return (x / scale).square().sum(dim=dim, keepdim=True).add(NORM_FLOOR_SQUARED).rsqrt() / scale
     wide = x.to(torch.float64)
     return wide.square().sum(dim=dim, keepdim=True).add(NORM_FLOOR_SQUARED).rsqrt().to(x.dtype)

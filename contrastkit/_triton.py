@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ._masks import overflow_scale
 from ._options import InfoNCEOptions, OpInputs
 
 
@@ -38,13 +39,13 @@ NOT_FOR_KERNELS = ("chunk_size", "blocks", "paired")
 
 def _overflow_safe_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows divided by a power of two at least max(1, Σ|x|) (rows whose entries sum to at most 1 in
-    magnitude unchanged): the kernels multiply raw rows and scale the products by the inverse norms, so rows
-    of norm ~1e19 and more would overflow the products. A power of two divides exactly, in bf16
-    too, so the kernels see the input's values; fp16 (at most 65504) cannot overflow them."""
+    magnitude unchanged, see ``_masks.overflow_scale``): the kernels multiply raw rows and scale the
+    products by the inverse norms, so rows of norm ~1e19 and more would overflow the products. A
+    power of two divides exactly, in bf16 too, so the kernels see the input's values; fp16 (at most
+    65504) cannot overflow them."""
     if x.dtype == torch.float16:
         return x
-    largest = x.detach().abs().sum(dim=1, keepdim=True, dtype=torch.float32).clamp_(1.0, torch.finfo(torch.float32).max)
-    return x / torch.exp2(torch.ceil(torch.log2(largest))).to(x.dtype)
+    return x / torch.exp2(torch.ceil(torch.log2(overflow_scale(x, dim=1)))).to(x.dtype)
 
 
 def info_nce_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor]:
