@@ -1,9 +1,11 @@
-"""What the two example scripts share: presets of published protocols, and the run flags.
+"""What the example scripts share: presets of published protocols, the run flags, pre-trained weights.
 
 ``--preset NAME`` sets every flag of the preset; flags given on the command line override it
 (``--preset ssl4mis-acdc --labeled-patients 7``). :func:`add_run_arguments` adds the flags of how
 a run trains (optimiser, schedule, precision, devices, resume, time budget), the same in both
-scripts. Both scripts import this module: copy it along with the script.
+scripts. The scripts import this module: copy it along with the script. :func:`save_pretrained` and
+:func:`load_pretrained` write and read the weights ``pretrain_global_local.py`` hands to
+``train_pseudo_label.py --init``.
 
 Sources (see examples/README.md for what each preset keeps and what it cannot):
 
@@ -21,6 +23,12 @@ Sources (see examples/README.md for what each preset keeps and what it cannot):
   validation every 200 iterations, 3 or 7 labeled patients (3 here; ``--labeled-patients 7``),
   U-Net widths 16…256. Here the 30,000 iterations are 15,000 supervised (stage 1) and 3
   pseudo-label rounds of 5,000 (stage 2); ``--method supervised`` trains all 30,000 supervised.
+* ``chaitanya2020-acdc`` — Chaitanya et al., "Contrastive learning of global and local features
+  for medical image segmentation with limited annotations", NeurIPS 2020, and its code
+  (github.com/krishnabits001/domain_specific_cl, TensorFlow 1.12): slices resized to 192×192,
+  52 unlabeled ACDC volumes, each cut into 4 partitions, temperature 0.1, learning rate 1e-3
+  (Adam, constant), about 10,000 iterations for each of the global and the local stage, batches
+  of 12 slices (8 for G^D: the script's default ``--batch`` follows that rule).
 """
 
 from __future__ import annotations
@@ -51,6 +59,15 @@ PRESETS = {
             "batch": 24, "labeled_batch": 12, "iterations": 15000, "rounds": 3, "refresh_every": 5000,
             "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
             "lr_schedule": "poly", "lr_warmup": 0, "eval_every": 200,
+        },
+    },
+    "chaitanya2020-acdc": {
+        "script": "pretrain_global_local",
+        "source": "Chaitanya et al., NeurIPS 2020; github.com/krishnabits001/domain_specific_cl",
+        "values": {
+            "image_size": 192, "volumes": 52, "partitions": 4, "tau": 0.1, "strategy": "GD",
+            "iterations": 10000, "local_iterations": 10000, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0,
+            "lr_schedule": "constant", "lr_warmup": 0, "eval_every": 500,
         },
     },
 }
@@ -197,3 +214,62 @@ def make_optimizer(args: argparse.Namespace, parameters) -> torch.optim.Optimize
     if args.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     return torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+
+
+# ----------------------------------------------------------------------------- pre-trained weights
+
+PRETRAINED_FORMAT = "contrastkit-pretrained-unet"
+
+
+def save_pretrained(path, tensors: dict, *, unet: dict, parts: dict, config: dict) -> None:
+    """Writes the pre-trained tensors of a U-Net (``tensors``: names as in its ``state_dict``), the
+    settings that fix their shapes (``unet``) and which parts they are (``parts``), atomically."""
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format": PRETRAINED_FORMAT, "state_dict": {k: v.detach().cpu().clone() for k, v in tensors.items()},
+                "unet": dict(unet), "parts": dict(parts), "config": dict(config)}, tmp)
+    tmp.replace(path)
+
+
+def read_pretrained(path) -> dict:
+    """The content of a :func:`save_pretrained` file; ValueError naming ``path`` for any other file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch.load raises many kinds for a file that is not a checkpoint
+        raise ValueError(f"{path}: not a checkpoint torch can read ({err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != PRETRAINED_FORMAT:
+        raise ValueError(f"{path} is not a pre-trained U-Net file (pretrain_global_local.py writes them: "
+                         "OUT/pretrained.pt or OUT/pretrained_global.pt)")
+    return payload
+
+
+def load_pretrained(model: torch.nn.Module, path) -> list[str]:
+    """Copies the tensors of a :func:`save_pretrained` file into ``model`` (a U-Net) and returns their names.
+
+    Loads exactly the tensors the file holds (the encoder and the pre-trained decoder blocks, with
+    their BatchNorm statistics); everything else in ``model`` (the other decoder blocks, the
+    segmentation head, the projection head) keeps its initialisation. Nothing is loaded when a
+    tensor of the file is missing from ``model`` or has another shape there: the ValueError names
+    each such tensor with both shapes, and the settings the file was pre-trained with.
+    """
+    payload = read_pretrained(path)
+    tensors, own = payload["state_dict"], model.state_dict()
+    missing = [name for name in tensors if name not in own]
+    shapes = [f"{name} {tuple(tensor.shape)} (model: {tuple(own[name].shape)})"
+              for name, tensor in tensors.items() if name in own and own[name].shape != tensor.shape]
+    if missing or shapes:
+        problems = ([f"{len(shapes)} tensor(s) of another shape: " + ", ".join(shapes[:6])
+                     + (", ..." if len(shapes) > 6 else "")] if shapes else []) + \
+                   ([f"{len(missing)} tensor(s) the model lacks: " + ", ".join(missing[:6])
+                     + (", ..." if len(missing) > 6 else "")] if missing else [])
+        settings = ", ".join(f"{k}={v!r}" for k, v in payload["unet"].items())
+        raise ValueError(f"--init {path} does not fit this U-Net: {'; '.join(problems)}. It was pre-trained with "
+                         f"{settings}: fine-tune with the same --width, --depth and --norm")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
+    return list(tensors)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STAGE1_FROM = "--stage1-from"
+INIT = "--init"
+PRETRAINED = "pretrained.pt"  # what pretrain_global_local.py writes last before its metrics
 RUN_NAME = re.compile(r"^(?P<arm>.+)_s(?P<seed>\d+)$")
 
 
@@ -37,9 +39,10 @@ RUN_NAME = re.compile(r"^(?P<arm>.+)_s(?P<seed>\d+)$")
 @dataclass(frozen=True)
 class Arm:
     name: str
-    script: str  # train_cross_level.py or train_pseudo_label.py
+    script: str  # train_cross_level.py, train_pseudo_label.py or pretrain_global_local.py
     args: tuple[str, ...]
     stage1_from: str | None = None  # the arm of the same seed whose end of stage 1 this one starts from
+    init_from: str | None = None  # the pre-training arm of the same seed whose pretrained.pt this one loads
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,12 @@ def _cross_level(name, *args):
     return Arm(name, "train_cross_level.py", args)
 
 
-def _pseudo_label(name, *args, stage1_from=None):
-    return Arm(name, "train_pseudo_label.py", args, stage1_from)
+def _pseudo_label(name, *args, stage1_from=None, init_from=None):
+    return Arm(name, "train_pseudo_label.py", args, stage1_from, init_from)
+
+
+def _pretrain(name, *args):
+    return Arm(name, "pretrain_global_local.py", args)
 
 
 KVASIR_CPU = ("--labeled-fraction", "0.1", "--image-size", "128", "--grid", "4", "--width", "16", "--depth", "3",
@@ -71,6 +78,15 @@ ACDC_CPU = ("--labeled-patients", "3", "--image-size", "128", "--width", "16", "
 GPU_KVASIR = ("--preset", "clcc-kvasir", "--iterations", "1500", "--eval-every", "100", "--amp", "bf16")
 GPU_ACDC = ("--preset", "ssl4mis-acdc", "--iterations", "600", "--rounds", "2", "--refresh-every", "300",
             "--eval-every", "100", "--amp", "bf16")
+# Chaitanya et al. (NeurIPS 2020) shortened for 2 CPU cores: 64x64 slices, U-Net width 16 / depth 3,
+# 600 global (G^D, 2 volumes x 4 partitions per batch) + 600 local iterations (2 of 3 decoder blocks)
+# on the 140 training volumes, then 500 + 500 fine-tuning iterations with 3 labeled patients.
+PRETRAIN_CPU = ("--image-size", "64", "--width", "16", "--depth", "3", "--strategy", "GD", "--partitions", "4",
+                "--batch", "8", "--iterations", "600", "--local-iterations", "600", "--regions", "2",
+                "--eval-every", "100", "--val-volumes", "10")
+FINETUNE_CPU = ("--labeled-patients", "3", "--image-size", "64", "--width", "16", "--depth", "3", "--iterations",
+                "500", "--rounds", "2", "--eval-every", "100", "--val-volumes", "10", "--lr-schedule", "poly")
+PIXEL = ("--method", "pseudo_label", "--mode", "pixel", "--anchors-per-class", "128")
 TINY_POLYP = ("--synthetic-size", "40", "--image-size", "32", "--grid", "2", "--width", "4", "--depth", "2",
               "--batch", "4", "--labeled-batch", "2", "--labeled-fraction", "0.25", "--iterations", "4",
               "--eval-every", "2")
@@ -92,6 +108,19 @@ PLANS = {
          _pseudo_label("pixel", "--method", "pseudo_label", "--mode", "pixel", "--anchors-per-class", "128",
                        stage1_from="supervised")),
         seeds=(0, 1, 2), common={"train_pseudo_label.py": ACDC_CPU}, data={"train_pseudo_label.py": "acdc"},
+        baseline={"train_pseudo_label.py": "supervised"}),
+    "acdc-pretrain-cpu": Plan(
+        "ACDC 3 labeled patients, 64x64: random init vs global (G^D) + local contrastive pre-training (600 + 600 "
+        "iterations on the 140 training volumes), then supervised fine-tuning or pseudo-label pixel mode "
+        "(500 + 500 iterations), 3 seeds, one run at a time (pixel arms start stage 2 from the supervised run of "
+        "the same init and seed)",
+        (_pretrain("pretrain"),
+         _pseudo_label("supervised", "--method", "supervised"),
+         _pseudo_label("pretrained_supervised", "--method", "supervised", init_from="pretrain"),
+         _pseudo_label("pixel", *PIXEL, stage1_from="supervised"),
+         _pseudo_label("pretrained_pixel", *PIXEL, stage1_from="pretrained_supervised", init_from="pretrain")),
+        seeds=(0, 1, 2), common={"train_pseudo_label.py": FINETUNE_CPU, "pretrain_global_local.py": PRETRAIN_CPU},
+        data={"train_pseudo_label.py": "acdc", "pretrain_global_local.py": "acdc"}, jobs=1,
         baseline={"train_pseudo_label.py": "supervised"}),
     # One data set per device call (each packed copy nearly fills the 64 MiB a call carries). Iteration
     # counts are fixed so that the arms compare at equal iterations; they are guesses for an H100/H200
@@ -141,6 +170,8 @@ def commands(plan: Plan, out: Path, data_root: Path | None, budget_s: float | No
                     "--data", data, "--seed", str(seed), "--out", str(out / f"{arm.name}_s{seed}")]
             if arm.stage1_from:
                 argv += [STAGE1_FROM, str(out / f"{arm.stage1_from}_s{seed}")]
+            if arm.init_from:
+                argv += [INIT, str(out / f"{arm.init_from}_s{seed}" / PRETRAINED)]
             if plan.threads:
                 argv += ["--threads", str(plan.threads)]
             if budget_s:
@@ -151,9 +182,10 @@ def commands(plan: Plan, out: Path, data_root: Path | None, budget_s: float | No
     return runs
 
 
-def _waits_for(argv: list[str]) -> Path | None:
-    """The stage-1 checkpoint a run starts from, if it starts from another run's."""
-    return Path(argv[argv.index(STAGE1_FROM) + 1]) / "stage1.pt" if STAGE1_FROM in argv else None
+def _waits_for(argv: list[str]) -> list[Path]:
+    """The files of other runs a run starts from: their stage-1 checkpoint, their pre-trained weights."""
+    waits = [Path(argv[argv.index(STAGE1_FROM) + 1]) / "stage1.pt"] if STAGE1_FROM in argv else []
+    return waits + ([Path(argv[argv.index(INIT) + 1])] if INIT in argv else [])
 
 
 def run_plan(plan: Plan, out: Path, jobs: int, runs: list[tuple[str, list[str]]], deadline_s: float | None) -> list:
@@ -161,16 +193,16 @@ def run_plan(plan: Plan, out: Path, jobs: int, runs: list[tuple[str, list[str]]]
     until that run has written it (the next ready run takes the slot). A run still going at
     ``deadline_s`` (the scripts stop themselves at their budget first) is ended. A run with a
     ``metrics.json`` is skipped and one with only a ``last.pt`` resumes from it, so a study stopped
-    at any point continues where it was. Returns (name, exit code, seconds) per run; a run whose
-    stage 1 never came (its source failed) counts as failed."""
+    at any point continues where it was. A run that loads another's pre-trained weights (``--init``)
+    waits for them in the same way. Returns (name, exit code, seconds) per run; a run whose stage 1
+    or weights never came (its source failed) counts as failed."""
     out.mkdir(parents=True, exist_ok=True)
     pending, running, done = list(runs), {}, []
     start = time.monotonic()
 
     def ready(run):
         name, argv = run
-        source = _waits_for(argv)
-        return source is None or source.is_file() or (out / name / "last.pt").is_file() \
+        return all(source.is_file() for source in _waits_for(argv)) or (out / name / "last.pt").is_file() \
             or (out / name / "metrics.json").is_file()
 
     while pending or running:
@@ -190,7 +222,8 @@ def run_plan(plan: Plan, out: Path, jobs: int, runs: list[tuple[str, list[str]]]
             print(f"started {name}", flush=True)
         if pending and not running and not any(ready(run) for run in pending):
             for name, argv in pending:
-                print(f"FAILED {name}: {_waits_for(argv)} was never written", flush=True)
+                missing = [str(path) for path in _waits_for(argv) if not path.is_file()]
+                print(f"FAILED {name}: {', '.join(missing)} was never written", flush=True)
                 done.append((name, 1, 0.0))
             pending = []
         for name, (process, log, began) in list(running.items()):

@@ -14,6 +14,13 @@ is the same for every method, so ``--stage1-from DIR`` starts stage 2 from the e
 the run in ``DIR`` (every run writes ``stage1.pt``): a study trains stage 1 once per seed.
 Test metrics are 3D Dice and HD95 per class at each volume's own size; HD95 is in mm for NIfTI
 volumes (spacing from the headers) and in voxels otherwise (the ACDC HDF5 files carry no spacing).
+``--init CKPT`` starts from the weights ``examples/pretrain_global_local.py`` wrote (its
+``pretrained.pt``): exactly the tensors the file holds, the encoder and the pre-trained decoder
+blocks with their BatchNorm statistics, are copied into the U-Net; the other decoder blocks, the
+segmentation head and the projection head keep their random initialisation. A file pre-trained
+with another ``--width``, ``--depth`` or ``--norm`` stops the script before training, naming the
+tensors that differ. ``--method supervised --init CKPT`` is Chaitanya et al.'s "pre-trained +
+fine-tuned" arm, ``--method pseudo_label --init CKPT`` their combination with this script's stage 2.
 Under torchrun every process takes an equal share of each batch (``--batch`` and
 ``--labeled-batch`` count the whole step); rank 0 validates, prints and writes the files.
 """
@@ -37,6 +44,7 @@ from presets import (
     apply_preset,
     check_resume,
     flag,
+    load_pretrained,
     make_optimizer,
     ranged,
 )
@@ -130,6 +138,9 @@ def parse_args(argv=None):
                    "once; DIR's settings must equal these but for the stage-2 ones")
     p.add_argument("--val-volumes", type=POSITIVE_INT, default=None,
                    help="use only the first N validation volumes, an int >= 1")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from pre-trained weights: a pretrained.pt of pretrain_global_local.py (the encoder and "
+                   "the decoder blocks it holds are loaded; the rest stays random)")
     p.add_argument("--test-volumes", type=POSITIVE_INT, default=None,
                    help="use only the first N test volumes, an int >= 1")
     add_run_arguments(p, lr=2e-3, out="runs/pseudo_label")
@@ -137,7 +148,16 @@ def parse_args(argv=None):
     check_args(p, args, world_size_from_env())
     args.classes = class_names(args.data)
     check_resume(p, args)
+    if args.init is not None:  # a file that cannot load stops here, before the data are read
+        try:
+            load_pretrained(make_unet(args), args.init)
+        except (OSError, ValueError) as err:
+            p.error(f"--init {args.init}: {err}" if isinstance(err, OSError) else str(err))
     return args
+
+
+def make_unet(args):
+    return UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32, norm=args.norm)
 
 
 def class_names(data):
@@ -302,11 +322,15 @@ def train(args, context):
                                                  rank=context.rank, world_size=world)
                 for unlabeled in (0, args.batch - args.labeled_batch)]
     augment = None if args.no_augment else PairedAugment(p_flip=0.5, p_rot90=0.5)
-    net = UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32, norm=args.norm)
+    net = make_unet(args)
+    if args.init is not None and not (args.resume or args.stage1_from):  # those bring their own weights
+        loaded = load_pretrained(net, args.init)
+        if main_process:
+            print(f"--init {args.init}: loaded {len(loaded)} pre-trained tensors (encoder and decoder blocks "
+                  f"{sorted({k.split('.')[1] for k in loaded if k.startswith('up.')})})")
     net, model = prepare_model(net, context, channels_last=args.channels_last, compile_backend=args.compile,
                                sync_batchnorm=args.sync_bn)
-    teacher = UNet(1, len(args.classes) + 1, base_width=args.width, depth=args.depth, proj_dim=32,
-                   norm=args.norm).to(context.device)
+    teacher = make_unet(args).to(context.device)
     optimizer = make_optimizer(args, net.parameters())
     warmup = round(args.lr_warmup * total) if args.lr_warmup < 1 else int(args.lr_warmup)
     schedule = LRSchedule(optimizer, total, args.lr_schedule, warmup_steps=warmup)

@@ -35,6 +35,7 @@ from .sampler import TwoStreamBatchSampler
 from .splits import Split, make_split
 from .synthetic_cardiac import SyntheticCardiac, SyntheticCardiacVolumes, synthetic_cardiac_slice
 from .synthetic_polyps import SyntheticPolyps
+from .volumes import PartitionBatchSampler, slice_positions
 
 __all__ = [
     "ACDCSlices",
@@ -67,6 +68,8 @@ __all__ = [
     "Split",
     "SyntheticPolyps",
     "TwoStreamBatchSampler",
+    "PartitionBatchSampler",
+    "slice_positions",
     "download",
     "make_split",
     "shared_data_root",
