@@ -336,10 +336,10 @@ def train(args):
         bar.write(f"step 0: partition k-NN {evaluate(1)['probe/partition_knn']:.3f} (chance {1 / args.partitions:.3f})")
     while step < total and not budget.stopped:
         stage = 1 if step < stage1 else 2
-        if stage == 2 and (step == stage1 or not sums):
+        if stage == 2 and model.net.down[0][0].weight.requires_grad:  # entering stage 2, or resumed in it
             model.net.down.requires_grad_(False)
-            if step == stage1:
-                bar.set_description(f"local, {args.regions} decoder block(s)")
+            bar.set_description(f"local, {args.regions} decoder block(s)")
+            if step == stage1 and not (history.records and history.records[-1]["stage"] == 2):
                 if stage1:
                     save("pretrained_global.pt", decoder=False)
                 bar.write(f"step {step}: region k-NN {evaluate(2)['probe/region_knn']:.3f} before stage 2")
