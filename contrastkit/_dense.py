@@ -78,6 +78,91 @@ class _ScaledRows(torch.autograd.Function):
         return torch.addcmul(grad, out, coefficient, value=-1).mul_(factor), grad_temperature
 
 
+def _channel_blocks(x: torch.Tensor, blocks: int) -> tuple[torch.Tensor, int]:
+    """(blocks, rows, D) rows, or a map of ``blocks`` images as (B, C, H·W) without a copy, and the
+    dimension that holds the channels: a map's channels are reduced where they lie, which is
+    contiguous for every cell (a strided reduction over a transposed view costs 1.5x)."""
+    if x.dim() == 4 and x.shape[0] == blocks:
+        return x.flatten(2), 1
+    return as_rows(x).reshape(blocks, -1, x.shape[1]), 2
+
+
+def _cells_first(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    return x.transpose(1, 2) if channel_dim == 1 else x
+
+
+def _paired_logits(q, k, temperature, channel_dim):
+    """Normalised rows (q divided by τ too), their per-row scales and the (B, G, G) logits."""
+    q_scale = inverse_norm(q, dim=channel_dim)
+    q_scale = q_scale / temperature if torch.is_grad_enabled() else q_scale.div_(temperature)
+    k_scale = inverse_norm(k, dim=channel_dim)
+    q_unit, k_unit = q * q_scale, k * k_scale
+    s = torch.bmm(_cells_first(q_unit, channel_dim), _cells_first(k_unit, channel_dim).transpose(1, 2))
+    return q_unit, k_unit, q_scale, k_scale, s
+
+
+class _PairedBlocks(torch.autograd.Function):
+    """Paired views in B blocks (key i the one positive of query i, the keys of its block its
+    candidates): loss_i = logsumexp_j s_ij - s_ii with s the (B, G, G) cosines over τ. The forward
+    records nothing and the backward is written out — softmax minus the identity, one batched
+    product per side that needs a gradient, the normalisation's backward — because at the sizes
+    this path serves (cross-level contrast: 8 images of 25 cells) the call's host time is the cost:
+    autograd over the same ops takes twice the launches. Under ``create_graph`` the plain formula is
+    differentiated instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, temperature, channel_dim):
+        q_unit, k_unit, q_scale, k_scale, s = _paired_logits(q, k, temperature, channel_dim)
+        # loss_i = logsumexp_j s_ij - s_ii = -log_softmax(s)_ii: one fused op (``logsumexp`` takes ten
+        # to guard infinite maxima), and its exponential is the softmax the backward needs.
+        log_p = torch.log_softmax(s, dim=2)
+        ctx.channel_dim = channel_dim
+        ctx.save_for_backward(q, k, temperature, q_unit, k_unit, q_scale, k_scale, log_p)
+        return log_p.diagonal(dim1=1, dim2=2).neg()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, temperature, q_unit, k_unit, q_scale, k_scale, log_p = ctx.saved_tensors
+        dim, (needs_q, needs_k, needs_t, _) = ctx.channel_dim, ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
+            with torch.enable_grad():
+                inputs = [t for t, needed in ((q, needs_q), (k, needs_k), (temperature, needs_t)) if needed]
+                plain = _paired_logits(q, k, temperature, dim)[-1]
+                loss = plain.logsumexp(dim=2) - plain.diagonal(dim1=1, dim2=2)
+                found = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
+            return (next(found) if needs_q else None, next(found) if needs_k else None,
+                    next(found) if needs_t else None, None)
+        d_logits = log_p.exp().mul_(grad[..., None])  # softmax x grad
+        d_logits.diagonal(dim1=1, dim2=2).sub_(grad)
+        grad_q = grad_k = grad_t = None
+        if needs_q or needs_t:
+            # d q_unit; (B, C, G) = k (B, C, G) @ d_logitsᵀ for maps, (B, G, D) = d_logits @ k for rows
+            d_unit = (torch.bmm(k_unit, d_logits.transpose(1, 2)) if dim == 1 else torch.bmm(d_logits, k_unit))
+            dot = (q_unit * d_unit).sum(dim=dim, keepdim=True)
+            if needs_t:
+                grad_t = dot.sum().div(temperature).neg()
+            if needs_q:
+                grad_q = torch.addcmul(d_unit, q_unit, dot * temperature.square(), value=-1).mul_(q_scale)
+        if needs_k:
+            d_unit = (torch.bmm(q_unit, d_logits) if dim == 1 else torch.bmm(d_logits.transpose(1, 2), q_unit))
+            dot = (k_unit * d_unit).sum(dim=dim, keepdim=True)
+            grad_k = torch.addcmul(d_unit, k_unit, dot, value=-1).mul_(k_scale)
+        return grad_q, grad_k, grad_t, None
+
+
+def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(B, G) paired-view losses of B blocks, normalised rows (see :class:`_PairedBlocks`)."""
+    q, q_dim = _channel_blocks(query.to(compute_dtype(query.dtype)), blocks)
+    k, k_dim = _channel_blocks(key.to(compute_dtype(key.dtype)), blocks)
+    if q_dim != k_dim:  # a map against rows: both as rows
+        q, k = _cells_first(q, q_dim), _cells_first(k, k_dim)
+        q_dim = 2
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or temperature.requires_grad):
+        return _PairedBlocks.apply(q, k, temperature, q_dim)
+    s = _paired_logits(q, k, temperature, q_dim)[-1]
+    return s.logsumexp(dim=2) - s.diagonal(dim1=1, dim2=2)
+
+
 def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None) -> torch.Tensor:
     """Rows in the compute dtype, L2-normalised (``_masks.normalized``) and divided by τ if given, with
     one per-row scale (τ joins it instead of costing a pass over the rows)."""
@@ -100,14 +185,17 @@ def dense_block_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.T
     n, m = num_rows(inputs.query), num_rows(inputs.key)
     blocks = block_count(options, n, m)
     group_mask = blocks is None and inputs.groups is not None
+    denominator, ignore_index, offset = options.denominator, options.ignore_index, options.self_key_offset
+    # Paired views: every query has exactly its own key as positive, and every key of its block as
+    # a candidate (ids are 0..N-1, so none equals a negative ignore_index).
+    paired = options.paired and not group_mask and offset is None and ignore_index < 0
+    if paired and options.normalize and denominator != "negatives":
+        # With one positive, "each_positive" has the same denominator as "all".
+        return _paired_blocks(inputs.query, inputs.key, inputs.temperature, blocks or 1).reshape(n), None
     q = _scaled(_as_blocks(inputs.query, blocks or 1), options.normalize, inputs.temperature)
     k = _scaled(_as_blocks(inputs.key, blocks or 1), options.normalize, None)
     s = q @ k.transpose(1, 2)
-    denominator, ignore_index, offset = options.denominator, options.ignore_index, options.self_key_offset
-    if options.paired and not group_mask and offset is None and ignore_index < 0 and (
-            denominator != "negatives" or s.shape[2] > 1):
-        # Paired views: every query has exactly its own key as positive, and every key of its
-        # block as a candidate (ids are 0..N-1, so none equals a negative ignore_index).
+    if paired and (denominator != "negatives" or s.shape[2] > 1):
         positive = s.diagonal(dim1=1, dim2=2)
         if denominator == "negatives":
             s = s.masked_fill(torch.eye(s.shape[1], dtype=torch.bool, device=s.device), float("-inf"))

@@ -115,6 +115,39 @@ def test_gradcheck_through_blocks_and_temperature():
             (query, key, tau))
 
 
+
+@pytest.mark.parametrize("layout", ["maps", "rows", "map_and_rows"])
+def test_paired_blocks_written_out_backward(layout):
+    """Paired views in blocks take a fused function with its backward written out: value, first and
+    second derivatives (query, key and tensor τ) against the reference, for maps (channels reduced
+    in place), rows and one of each; a retained graph gives the same gradients twice."""
+    g = torch.Generator().manual_seed(7)
+    blocks, h, w, c = 3, 2, 3, 4
+    maps = [torch.randn(blocks, c, h, w, generator=g, dtype=torch.float64) * 3 for _ in range(2)]
+    rows = [m.permute(0, 2, 3, 1).reshape(-1, c) for m in maps]
+    query, key = {"maps": maps, "rows": rows, "map_and_rows": (maps[0], rows[1])}[layout]
+    query, key = query.clone().requires_grad_(), key.clone().requires_grad_()
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    for denominator in ("all", "each_positive"):
+        _agree(dict(query=query, key=key, groups=blocks, temperature=tau), denominator=denominator,
+               reduction="none")
+
+    def loss(q, k, t):
+        return info_nce(q, k, groups=blocks, temperature=t, backend="dense", reduction="none")
+    assert torch.autograd.gradcheck(loss, (query, key, tau))
+    assert torch.autograd.gradgradcheck(loss, (query, key, tau))
+    out = loss(query, key, tau).sum()
+    first = torch.autograd.grad(out, (query, key, tau), retain_graph=True)
+    second = torch.autograd.grad(out, (query, key, tau))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a detached key: the query's gradient alone, as the cross-level loss takes it
+    want = torch.autograd.grad(info_nce(query, key.detach(), groups=blocks, temperature=tau,
+                                        backend="reference"), query)[0]
+    got = torch.autograd.grad(info_nce(query, key.detach(), groups=blocks, temperature=tau,
+                                       backend="dense"), query)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
 def test_half_inputs_accumulate_in_float32():
     g = torch.Generator().manual_seed(1)
     query = torch.randn(4, 25, 64, generator=g).to(torch.bfloat16)
