@@ -36,13 +36,6 @@ def dense_logits(num_queries: int, num_keys: int, options: InfoNCEOptions) -> in
     return num_queries * num_keys // blocks
 
 
-def _as_blocks(x: torch.Tensor, blocks: int) -> torch.Tensor:
-    """(N, D) rows or a (B, C, H, W) map -> (blocks, N / blocks, D); a view of a map of B images."""
-    if x.dim() == 4 and x.shape[0] == blocks:
-        return x.flatten(2).transpose(1, 2)
-    return as_rows(x).reshape(blocks, -1, x.shape[1])
-
-
 class _ScaledRows(torch.autograd.Function):
     """x / (τ sqrt(|x|² + floor²)) per row (``_masks.normalized``, then divided by τ), its backward
     written out: f (g - out τ² (out·g)) with f = 1 / (τ sqrt(|x|² + floor²)). Autograd's backward
@@ -50,11 +43,12 @@ class _ScaledRows(torch.autograd.Function):
     launches are the cost. Under ``create_graph`` the plain formula is differentiated instead."""
 
     @staticmethod
-    def forward(ctx, x, temperature):
-        factor = inverse_norm(x)
+    def forward(ctx, x, temperature, dim):
+        factor = inverse_norm(x, dim=dim)
         if temperature is not None:
             factor = factor.div_(temperature)
         out = x * factor
+        ctx.dim = dim
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, out, factor, temperature)
         return out
@@ -62,20 +56,21 @@ class _ScaledRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, out, factor, temperature = ctx.saved_tensors
+        dim = ctx.dim
         if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
             with torch.enable_grad():
                 inputs = [t for t in (x, temperature) if t is not None]
-                plain = normalized(x) if temperature is None else normalized(x) / temperature
+                plain = normalized(x, dim) if temperature is None else normalized(x, dim) / temperature
                 grads = torch.autograd.grad(plain, inputs, grad, create_graph=True, allow_unused=True)
-            return grads[0], (grads[1] if temperature is not None else None)
-        dot = (out * grad).sum(dim=-1, keepdim=True)
+            return grads[0], (grads[1] if temperature is not None else None), None
+        dot = (out * grad).sum(dim=dim, keepdim=True)
         grad_temperature = None
         if temperature is not None and ctx.needs_input_grad[1]:
             grad_temperature = dot.sum().div(temperature).neg()
         coefficient = dot if temperature is None else dot * temperature.square()
         if not ctx.needs_input_grad[0]:
-            return None, grad_temperature
-        return torch.addcmul(grad, out, coefficient, value=-1).mul_(factor), grad_temperature
+            return None, grad_temperature, None
+        return torch.addcmul(grad, out, coefficient, value=-1).mul_(factor), grad_temperature, None
 
 
 def _channel_blocks(x: torch.Tensor, blocks: int) -> tuple[torch.Tensor, int]:
@@ -163,18 +158,18 @@ def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Te
     return s.logsumexp(dim=2) - s.diagonal(dim1=1, dim2=2)
 
 
-def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None) -> torch.Tensor:
-    """Rows in the compute dtype, L2-normalised (``_masks.normalized``) and divided by τ if given, with
-    one per-row scale (τ joins it instead of costing a pass over the rows)."""
+def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """Rows (along ``dim``) in the compute dtype, L2-normalised (``_masks.normalized``) and divided by
+    τ if given, with one per-row scale (τ joins it instead of costing a pass over the rows)."""
     x = x.to(compute_dtype(x.dtype))
     if normalize:
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (temperature is not None and temperature.requires_grad))
         if needs_grad:
-            return _ScaledRows.apply(x, temperature)
+            return _ScaledRows.apply(x, temperature, dim)
         # No backward to write out (detached keys): the same ops without autograd.Function's
         # Python overhead, a third of this path's host time at the papers' sizes.
-        scale = inverse_norm(x)
+        scale = inverse_norm(x, dim)
         return x * (scale if temperature is None else scale.div_(temperature))
     return x if temperature is None else x / temperature
 
@@ -192,9 +187,16 @@ def dense_block_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.T
     if paired and options.normalize and denominator != "negatives":
         # With one positive, "each_positive" has the same denominator as "all".
         return _paired_blocks(inputs.query, inputs.key, inputs.temperature, blocks or 1).reshape(n), None
-    q = _scaled(_as_blocks(inputs.query, blocks or 1), options.normalize, inputs.temperature)
-    k = _scaled(_as_blocks(inputs.key, blocks or 1), options.normalize, None)
-    s = q @ k.transpose(1, 2)
+    q, q_dim = _channel_blocks(inputs.query, blocks or 1)
+    k, k_dim = _channel_blocks(inputs.key, blocks or 1)
+    q = _scaled(q, options.normalize, inputs.temperature, q_dim)
+    k = _scaled(k, options.normalize, None, k_dim)
+    if q_dim == 1 and k_dim == 2:
+        # A map's cells against rows of keys (prototype means): the product as (B, keys, cells) keeps
+        # the map's layout, so its gradient reaches the map without a transposing copy.
+        s = torch.bmm(k, q).transpose(1, 2)
+    else:
+        s = torch.bmm(_cells_first(q, q_dim), _cells_first(k, k_dim).transpose(1, 2))
     if paired and (denominator != "negatives" or s.shape[2] > 1):
         positive = s.diagonal(dim1=1, dim2=2)
         if denominator == "negatives":

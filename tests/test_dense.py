@@ -148,6 +148,28 @@ def test_paired_blocks_written_out_backward(layout):
                                        backend="dense"), query)[0]
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
+
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+@pytest.mark.parametrize("keys_as", ["rows", "map"])
+def test_map_queries_against_labelled_keys_in_blocks(denominator, keys_as):
+    """A map's cells as queries against labelled keys per image (prototype mode's shape): the product
+    is taken in the map's layout; value and gradients against the reference, and gradcheck."""
+    g = torch.Generator().manual_seed(11)
+    blocks, c, h, w, per_key = 3, 4, 3, 2, 4
+    query = torch.randn(blocks, c, h, w, generator=g, dtype=torch.float64).requires_grad_()
+    if keys_as == "rows":
+        key = torch.randn(blocks * per_key, c, generator=g, dtype=torch.float64).requires_grad_()
+    else:
+        key = torch.randn(blocks, c, 2, 2, generator=g, dtype=torch.float64).requires_grad_()
+    labels = torch.randint(-1, 3, (blocks * h * w,), generator=g)
+    key_labels = torch.randint(-1, 3, (blocks * per_key,), generator=g)
+    tau = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    case = dict(query=query, key=key, labels=labels, key_labels=key_labels, groups=blocks, temperature=tau)
+    _agree(case, denominator=denominator, reduction="none")
+    assert torch.autograd.gradcheck(
+        lambda q, k, t: info_nce(q, k, labels=labels, key_labels=key_labels, groups=blocks, temperature=t,
+                                 denominator=denominator, backend="dense"), (query, key, tau))
+
 def test_half_inputs_accumulate_in_float32():
     g = torch.Generator().manual_seed(1)
     query = torch.randn(4, 25, 64, generator=g).to(torch.bfloat16)
