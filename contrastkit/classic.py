@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _validation as v
+from ._loss_module import LossModule
 from ._temperature import TemperatureModule
 from ._validation import check_flag, check_same_maps
 from .core import info_nce
@@ -17,6 +18,13 @@ def _global_keys(rows: torch.Tensor, labels: torch.Tensor, gather_distributed: b
     if gather_distributed:
         return gather_keys(rows, labels)
     return rows, labels, 0
+
+
+def _check_nt_xent_settings(reduction, gather_distributed, backend) -> None:
+    """The settings checks of :func:`nt_xent_loss`, which :class:`NTXentLoss` runs at construction."""
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    v.check_choice("backend", backend, v.BACKENDS)
+    check_flag("gather_distributed", gather_distributed)
 
 
 @v.embedding_names("z1 or z2", "z1, z2, their copies from other ranks or the queue's keys")
@@ -38,8 +46,8 @@ def nt_xent_loss(
     over the 2N anchors. Queue keys are extra negatives. ``reduction="none"`` gives the 2N
     per-anchor losses, the anchors of ``z1`` first.
     """
+    _check_nt_xent_settings(reduction, gather_distributed, backend)
     check_same_maps("z1", z1, "z2", z2, 2, "(N, D) embeddings")
-    check_flag("gather_distributed", gather_distributed)
     n = z1.shape[0]
     rows = torch.cat([z1, z2])
     first_sample = rank_offset(n, z1.device) if gather_distributed else 0
@@ -52,6 +60,14 @@ def nt_xent_loss(
         temperature=temperature, normalize=normalize, denominator="all", reduction=reduction,
         backend=backend,
     )
+
+
+def _check_supcon_settings(denominator, reduction, gather_distributed, backend) -> None:
+    """The settings checks of :func:`supcon_loss`, which :class:`SupConLoss` runs at construction."""
+    v.check_choice("denominator", denominator, v.DENOMINATORS)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    v.check_choice("backend", backend, v.BACKENDS)
+    check_flag("gather_distributed", gather_distributed)
 
 
 @v.embedding_names("features", "features, their copies from other ranks or the queue's keys")
@@ -85,6 +101,7 @@ def supcon_loss(
     Anchors without a positive contribute nothing; **a batch with no positive pair gives
     exactly 0** (attached to the graph). ``reduction="none"`` returns (N,), (N, V) or (B, H, W).
     """
+    _check_supcon_settings(denominator, reduction, gather_distributed, backend)
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor; got {type(features).__name__}")
     if features.dim() == 4:  # a (B, C, H, W) map: every pixel a sample of its label's class
@@ -102,7 +119,6 @@ def supcon_loss(
     if features.dim() not in (2, 3):
         raise ValueError(f"features must be (N, D), (N, V, D) or a (B, C, H, W) map; got shape "
                          f"{tuple(features.shape)}")
-    check_flag("gather_distributed", gather_distributed)
     n = features.shape[0]
     views = features.shape[1] if features.dim() == 3 else 1
     rows = features
@@ -147,6 +163,16 @@ def sample_locations(batch: int, locations: int, num_patches: int | None, device
     return scores.argsort(dim=1)[:, :num_patches].to(device)
 
 
+def _check_patch_nce_settings(num_patches, gather_distributed, reduction, backend) -> None:
+    """The settings checks of :func:`patch_nce_loss`, which :class:`PatchNCELoss` runs at construction."""
+    if num_patches is not None and (isinstance(num_patches, bool) or not isinstance(num_patches, int)
+                                    or num_patches < 1):
+        raise ValueError(f"num_patches must be a positive int or None; got {num_patches!r}")
+    check_flag("gather_distributed", gather_distributed)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    v.check_choice("backend", backend, v.BACKENDS)
+
+
 @v.embedding_names("feat_q", "feat_k or the queue's keys")
 def patch_nce_loss(
     feat_q: torch.Tensor,
@@ -169,18 +195,14 @@ def patch_nce_loss(
     The loss is the mean over the B·P queries. ``gather_distributed`` is accepted for a uniform
     interface and changes nothing: negatives come from the same image, on the same rank.
     """
+    _check_patch_nce_settings(num_patches, gather_distributed, reduction, backend)
     check_same_maps("feat_q", feat_q, "feat_k", feat_k, 4, "a (B, C, H, W) feature map")
-    check_flag("gather_distributed", gather_distributed)
-    if num_patches is not None and (isinstance(num_patches, bool) or not isinstance(num_patches, int)
-                                    or num_patches < 1):
-        raise ValueError(f"num_patches must be a positive int or None; got {num_patches!r}")
     b, c, h, w = feat_q.shape
     where = sample_locations(b, h * w, num_patches, feat_q.device, generator)[..., None].expand(-1, -1, c)
     queries = feat_q.flatten(2).transpose(1, 2).gather(1, where).reshape(-1, c)
     keys = feat_k.detach().flatten(2).transpose(1, 2).gather(1, where).reshape(-1, c)
     # One call for the batch: each query's own location is its positive, the other sampled
     # locations of its image (its group) and the queue's keys (shared by all) its negatives.
-    v.check_choice("reduction", reduction, v.REDUCTIONS)
     options = dict(temperature=temperature, normalize=normalize, denominator="all",
                    reduction="none" if reduction == "none" else "sum", backend=backend)
     if queue is None:  # paired views in B equal blocks, one per image
@@ -200,75 +222,31 @@ def _patch_reduction(total: torch.Tensor, reduction: str, images: int, queries: 
     return total if reduction == "sum" else total / queries
 
 
-class NTXentLoss(TemperatureModule):
-    """Module form of :func:`nt_xent_loss`; ``forward(z1, z2, queue=None)``.
+class NTXentLoss(LossModule, TemperatureModule):
+    """Module form of :func:`nt_xent_loss`, with its settings (keyword-only); ``forward(z1, z2, queue=None)``.
 
     ``temperature`` may be a tensor, and ``learnable_temperature=True`` learns τ in log space
     (see :class:`contrastkit.TemperatureModule`).
     """
 
-    def __init__(self, temperature: float | torch.Tensor = 0.5, normalize: bool = True, reduction: str = "mean",
-                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False):
-        super().__init__(temperature, learnable_temperature)
-        v.check_choice("reduction", reduction, v.REDUCTIONS)
-        v.check_choice("backend", backend, v.BACKENDS)
-        self.normalize, self.reduction, self.backend = normalize, reduction, backend
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
-
-    def forward(self, z1, z2, queue: MemoryQueue | None = None):
-        return nt_xent_loss(z1, z2, temperature=self.temperature, normalize=self.normalize,
-                            reduction=self.reduction, gather_distributed=self.gather_distributed,
-                            queue=queue, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"{self.temperature_repr()}, gather_distributed={self.gather_distributed}"
+    function = staticmethod(nt_xent_loss)
+    check_settings = staticmethod(_check_nt_xent_settings)
+    per_call = ("queue",)
 
 
-class SupConLoss(TemperatureModule):
-    """Module form of :func:`supcon_loss`; ``forward(features, labels=None, queue=None)``."""
+class SupConLoss(LossModule, TemperatureModule):
+    """Module form of :func:`supcon_loss`, with its settings (keyword-only);
+    ``forward(features, labels=None, queue=None)``."""
 
-    def __init__(self, temperature: float | torch.Tensor = 0.1, denominator: str = "all", normalize: bool = True,
-                 ignore_index: int = -1, reduction: str = "mean", gather_distributed: bool = False,
-                 backend: str = "auto", learnable_temperature: bool = False):
-        super().__init__(temperature, learnable_temperature)
-        v.check_choice("denominator", denominator, v.DENOMINATORS)
-        v.check_choice("reduction", reduction, v.REDUCTIONS)
-        v.check_choice("backend", backend, v.BACKENDS)
-        self.denominator, self.normalize, self.ignore_index = denominator, normalize, ignore_index
-        self.reduction, self.backend = reduction, backend
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
-
-    def forward(self, features, labels=None, queue: MemoryQueue | None = None):
-        return supcon_loss(features, labels, temperature=self.temperature, denominator=self.denominator,
-                           normalize=self.normalize, ignore_index=self.ignore_index,
-                           reduction=self.reduction, gather_distributed=self.gather_distributed,
-                           queue=queue, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"{self.temperature_repr()}, denominator={self.denominator!r}"
+    function = staticmethod(supcon_loss)
+    check_settings = staticmethod(_check_supcon_settings)
+    per_call = ("queue",)
 
 
-class PatchNCELoss(TemperatureModule):
-    """Module form of :func:`patch_nce_loss`; ``forward(feat_q, feat_k, generator=None, queue=None)``."""
+class PatchNCELoss(LossModule, TemperatureModule):
+    """Module form of :func:`patch_nce_loss`, with its settings (keyword-only);
+    ``forward(feat_q, feat_k, generator=None, queue=None)``."""
 
-    def __init__(self, temperature: float | torch.Tensor = 0.07, num_patches: int | None = 256,
-                 normalize: bool = True, gather_distributed: bool = False, backend: str = "auto",
-                 learnable_temperature: bool = False, reduction: str = "mean"):
-        super().__init__(temperature, learnable_temperature)
-        v.check_choice("reduction", reduction, v.REDUCTIONS)
-        self.reduction = reduction
-        if num_patches is not None and (isinstance(num_patches, bool) or not isinstance(num_patches, int)
-                                        or num_patches < 1):
-            raise ValueError(f"num_patches must be a positive int or None; got {num_patches!r}")
-        v.check_choice("backend", backend, v.BACKENDS)
-        self.num_patches, self.normalize, self.backend = num_patches, normalize, backend
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
-
-    def forward(self, feat_q, feat_k, generator: torch.Generator | None = None,
-                queue: MemoryQueue | None = None):
-        return patch_nce_loss(feat_q, feat_k, temperature=self.temperature, num_patches=self.num_patches,
-                              generator=generator, normalize=self.normalize, reduction=self.reduction,
-                              gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"{self.temperature_repr()}, num_patches={self.num_patches}"
+    function = staticmethod(patch_nce_loss)
+    check_settings = staticmethod(_check_patch_nce_settings)
+    per_call = ("generator", "queue")

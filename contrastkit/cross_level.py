@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import _validation as v
+from ._loss_module import LossModule
 from ._temperature import TemperatureModule
 from ._validation import compute_dtype
 from .core import info_nce
@@ -81,6 +82,17 @@ def _cells(global_map: torch.Tensor, local_map: torch.Tensor) -> tuple[torch.Ten
     )
 
 
+def _check_contrast_settings(negatives, detach_local, symmetric, normalize, gather_distributed, reduction,
+                             backend) -> None:
+    """The settings checks of :func:`cross_level_contrast`, which :class:`CrossLevelContrast` runs at construction."""
+    v.check_choice("negatives", negatives, NEGATIVES)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    v.check_choice("backend", backend, v.BACKENDS)
+    for name, flag in (("detach_local", detach_local), ("symmetric", symmetric), ("normalize", normalize),
+                       ("gather_distributed", gather_distributed)):
+        v.check_flag(name, flag)
+
+
 def cross_level_contrast(
     global_map: torch.Tensor,
     local_map: torch.Tensor,
@@ -94,14 +106,27 @@ def cross_level_contrast(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> torch.Tensor:
-    r"""Cross-level (global cell vs. local patch) PatchNCE loss; see :class:`CrossLevelContrast`.
-    ``reduction="none"`` gives each cell's loss, (B, gh, gw)."""
-    v.check_choice("negatives", negatives, NEGATIVES)
-    v.check_choice("reduction", reduction, v.REDUCTIONS)
-    for name, flag in (("detach_local", detach_local), ("symmetric", symmetric), ("normalize", normalize),
-                       ("gather_distributed", gather_distributed)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool; got {type(flag).__name__}")
+    r"""Cross-level (global cell vs. local patch) PatchNCE loss; see :class:`CrossLevelContrast`
+    for the inputs and the formula.
+
+    Args:
+        temperature: τ; the original uses 0.07. A number or a 0-dim tensor (the module also
+            learns it with ``learnable_temperature=True``, log-parametrised).
+        negatives: ``"image"`` — the other cells of the same image (the original);
+            ``"batch"`` — the other cells of every image in the batch.
+        detach_local: no gradient reaches ``local_map`` (the original detaches the keys).
+        symmetric: also contrast local queries against global keys and average both
+            directions. With ``detach_local`` the local side still receives no gradient; the
+            second direction then trains the global side through its keys.
+        normalize: L2-normalise rows first, so that the dot product is a cosine. The original
+            code normalised with the **L1** norm; this is a deliberate deviation.
+        gather_distributed: with ``negatives="batch"`` under DDP, the keys of every rank are
+            negatives (:func:`contrastkit.gather_keys`); each rank returns the mean over its own
+            cells. With ``negatives="image"`` all negatives are local and nothing is gathered.
+        reduction: ``"mean"`` over the cells, ``"sum"``, or ``"none"``: each cell's loss, (B, gh, gw).
+        backend: the :func:`~contrastkit.info_nce` backend.
+    """
+    _check_contrast_settings(negatives, detach_local, symmetric, normalize, gather_distributed, reduction, backend)
     global_cells, local_cells = _cells(v.plain(global_map), v.plain(local_map))
     if detach_local:
         local_cells = local_cells.detach()
@@ -136,25 +161,11 @@ def cross_level_contrast(
     return loss.reshape(global_map.shape[0], *global_map.shape[2:]) if reduction == "none" else loss
 
 
-class CrossLevelContrast(TemperatureModule):
+class CrossLevelContrast(LossModule, TemperatureModule):
     r"""Contrast between the global (full-image) and local (per-patch) embeddings of each cell.
 
-    Args:
-        temperature: τ; the original uses 0.07. A number, a 0-dim tensor, or the starting value
-            of a learned τ with ``learnable_temperature=True`` (log-parametrised).
-        negatives: ``"image"`` — the other cells of the same image (the original);
-            ``"batch"`` — the other cells of every image in the batch.
-        detach_local: no gradient reaches ``local_map`` (the original detaches the keys).
-        symmetric: also contrast local queries against global keys and average both
-            directions. With ``detach_local`` the local side still receives no gradient; the
-            second direction then trains the global side through its keys.
-        normalize: L2-normalise rows first, so that the dot product is a cosine. The original
-            code normalised with the **L1** norm; this is a deliberate deviation.
-        gather_distributed: with ``negatives="batch"`` under DDP, the keys of every rank are
-            negatives (:func:`contrastkit.gather_keys`); each rank returns the mean over its own
-            cells. With ``negatives="image"`` all negatives are local and nothing is gathered.
-        backend: the :func:`~contrastkit.info_nce` backend.
-        learnable_temperature: learn τ as exp(``log_temperature``), a parameter of the module.
+    Settings (keyword-only): those of :func:`cross_level_contrast`, and
+    ``learnable_temperature`` — learn τ as exp(``log_temperature``), a parameter of the module.
 
     ``forward(global_map, local_map)``:
 
@@ -175,46 +186,8 @@ class CrossLevelContrast(TemperatureModule):
     candidate is its positive and the loss is exactly 0 (still attached to the graph).
     """
 
-    def __init__(
-        self,
-        temperature: float | torch.Tensor = 0.07,
-        negatives: str = "image",
-        detach_local: bool = True,
-        symmetric: bool = False,
-        normalize: bool = True,
-        gather_distributed: bool = False,
-        backend: str = "auto",
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__(temperature, learnable_temperature)
-        v.check_choice("negatives", negatives, NEGATIVES)
-        v.check_choice("reduction", reduction, v.REDUCTIONS)
-        self.negatives, self.reduction = negatives, reduction
-        self.detach_local = detach_local
-        self.symmetric = symmetric
-        self.normalize = normalize
-        self.gather_distributed = gather_distributed
-        v.check_choice("backend", backend, v.BACKENDS)
-        self.backend = backend
-
-    def forward(self, global_map: torch.Tensor, local_map: torch.Tensor) -> torch.Tensor:
-        return cross_level_contrast(
-            global_map,
-            local_map,
-            temperature=self.temperature,
-            negatives=self.negatives,
-            detach_local=self.detach_local,
-            symmetric=self.symmetric,
-            normalize=self.normalize,
-            gather_distributed=self.gather_distributed,
-            reduction=self.reduction,
-            backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"{self.temperature_repr()}, negatives={self.negatives!r}, "
-                f"detach_local={self.detach_local}, symmetric={self.symmetric}, normalize={self.normalize}")
+    function = staticmethod(cross_level_contrast)
+    check_settings = staticmethod(_check_contrast_settings)
 
 
 def _consistency_grid(patch_logits: torch.Tensor, full_logits: torch.Tensor, grid) -> tuple[int, int]:
@@ -264,6 +237,14 @@ def _check_activation(activation: str, channels: int) -> None:
                          "and the loss is 0); for 1-channel binary logits pass activation='sigmoid'")
 
 
+def _check_consistency_settings(activation, detach_full, reduction) -> None:
+    """The settings checks of :func:`cross_level_consistency`, which :class:`CrossLevelConsistency` runs at
+    construction."""
+    v.check_choice("activation", activation, ACTIVATIONS)
+    v.check_choice("reduction", reduction, REDUCTIONS)
+    v.check_flag("detach_full", detach_full)
+
+
 def cross_level_consistency(
     patch_logits: torch.Tensor,
     full_logits: torch.Tensor,
@@ -273,11 +254,20 @@ def cross_level_consistency(
     reduction: str = "mean",
     grid=None,
 ) -> torch.Tensor:
-    r"""Patch-vs-full prediction consistency; see :class:`CrossLevelConsistency`."""
-    v.check_choice("activation", activation, ACTIVATIONS)
-    v.check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(detach_full, bool):
-        raise TypeError(f"detach_full must be a bool; got {type(detach_full).__name__}")
+    r"""Patch-vs-full prediction consistency; see :class:`CrossLevelConsistency` for the inputs and
+    the formula.
+
+    Args:
+        activation: ``"sigmoid"`` (1-channel binary logits, the original), ``"softmax"``
+            (multi-class, K >= 2, over dim 1) or ``"multilabel"`` (a sigmoid on each of K
+            independent channels). Logits that do not match — several channels with
+            ``"sigmoid"``, one with ``"softmax"`` — are a ValueError naming the fitting choice.
+        detach_full: no gradient reaches ``full_logits`` (the original detaches it).
+        reduction: ``"mean"`` over every element, ``"sum"``, or ``"none"`` — the
+            (B·gh·gw, K, ph, pw) squared differences.
+        grid: ``(gh, gw)``, checked against the sizes when given (it follows from them).
+    """
+    _check_consistency_settings(activation, detach_full, reduction)
     patch_logits, full_logits = v.plain(patch_logits), v.plain(full_logits)
     grid = _consistency_grid(patch_logits, full_logits, grid)
     _check_activation(activation, patch_logits.shape[1])
@@ -298,17 +288,10 @@ def cross_level_consistency(
     return squared.sum() if reduction == "sum" else squared.mean()
 
 
-class CrossLevelConsistency(nn.Module):
+class CrossLevelConsistency(LossModule):
     r"""Each patch's own prediction must match the full-image prediction over its region.
 
-    Args:
-        activation: ``"sigmoid"`` (1-channel binary logits, the original), ``"softmax"``
-            (multi-class, K >= 2, over dim 1) or ``"multilabel"`` (a sigmoid on each of K
-            independent channels). Logits that do not match — several channels with
-            ``"sigmoid"``, one with ``"softmax"`` — are a ValueError naming the fitting choice.
-        detach_full: no gradient reaches ``full_logits`` (the original detaches it).
-        reduction: ``"mean"`` over every element, ``"sum"``, or ``"none"`` — the
-            (B·gh·gw, K, ph, pw) squared differences.
+    Settings (keyword-only): those of :func:`cross_level_consistency`.
 
     ``forward(patch_logits, full_logits, grid=None)``: ``patch_logits`` is
     (B·gh·gw, K, ph, pw) in :func:`~contrastkit.patchify` order, ``full_logits`` is
@@ -323,24 +306,9 @@ class CrossLevelConsistency(nn.Module):
     cells, so its value is this mean times ``gh·gw``; scale the loss weight accordingly.
     """
 
-    def __init__(
-        self, activation: str = "sigmoid", detach_full: bool = True, reduction: str = "mean"
-    ) -> None:
-        super().__init__()
-        v.check_choice("activation", activation, ACTIVATIONS)
-        v.check_choice("reduction", reduction, REDUCTIONS)
-        self.activation = activation
-        self.detach_full = detach_full
-        self.reduction = reduction
-
-    def forward(self, patch_logits: torch.Tensor, full_logits: torch.Tensor, grid=None) -> torch.Tensor:
-        return cross_level_consistency(
-            patch_logits, full_logits, activation=self.activation, detach_full=self.detach_full,
-            reduction=self.reduction, grid=grid,
-        )
-
-    def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, detach_full={self.detach_full}, reduction={self.reduction!r}"
+    function = staticmethod(cross_level_consistency)
+    check_settings = staticmethod(_check_consistency_settings)
+    per_call = ("grid",)
 
 
 class CrossLevelViews(NamedTuple):

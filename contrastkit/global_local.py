@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _validation as v
+from ._loss_module import LossModule
 from ._masks import normalized
 from ._temperature import TemperatureModule
 from ._validation import check_flag, check_same_maps
@@ -74,6 +75,14 @@ def _check_ids(z: torch.Tensor, **ids: torch.Tensor) -> list[torch.Tensor]:
     return checked
 
 
+def _check_global_settings(strategy, reduction, gather_distributed, backend) -> None:
+    """The settings checks of :func:`global_contrast`, which :class:`GlobalContrast` runs at construction."""
+    v.check_choice("strategy", strategy, STRATEGIES)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    v.check_choice("backend", backend, v.BACKENDS)
+    check_flag("gather_distributed", gather_distributed)
+
+
 @v.embedding_names("z", "z, its copies from other ranks or the queue's keys")
 def global_contrast(
     z: torch.Tensor,
@@ -105,9 +114,7 @@ def global_contrast(
     are negatives. Under ``gather_distributed`` volume ids should be dataset-wide (for GD, equal
     partition ids across ranks are positives of each other).
     """
-    v.check_choice("strategy", strategy, STRATEGIES)
-    v.check_choice("reduction", reduction, v.REDUCTIONS)
-    check_flag("gather_distributed", gather_distributed)
+    _check_global_settings(strategy, reduction, gather_distributed, backend)
     if isinstance(z, torch.Tensor) and z.dim() != 2:
         raise ValueError(f"z must be (N, D) slice embeddings; got shape {tuple(z.shape)}")
     v.check_embeddings("z", z)
@@ -166,6 +173,20 @@ def _gd_minus(z, slices, partition_ids, keys, key_partitions, queue, options):
                     **options)
 
 
+def _check_local_settings(region_grid, negatives_per_region, gather_distributed, reduction,
+                          backend) -> tuple[int, int]:
+    """The settings checks of :func:`local_contrast`, which :class:`LocalContrast` runs at construction;
+    returns the region grid as (gh, gw)."""
+    if negatives_per_region is not None and (isinstance(negatives_per_region, bool)
+                                             or not isinstance(negatives_per_region, int)
+                                             or negatives_per_region < 1):
+        raise ValueError(f"negatives_per_region must be None or a positive int; got {negatives_per_region!r}")
+    check_flag("gather_distributed", gather_distributed)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    v.check_choice("backend", backend, v.BACKENDS)
+    return as_grid(region_grid)
+
+
 @v.embedding_names("f1 or f2", "f1, f2 or the queue's keys")
 def local_contrast(
     f1: torch.Tensor,
@@ -189,10 +210,8 @@ def local_contrast(
     without gradient). The loss is the mean over the 2·B·R regions. ``gather_distributed`` is
     accepted for a uniform interface and changes nothing: negatives come from the same image.
     """
+    grid = _check_local_settings(region_grid, negatives_per_region, gather_distributed, reduction, backend)
     check_same_maps("f1", f1, "f2", f2, 4, "a (B, C, H, W) feature map")
-    check_flag("gather_distributed", gather_distributed)
-    v.check_choice("reduction", reduction, v.REDUCTIONS)
-    grid = as_grid(region_grid)
     regions = grid[0] * grid[1]
     b = f1.shape[0]
     pooled = torch.cat([pool_patches(f1, grid).flatten(2), pool_patches(f2, grid).flatten(2)], dim=2)
@@ -201,8 +220,7 @@ def local_contrast(
     extra = 0 if queued is None else queued.shape[0]
     if negatives_per_region is not None:
         available = 2 * regions - 2 + extra
-        if (isinstance(negatives_per_region, bool) or not isinstance(negatives_per_region, int)
-                or not 1 <= negatives_per_region <= available):
+        if negatives_per_region > available:
             raise ValueError(f"negatives_per_region must be None or an int in [1, {available}] "
                              f"(2R - 2 other regions + {extra} queue keys); got {negatives_per_region!r}")
     # One core call for the batch: the regions of an image are one group; queue keys are shared.
@@ -253,58 +271,21 @@ def _nearest_negatives_loss(rows, queued, k, normalize, options):
     return info_nce(queries, keys, labels=labels, key_labels=key_labels, groups=queries.shape[0], **options)
 
 
-class GlobalContrast(TemperatureModule):
-    """Module form of :func:`global_contrast`.
+class GlobalContrast(LossModule, TemperatureModule):
+    """Module form of :func:`global_contrast`, with its settings (keyword-only).
 
     ``forward(z, volume_ids, partition_ids, view_ids, queue=None)``.
     """
 
-    def __init__(self, strategy: str = "GD", temperature: float | torch.Tensor = 0.1, normalize: bool = True,
-                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False,
-                 reduction: str = "mean"):
-        super().__init__(temperature, learnable_temperature)
-        v.check_choice("reduction", reduction, v.REDUCTIONS)
-        self.reduction = reduction
-        v.check_choice("strategy", strategy, STRATEGIES)
-        v.check_choice("backend", backend, v.BACKENDS)
-        self.strategy, self.normalize, self.backend = strategy, normalize, backend
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
-
-    def forward(self, z, volume_ids, partition_ids, view_ids, queue: MemoryQueue | None = None):
-        return global_contrast(z, volume_ids, partition_ids, view_ids, strategy=self.strategy,
-                               temperature=self.temperature, normalize=self.normalize, reduction=self.reduction,
-                               gather_distributed=self.gather_distributed, queue=queue, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"strategy={self.strategy!r}, {self.temperature_repr()}"
+    function = staticmethod(global_contrast)
+    check_settings = staticmethod(_check_global_settings)
+    per_call = ("queue",)
+    positional = ("strategy",)  # GlobalContrast("GR") reads as the strategy it is
 
 
-class LocalContrast(TemperatureModule):
-    """Module form of :func:`local_contrast`; ``forward(f1, f2, queue=None)``."""
+class LocalContrast(LossModule, TemperatureModule):
+    """Module form of :func:`local_contrast`, with its settings (keyword-only); ``forward(f1, f2, queue=None)``."""
 
-    def __init__(self, temperature: float | torch.Tensor = 0.1, region_grid=4,
-                 negatives_per_region: int | None = None, normalize: bool = True, gather_distributed: bool = False,
-                 backend: str = "auto", learnable_temperature: bool = False, reduction: str = "mean"):
-        super().__init__(temperature, learnable_temperature)
-        v.check_choice("reduction", reduction, v.REDUCTIONS)
-        self.reduction = reduction
-        self.region_grid = as_grid(region_grid)
-        if negatives_per_region is not None and (isinstance(negatives_per_region, bool)
-                                                 or not isinstance(negatives_per_region, int)
-                                                 or negatives_per_region < 1):
-            raise ValueError(
-                f"negatives_per_region must be None or a positive int; got {negatives_per_region!r}"
-            )
-        v.check_choice("backend", backend, v.BACKENDS)
-        self.negatives_per_region, self.normalize, self.backend = negatives_per_region, normalize, backend
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
-
-    def forward(self, f1, f2, queue: MemoryQueue | None = None):
-        return local_contrast(f1, f2, region_grid=self.region_grid, temperature=self.temperature,
-                              negatives_per_region=self.negatives_per_region, normalize=self.normalize,
-                              reduction=self.reduction, gather_distributed=self.gather_distributed, queue=queue,
-                              backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"{self.temperature_repr()}, region_grid={self.region_grid}, "
-                f"negatives_per_region={self.negatives_per_region}")
+    function = staticmethod(local_contrast)
+    check_settings = staticmethod(_check_local_settings)
+    per_call = ("queue",)

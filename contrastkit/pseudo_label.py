@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from . import _validation as v
+from ._loss_module import LossModule
 from ._temperature import TemperatureModule
 from ._validation import check_flag, compute_dtype
 from .core import info_nce
@@ -50,10 +51,15 @@ MAX_INFERRED_CLASSES = 4096
 _warned_foreground_only = False  # the warning of _warn_foreground_only is given once per process
 
 
-def _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
-                   confidence_threshold, num_classes, labels_format="index"):
+def _check_settings(temperature, mode, anchors_per_class, include_background, ignore_index, confidence_threshold,
+                    num_classes, labels_format, gather_distributed, reduction, backend) -> None:
+    """The settings checks of :func:`pseudo_label_contrast`, which :class:`PseudoLabelContrast` runs at
+    construction."""
     v.check_temperature(temperature)
     v.check_choice("mode", mode, MODES)
+    check_flag("gather_distributed", gather_distributed)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    v.check_choice("backend", backend, v.BACKENDS)
     check_labels_format(labels_format)
     if anchors_per_class is not None and (
         isinstance(anchors_per_class, bool) or not isinstance(anchors_per_class, int) or anchors_per_class < 1
@@ -318,8 +324,8 @@ def pseudo_label_contrast(
         (attached to the graph); an anchor whose pair holds only its own class has loss 0 and
         still counts in the mean; absent classes simply have no anchors and no means.
     """
-    _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
-                   confidence_threshold, num_classes, labels_format)
+    _check_settings(temperature, mode, anchors_per_class, include_background, ignore_index, confidence_threshold,
+                    num_classes, labels_format, gather_distributed, reduction, backend)
     embeddings, confidence, pair_index = v.plain(embeddings), v.plain(confidence), v.plain(pair_index)
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"embeddings must be a torch.Tensor; got {type(embeddings).__name__}")
@@ -335,7 +341,6 @@ def pseudo_label_contrast(
     if isinstance(confidence, torch.Tensor) and confidence.dim() == 4 and confidence.shape[1] == 1:
         confidence = confidence[:, 0]
     _check_inputs(embeddings, labels, confidence, pair_index, generator)
-    check_flag("gather_distributed", gather_distributed)
     if mode == "pixel" and pair_index is not None:
         raise ValueError(
             "pair_index applies to mode='prototype' only; mode='pixel' contrasts the whole batch"
@@ -378,7 +383,6 @@ def pseudo_label_contrast(
                                 and int(torch.where(seen, labels, 0).amax()) == 1):
             _warn_foreground_only()
     weights = None if confidence is None else confidence.reshape(batch, -1)
-    v.check_choice("reduction", reduction, v.REDUCTIONS)
     options = dict(temperature=temperature, normalize=True, denominator="all",
                    ignore_index=ignore_index, reduction=reduction, backend=backend)
     if mode == "pixel":
@@ -436,50 +440,14 @@ def _pixel_anchors(embeddings, labels, usable, weights, anchors_per_class, inclu
     return rows, row_labels, None if weights is None else weights.reshape(-1)[index]
 
 
-class PseudoLabelContrast(TemperatureModule):
-    """Module form of :func:`pseudo_label_contrast` (same arguments and formulas).
+class PseudoLabelContrast(LossModule, TemperatureModule):
+    """Module form of :func:`pseudo_label_contrast` (same settings, keyword-only, and formulas);
+    ``forward(embeddings, labels, confidence=None, pair_index=None, generator=None)``.
 
     Typical use is ``loss = seg_loss(logits_l, y_l) + 0.1 * contrast(emb, labels, confidence)``
     with ground truth on the labeled images and :func:`contrastkit.pseudo_labels` on the rest.
     """
 
-    def __init__(self, temperature: float | torch.Tensor = 0.1, mode: str = "prototype",
-                 anchors_per_class: int | None = None, include_background: bool | None = None,
-                 ignore_index: int = -1,
-                 confidence_threshold: float | None = None, num_classes: int | None = None,
-                 gather_distributed: bool = False, backend: str = "auto", learnable_temperature: bool = False,
-                 labels_format: str = "index", reduction: str = "mean"):
-        super().__init__(temperature, learnable_temperature)
-        v.check_choice("reduction", reduction, v.REDUCTIONS)
-        self.reduction = reduction
-        _check_options(temperature, mode, anchors_per_class, include_background, ignore_index,
-                       confidence_threshold, num_classes, labels_format)
-        v.check_choice("backend", backend, v.BACKENDS)
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
-        self.mode = mode
-        self.anchors_per_class = anchors_per_class
-        self.include_background = include_background
-        self.ignore_index = ignore_index
-        self.confidence_threshold = confidence_threshold
-        self.num_classes = num_classes
-        self.labels_format = labels_format
-        self.backend = backend
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                confidence: torch.Tensor | None = None, pair_index: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        return pseudo_label_contrast(
-            embeddings, labels, confidence, pair_index,
-            temperature=self.temperature, mode=self.mode, anchors_per_class=self.anchors_per_class,
-            include_background=self.include_background, ignore_index=self.ignore_index,
-            confidence_threshold=self.confidence_threshold, num_classes=self.num_classes,
-            labels_format=self.labels_format, generator=generator, gather_distributed=self.gather_distributed,
-            reduction=self.reduction, backend=self.backend,
-        )
-
-    def extra_repr(self) -> str:
-        return (f"{self.temperature_repr()}, mode={self.mode!r}, "
-                f"anchors_per_class={self.anchors_per_class}, "
-                f"include_background={self.include_background}, ignore_index={self.ignore_index}, "
-                f"confidence_threshold={self.confidence_threshold}, num_classes={self.num_classes}, "
-                f"labels_format={self.labels_format!r}")
+    function = staticmethod(pseudo_label_contrast)
+    check_settings = staticmethod(_check_settings)
+    per_call = ("generator",)
