@@ -87,6 +87,13 @@ PRETRAIN_CPU = ("--image-size", "64", "--width", "16", "--depth", "3", "--strate
 FINETUNE_CPU = ("--labeled-patients", "3", "--image-size", "64", "--width", "16", "--depth", "3", "--iterations",
                 "500", "--rounds", "2", "--eval-every", "100", "--val-volumes", "10", "--lr-schedule", "poly")
 PIXEL = ("--method", "pseudo_label", "--mode", "pixel", "--anchors-per-class", "128")
+# The same arms at the reference settings (--preset chaitanya2020-acdc: 192x192, 52 volumes, G^D, batch 8,
+# lr 1e-3) but 2,000 instead of 10,000 iterations per stage, then 1 labeled patient (2 volumes, the
+# paper's "2 labeled volumes" setting) fine-tuned for 1,500 + 1,500 iterations at the same size, bf16.
+PRETRAIN_GPU = ("--preset", "chaitanya2020-acdc", "--depth", "4", "--iterations", "2000", "--local-iterations",
+                "2000", "--regions", "3", "--eval-every", "500", "--amp", "bf16")
+FINETUNE_GPU = ("--labeled-patients", "1", "--image-size", "192", "--width", "16", "--depth", "4", "--iterations",
+                "1500", "--rounds", "2", "--eval-every", "100", "--lr", "1e-3", "--amp", "bf16")
 TINY_POLYP = ("--synthetic-size", "40", "--image-size", "32", "--grid", "2", "--width", "4", "--depth", "2",
               "--batch", "4", "--labeled-batch", "2", "--labeled-fraction", "0.25", "--iterations", "4",
               "--eval-every", "2")
@@ -142,6 +149,18 @@ PLANS = {
          _pseudo_label("pixel_all", "--method", "pseudo_label", "--mode", "pixel")),
         seeds=(0, 1, 2), common={"train_pseudo_label.py": GPU_ACDC}, data={"train_pseudo_label.py": "acdc"},
         jobs=12, threads=2, baseline={"train_pseudo_label.py": "supervised"}),
+    "gpu-acdc-pretrain": Plan(
+        "GPU: ACDC 1 labeled patient (2 volumes), Chaitanya et al. 2020 reference settings (192x192, 52 volumes, "
+        "G^D, 4 partitions, tau 0.1, lr 1e-3) shortened to 2,000 + 2,000 pre-training and 1,500 + 1,500 "
+        "fine-tuning iterations, bf16: random vs pre-trained init, supervised vs pixel pseudo-label, 3 seeds",
+        (_pretrain("pretrain"),
+         _pseudo_label("supervised", "--method", "supervised"),
+         _pseudo_label("pretrained_supervised", "--method", "supervised", init_from="pretrain"),
+         _pseudo_label("pixel", *PIXEL, stage1_from="supervised"),
+         _pseudo_label("pretrained_pixel", *PIXEL, stage1_from="pretrained_supervised", init_from="pretrain")),
+        seeds=(0, 1, 2), common={"train_pseudo_label.py": FINETUNE_GPU, "pretrain_global_local.py": PRETRAIN_GPU},
+        data={"train_pseudo_label.py": "acdc", "pretrain_global_local.py": "acdc"}, jobs=8, threads=2,
+        baseline={"train_pseudo_label.py": "supervised"}),
     "tiny": Plan(
         "the agenda's machinery on synthetic data in seconds (CI): both scripts, two arms each, two seeds",
         (_cross_level("supervised", "--method", "supervised"), _cross_level("cross_level", "--method", "cross_level"),

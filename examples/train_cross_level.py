@@ -10,6 +10,9 @@ supervised + contrast during the warm-up, then supervised + consistency; ``joint
 three terms all along. ``--method supervised`` trains on the labeled images alone (the baseline).
 Under torchrun every process takes an equal share of each batch (``--batch`` and
 ``--labeled-batch`` count the whole step); rank 0 evaluates, prints and writes the files.
+There is no ``--init``: the global + local pre-training of ``pretrain_global_local.py`` needs
+volumes (its global loss contrasts partitions along the slice axis) and trains a one-channel U-Net,
+while these are single RGB images with a three-channel input; its weights would not fit here.
 """
 
 import argparse

@@ -211,3 +211,28 @@ def test_the_tiny_agenda_runs_end_to_end(tmp_path):
     metrics = json.loads((tmp_path / "cross_level_s0" / "metrics.json").read_text())
     assert metrics["config"]["time_budget"] == 120 and not metrics["stopped_at_time_budget"]
     assert metrics["code"]["torch"] and "commit" in metrics["code"]
+
+
+def test_pretrained_arms_load_their_seeds_weights_and_wait_for_them(study, tmp_path):
+    runs = dict(study.commands(study.PLANS["acdc-pretrain-cpu"], tmp_path, Path("/d"), None, None, seeds=[1]))
+    assert list(runs) == ["pretrain_s1", "supervised_s1", "pretrained_supervised_s1", "pixel_s1",
+                          "pretrained_pixel_s1"]
+    assert runs["pretrain_s1"][1].endswith("pretrain_global_local.py") and "--init" not in runs["pretrain_s1"]
+    weights = tmp_path / "pretrain_s1" / "pretrained.pt"
+    for name in ("pretrained_supervised_s1", "pretrained_pixel_s1"):
+        argv = runs[name]
+        assert argv[argv.index("--init") + 1] == str(weights)
+        assert weights in study._waits_for(argv)
+    assert study._waits_for(runs["pretrained_pixel_s1"]) == [tmp_path / "pretrained_supervised_s1" / "stage1.pt",
+                                                             weights]
+    assert "--init" not in runs["supervised_s1"] and "--init" not in runs["pixel_s1"]
+    # a run waiting for weights that never come fails; one whose weights exist runs
+    stamp = "import sys; open(sys.argv[1], 'w').write('ran')"
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "pretrained.pt").write_text("x")
+    fake = [("ok_s0", [sys.executable, "-c", stamp, str(tmp_path / "ok.txt"), "--init",
+                       str(tmp_path / "w" / "pretrained.pt")]),
+            ("orphan_s0", [sys.executable, "-c", stamp, str(tmp_path / "orphan.txt"), "--init",
+                           str(tmp_path / "nobody" / "pretrained.pt")])]
+    done = {name: code for name, code, _ in study.run_plan(study.PLANS["tiny"], tmp_path, 1, fake, None)}
+    assert done == {"ok_s0": 0, "orphan_s0": 1} and not (tmp_path / "orphan.txt").exists()
