@@ -189,3 +189,14 @@ def test_pretrained_file_moves_with_its_folder(pretrained, tmp_path):
     net = UNet(1, 4, base_width=4, depth=2)
     loaded = load_pretrained(net, tmp_path / "weights.pt")
     assert loaded and all(k.startswith(("down.", "up.0.")) for k in loaded)
+
+
+def test_the_preset_trains_at_a_reduced_size(pretrain, tmp_path):
+    result = pretrain.main(["--preset", "chaitanya2020-acdc", "--image-size", "32", "--width", "4", "--depth", "2",
+                            "--synthetic-volumes", "4", "--volumes", "3", "--iterations", "2", "--local-iterations",
+                            "2", "--regions", "1", "--region-grid", "2", "--val-volumes", "2", "--threads", "1",
+                            "--out", str(tmp_path)])
+    config = result["config"]
+    assert (config["strategy"], config["partitions"], config["tau"], config["lr"], config["weight_decay"],
+            config["lr_schedule"], config["batch"]) == ("GD", 4, 0.1, 1e-3, 0.0, "constant", 8)
+    assert result["training_volumes"] == 3 and result["iterations_done"] == 4
