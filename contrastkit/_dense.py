@@ -123,7 +123,7 @@ class _PairedBlocks(torch.autograd.Function):
             with torch.enable_grad():
                 inputs = [t for t, needed in ((q, needs_q), (k, needs_k), (temperature, needs_t)) if needed]
                 plain = _paired_logits(q, k, temperature, dim)[-1]
-                loss = plain.logsumexp(dim=2) - plain.diagonal(dim1=1, dim2=2)
+                loss = torch.log_softmax(plain, dim=2).diagonal(dim1=1, dim2=2).neg()
                 found = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
             return (next(found) if needs_q else None, next(found) if needs_k else None,
                     next(found) if needs_t else None, None)
@@ -155,7 +155,7 @@ def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Te
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or temperature.requires_grad):
         return _PairedBlocks.apply(q, k, temperature, q_dim)
     s = _paired_logits(q, k, temperature, q_dim)[-1]
-    return s.logsumexp(dim=2) - s.diagonal(dim1=1, dim2=2)
+    return torch.log_softmax(s, dim=2).diagonal(dim1=1, dim2=2).neg()
 
 
 def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
