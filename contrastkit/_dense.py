@@ -127,6 +127,7 @@ class _PairedBlocks(torch.autograd.Function):
                 found = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
             return (next(found) if needs_q else None, next(found) if needs_k else None,
                     next(found) if needs_t else None, None)
+        grad = grad.to(log_p.dtype)  # under autocast the loss's consumer may send a half gradient
         d_logits = log_p.exp().mul_(grad[..., None])  # softmax x grad
         d_logits.diagonal(dim1=1, dim2=2).sub_(grad)
         grad_q = grad_k = grad_t = None
@@ -152,10 +153,12 @@ def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Te
     if q_dim != k_dim:  # a map against rows: both as rows
         q, k = _cells_first(q, q_dim), _cells_first(k, k_dim)
         q_dim = 2
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or temperature.requires_grad):
-        return _PairedBlocks.apply(q, k, temperature, q_dim)
-    s = _paired_logits(q, k, temperature, q_dim)[-1]
-    return torch.log_softmax(s, dim=2).diagonal(dim1=1, dim2=2).neg()
+    # Under autocast the products would run in half precision: the loss accumulates in the compute dtype.
+    with torch.autocast(q.device.type, enabled=False):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or temperature.requires_grad):
+            return _PairedBlocks.apply(q, k, temperature, q_dim)
+        s = _paired_logits(q, k, temperature, q_dim)[-1]
+        return torch.log_softmax(s, dim=2).diagonal(dim1=1, dim2=2).neg()
 
 
 def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None, dim: int = -1) -> torch.Tensor:

@@ -211,3 +211,19 @@ def test_int_groups_are_checked():
         info_nce(x, x, groups=0)
     with pytest.raises(ValueError, match="key_groups must be None"):
         info_nce(x, x, groups=2, key_groups=torch.zeros(8, dtype=torch.long))
+
+
+def test_paired_blocks_under_autocast_accumulate_in_float32():
+    """bf16 autocast (CPU) does not reach the paired function's products: the loss is the float32
+    value, and a half gradient from the loss's consumer is taken."""
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(4, 16, 3, 3, generator=g).requires_grad_()
+    key = torch.randn(4, 16, 3, 3, generator=g)
+    want = info_nce(query, key, groups=4, temperature=0.07, backend="dense", reduction="none")
+    want_grad = torch.autograd.grad(want.sum(), query)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = info_nce(query, key, groups=4, temperature=0.07, backend="dense", reduction="none")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    got_grad = torch.autograd.grad(got, query, torch.ones_like(got, dtype=torch.bfloat16))[0]
+    torch.testing.assert_close(got_grad, want_grad)
