@@ -153,12 +153,15 @@ def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Te
     if q_dim != k_dim:  # a map against rows: both as rows
         q, k = _cells_first(q, q_dim), _cells_first(k, k_dim)
         q_dim = 2
-    # Under autocast the products would run in half precision: the loss accumulates in the compute dtype.
-    with torch.autocast(q.device.type, enabled=False):
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or temperature.requires_grad):
-            return _PairedBlocks.apply(q, k, temperature, q_dim)
-        s = _paired_logits(q, k, temperature, q_dim)[-1]
-        return torch.log_softmax(s, dim=2).diagonal(dim1=1, dim2=2).neg()
+    device = q.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # Under autocast the products would run in half precision: the loss accumulates in the compute dtype.
+        with torch.autocast(device, enabled=False):
+            return _paired_blocks(query, key, temperature, blocks)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or temperature.requires_grad):
+        return _PairedBlocks.apply(q, k, temperature, q_dim)
+    s = _paired_logits(q, k, temperature, q_dim)[-1]
+    return torch.log_softmax(s, dim=2).diagonal(dim1=1, dim2=2).neg()
 
 
 def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
