@@ -10,6 +10,7 @@ from ._temperature import TemperatureModule
 from ._validation import check_flag, check_same_maps
 from .core import info_nce
 from .distributed import gather_keys, rank_offset
+from .labels import check_labels_format, index_label_map, one_hot_value_check
 from .queue import MemoryQueue, append_queue
 
 
@@ -62,8 +63,9 @@ def nt_xent_loss(
     )
 
 
-def _check_supcon_settings(denominator, reduction, gather_distributed, backend) -> None:
+def _check_supcon_settings(denominator, reduction, gather_distributed, backend, labels_format) -> None:
     """The settings checks of :func:`supcon_loss`, which :class:`SupConLoss` runs at construction."""
+    check_labels_format(labels_format)
     v.check_choice("denominator", denominator, v.DENOMINATORS)
     v.check_choice("reduction", reduction, v.REDUCTIONS)
     v.check_choice("backend", backend, v.BACKENDS)
@@ -83,6 +85,7 @@ def supcon_loss(
     gather_distributed: bool = False,
     queue: MemoryQueue | None = None,
     backend: str = "auto",
+    labels_format: str = "index",
 ) -> torch.Tensor:
     r"""Supervised contrastive loss (Khosla et al. 2020, :math:`\mathcal{L}^{sup}_{out}`).
 
@@ -97,21 +100,29 @@ def supcon_loss(
         denominator: ``"all"`` (the paper), ``"each_positive"`` or ``"negatives"``.
         queue: a :class:`MemoryQueue` holding labels; its keys with an anchor's label are
             positives, the others negatives.
+        labels_format: for a feature map, ``"index"`` — (B, H, W) or (B, 1, H, W) class ids — or
+            ``"one_hot"`` — a (B, K, H, W) one-hot map (a pixel with no 1 is ``ignore_index``), as
+            :class:`PseudoLabelContrast` takes them.
 
     Anchors without a positive contribute nothing; **a batch with no positive pair gives
     exactly 0** (attached to the graph). ``reduction="none"`` returns (N,), (N, V) or (B, H, W).
     """
-    _check_supcon_settings(denominator, reduction, gather_distributed, backend)
+    _check_supcon_settings(denominator, reduction, gather_distributed, backend, labels_format)
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor; got {type(features).__name__}")
     if features.dim() == 4:  # a (B, C, H, W) map: every pixel a sample of its label's class
         if labels is None:
             raise ValueError("labels is required for (B, C, H, W) feature maps: (B, H, W) or (B, 1, H, W) class ids")
         b, _, h, w = features.shape
-        if not isinstance(labels, torch.Tensor) or labels.shape not in ((b, h, w), (b, 1, h, w)):
+        one_hot = labels_format == "one_hot"
+        if not isinstance(labels, torch.Tensor) or (labels.shape[0], *labels.shape[-2:]) != (b, h, w) or (
+                not one_hot and labels.shape not in ((b, h, w), (b, 1, h, w))):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"labels for a (B, C, H, W) = {tuple(features.shape)} map must be (B, H, W) = "
-                             f"{(b, h, w)} or (B, 1, H, W); got {got}")
+            expected = "(B, K, H, W) one-hot" if one_hot else f"(B, H, W) = {(b, h, w)} or (B, 1, H, W)"
+            raise ValueError(f"labels for a (B, C, H, W) = {tuple(features.shape)} map must be {expected}; got {got}")
+        if one_hot and v.value_checks_enabled(labels.device):
+            v.raise_first_failure([one_hot_value_check("labels", v.plain(labels))])
+        labels, _ = index_label_map("labels", labels, labels_format, ignore_index)
         loss = supcon_loss(v.as_rows(features), labels.reshape(-1), temperature=temperature,
                            denominator=denominator, normalize=normalize, ignore_index=ignore_index,
                            reduction=reduction, gather_distributed=gather_distributed, queue=queue, backend=backend)
@@ -119,6 +130,9 @@ def supcon_loss(
     if features.dim() not in (2, 3):
         raise ValueError(f"features must be (N, D), (N, V, D) or a (B, C, H, W) map; got shape "
                          f"{tuple(features.shape)}")
+    if labels_format != "index":
+        raise ValueError("labels_format='one_hot' applies to (B, C, H, W) feature maps; (N, D) and (N, V, D) "
+                         "features take (N,) class ids")
     n = features.shape[0]
     views = features.shape[1] if features.dim() == 3 else 1
     rows = features

@@ -330,3 +330,27 @@ def test_supcon_on_a_feature_map_is_supcon_over_its_pixels():
         supcon_loss(maps, labels[:, :2])
     with pytest.raises(ValueError, match="labels is required for \\(B, C, H, W\\)"):
         supcon_loss(maps)
+
+
+def test_supcon_map_takes_one_hot_labels_on_request():
+    """labels_format='one_hot' on a (B, C, H, W) map: the same loss as its class ids (a pixel with no 1
+    is ignored), checked values, and a clear error for bad one-hot maps, rows or an unknown format."""
+    g = torch.Generator().manual_seed(4)
+    features = torch.randn(2, 6, 4, 5, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, 3, (2, 4, 5), generator=g)
+    ids[0, 0, :2] = -1
+    one_hot = torch.nn.functional.one_hot(ids.clamp_min(0), 3).permute(0, 3, 1, 2).clone()
+    one_hot[0, :, 0, :2] = 0
+    for reduction in ("mean", "none"):
+        torch.testing.assert_close(SupConLoss(labels_format="one_hot", reduction=reduction)(features, one_hot),
+                                   supcon_loss(features, ids, reduction=reduction, backend="reference"))
+    bad = one_hot.clone()
+    bad[1, :, 2, 3] = 1  # three classes at one pixel
+    with pytest.raises(ValueError, match="0s and 1s, at most one 1 per pixel"):
+        supcon_loss(features, bad, labels_format="one_hot")
+    with pytest.raises(ValueError, match=r"must be \(B, K, H, W\) one-hot"):
+        supcon_loss(features, one_hot[:, :, :3], labels_format="one_hot")
+    with pytest.raises(ValueError, match="applies to \\(B, C, H, W\\) feature maps"):
+        supcon_loss(features.flatten(1), ids[:, 0, 0], labels_format="one_hot")
+    with pytest.raises(ValueError, match="labels_format must be one of"):
+        SupConLoss(labels_format="onehot")
