@@ -87,6 +87,13 @@ PRETRAIN_CPU = ("--image-size", "64", "--width", "16", "--depth", "3", "--strate
 FINETUNE_CPU = ("--labeled-patients", "3", "--image-size", "64", "--width", "16", "--depth", "3", "--iterations",
                 "500", "--rounds", "2", "--eval-every", "100", "--val-volumes", "10", "--lr-schedule", "poly")
 PIXEL = ("--method", "pseudo_label", "--mode", "pixel", "--anchors-per-class", "128")
+# Random vs pre-trained init, each fine-tuned supervised and with pixel pseudo-label contrast (the pixel arms
+# start stage 2 from the supervised run of the same init and seed).
+PRETRAIN_ARMS = (_pretrain("pretrain"),
+                 _pseudo_label("supervised", "--method", "supervised"),
+                 _pseudo_label("pretrained_supervised", "--method", "supervised", init_from="pretrain"),
+                 _pseudo_label("pixel", *PIXEL, stage1_from="supervised"),
+                 _pseudo_label("pretrained_pixel", *PIXEL, stage1_from="pretrained_supervised", init_from="pretrain"))
 # The same arms at the reference settings (--preset chaitanya2020-acdc: 192x192, 52 volumes, G^D, batch 8,
 # lr 1e-3) but 2,000 instead of 10,000 iterations per stage, then 1 labeled patient (2 volumes, the
 # paper's "2 labeled volumes" setting) fine-tuned for 1,500 + 1,500 iterations at the same size, bf16.
@@ -121,11 +128,7 @@ PLANS = {
         "iterations on the 140 training volumes), then supervised fine-tuning or pseudo-label pixel mode "
         "(500 + 500 iterations), 3 seeds, one run at a time (pixel arms start stage 2 from the supervised run of "
         "the same init and seed)",
-        (_pretrain("pretrain"),
-         _pseudo_label("supervised", "--method", "supervised"),
-         _pseudo_label("pretrained_supervised", "--method", "supervised", init_from="pretrain"),
-         _pseudo_label("pixel", *PIXEL, stage1_from="supervised"),
-         _pseudo_label("pretrained_pixel", *PIXEL, stage1_from="pretrained_supervised", init_from="pretrain")),
+        PRETRAIN_ARMS,
         seeds=(0, 1, 2), common={"train_pseudo_label.py": FINETUNE_CPU, "pretrain_global_local.py": PRETRAIN_CPU},
         data={"train_pseudo_label.py": "acdc", "pretrain_global_local.py": "acdc"}, jobs=1,
         baseline={"train_pseudo_label.py": "supervised"}),
@@ -153,11 +156,7 @@ PLANS = {
         "GPU: ACDC 1 labeled patient (2 volumes), Chaitanya et al. 2020 reference settings (192x192, 52 volumes, "
         "G^D, 4 partitions, tau 0.1, lr 1e-3) shortened to 2,000 + 2,000 pre-training and 1,500 + 1,500 "
         "fine-tuning iterations, bf16: random vs pre-trained init, supervised vs pixel pseudo-label, 3 seeds",
-        (_pretrain("pretrain"),
-         _pseudo_label("supervised", "--method", "supervised"),
-         _pseudo_label("pretrained_supervised", "--method", "supervised", init_from="pretrain"),
-         _pseudo_label("pixel", *PIXEL, stage1_from="supervised"),
-         _pseudo_label("pretrained_pixel", *PIXEL, stage1_from="pretrained_supervised", init_from="pretrain")),
+        PRETRAIN_ARMS,
         seeds=(0, 1, 2), common={"train_pseudo_label.py": FINETUNE_GPU, "pretrain_global_local.py": PRETRAIN_GPU},
         data={"train_pseudo_label.py": "acdc", "pretrain_global_local.py": "acdc"}, jobs=8, threads=2,
         baseline={"train_pseudo_label.py": "supervised"}),
