@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -26,3 +28,10 @@ def run_processes(worker, args: tuple, nprocs: int = 2, timeout_s: float = 60) -
         for process in context.processes:
             if process.is_alive():
                 process.terminate()
+
+
+def rank_results(worker, out_dir: str, nprocs: int = 2, **load) -> list:
+    """``worker(rank, port, out_dir)`` on ``nprocs`` processes (:func:`run_processes`), then what each rank
+    saved as ``out_dir/rank{r}.pt``, in rank order (``load``: ``torch.load`` options)."""
+    run_processes(worker, (free_port(), out_dir), nprocs=nprocs)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), **load) for r in range(nprocs)]

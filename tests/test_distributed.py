@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_processes import free_port, run_processes
+from gloo_processes import rank_results
 
 from contrastkit import (
     MemoryQueue,
@@ -141,8 +141,7 @@ def worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
-    run_processes(worker, (free_port(), out_dir), nprocs=WORLD)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return rank_results(worker, out_dir, WORLD)
 
 
 def per_rank_means(per_row, owner):

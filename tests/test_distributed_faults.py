@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_processes import free_port, run_processes
+from gloo_processes import rank_results
 
 from contrastkit import cross_level_contrast, gather_keys, global_contrast, pseudo_label_contrast, supcon_loss
 
@@ -100,21 +100,25 @@ def fault_worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp_faults"))
-    run_processes(fault_worker, (free_port(), out_dir), nprocs=WORLD)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return rank_results(fault_worker, out_dir, WORLD)
+
+
+def _rank0_alone_rank1_zero(results, name, want, leaf):
+    """Rank 0's loss and gradient are ``want``'s, the single-process loss of its own batch (rank 1
+    adds nothing), and rank 1's are exactly 0."""
+    want.backward()
+    loss, grad = results[0]["losses"][name]
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(grad, leaf.grad)
+    loss, grad = results[1]["losses"][name]
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_supcon_with_a_rank_whose_labels_are_all_ignored(results):
     # Rank 1's rows are neither anchors nor keys: rank 0's loss is the one of its own batch.
     data = batch(0)
     (features,) = leaves(data["features"])
-    want = supcon_loss(features, data["labels"], ignore_index=IGNORE)
-    want.backward()
-    loss, grad = results[0]["losses"]["supcon"]
-    torch.testing.assert_close(loss, want.detach())
-    torch.testing.assert_close(grad, features.grad)
-    loss, grad = results[1]["losses"]["supcon"]
-    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    _rank0_alone_rank1_zero(results, "supcon", supcon_loss(features, data["labels"], ignore_index=IGNORE), features)
 
 
 def test_global_contrast_with_a_rank_without_positives(results):
@@ -136,13 +140,7 @@ def test_global_contrast_with_a_rank_without_positives(results):
 def test_pixel_mode_with_an_all_background_rank(results):
     data = batch(0)
     (pixels,) = leaves(data["pixels"])
-    want = pseudo_label_contrast(pixels, data["pixel_labels"], mode="pixel")
-    want.backward()
-    loss, grad = results[0]["losses"]["pixel"]
-    torch.testing.assert_close(loss, want.detach())
-    torch.testing.assert_close(grad, pixels.grad)
-    loss, grad = results[1]["losses"]["pixel"]
-    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    _rank0_alone_rank1_zero(results, "pixel", pseudo_label_contrast(pixels, data["pixel_labels"], mode="pixel"), pixels)
 
 
 @pytest.mark.parametrize("fault, words", [

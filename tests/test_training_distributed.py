@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from gloo_processes import free_port, run_processes
+from gloo_processes import free_port, rank_results, run_processes
 
 from contrastkit.data import TwoStreamBatchSampler
 from contrastkit.segmentation import bce_dice_loss, dice_ce_loss
@@ -104,8 +104,7 @@ def worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp_training"))
-    run_processes(worker, (free_port(), out_dir), nprocs=WORLD)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return rank_results(worker, out_dir, WORLD, weights_only=False)
 
 
 def test_init_distributed_reads_the_torchrun_environment(results):
