@@ -63,14 +63,19 @@ class _ScaledRows(torch.autograd.Function):
                 plain = normalized(x, dim) if temperature is None else normalized(x, dim) / temperature
                 grads = torch.autograd.grad(plain, inputs, grad, create_graph=True, allow_unused=True)
             return grads[0], (grads[1] if temperature is not None else None), None
-        dot = (out * grad).sum(dim=dim, keepdim=True)
-        grad_temperature = None
-        if temperature is not None and ctx.needs_input_grad[1]:
-            grad_temperature = dot.sum().div(temperature).neg()
-        coefficient = dot if temperature is None else dot * temperature.square()
-        if not ctx.needs_input_grad[0]:
-            return None, grad_temperature, None
-        return torch.addcmul(grad, out, coefficient, value=-1).mul_(factor), grad_temperature, None
+        needs_x, needs_t, _ = ctx.needs_input_grad
+        return (*_scaled_rows_backward(grad, out, factor, temperature, dim, needs_x, needs_t), None)
+
+
+def _scaled_rows_backward(grad, out, factor, temperature, dim, needs_x, needs_t):
+    """The gradients of out = x f (f = 1 / (τ sqrt(|x|² + floor²)), τ None for 1) given d out: for x,
+    f (g - out τ² (out·g)); for τ, -Σ (out·g) / τ. None where not needed."""
+    dot = (out * grad).sum(dim=dim, keepdim=True)
+    grad_t = dot.sum().div(temperature).neg() if needs_t and temperature is not None else None
+    if not needs_x:
+        return None, grad_t
+    coefficient = dot if temperature is None else dot * temperature.square()
+    return torch.addcmul(grad, out, coefficient, value=-1).mul_(factor), grad_t
 
 
 def _channel_blocks(x: torch.Tensor, blocks: int) -> tuple[torch.Tensor, int]:
@@ -134,15 +139,10 @@ class _PairedBlocks(torch.autograd.Function):
         if needs_q or needs_t:
             # d q_unit; (B, C, G) = k (B, C, G) @ d_logitsᵀ for maps, (B, G, D) = d_logits @ k for rows
             d_unit = (torch.bmm(k_unit, d_logits.transpose(1, 2)) if dim == 1 else torch.bmm(d_logits, k_unit))
-            dot = (q_unit * d_unit).sum(dim=dim, keepdim=True)
-            if needs_t:
-                grad_t = dot.sum().div(temperature).neg()
-            if needs_q:
-                grad_q = torch.addcmul(d_unit, q_unit, dot * temperature.square(), value=-1).mul_(q_scale)
+            grad_q, grad_t = _scaled_rows_backward(d_unit, q_unit, q_scale, temperature, dim, needs_q, needs_t)
         if needs_k:
             d_unit = (torch.bmm(q_unit, d_logits) if dim == 1 else torch.bmm(d_logits.transpose(1, 2), q_unit))
-            dot = (k_unit * d_unit).sum(dim=dim, keepdim=True)
-            grad_k = torch.addcmul(d_unit, k_unit, dot, value=-1).mul_(k_scale)
+            grad_k, _ = _scaled_rows_backward(d_unit, k_unit, k_scale, None, dim, True, False)
         return grad_q, grad_k, grad_t, None
 
 
