@@ -102,28 +102,39 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved_medians(fns: list[Callable[[], object]], device: str, budget_s: float, min_rounds: int = 3,
-                        max_rounds: int = 15) -> tuple[list[float], int]:
-    """Median seconds of each function, timed in alternating rounds (the order reversed every other
-    round) so that drift on a shared machine falls on all of them alike. One warm-up call each first;
-    as many rounds as fit in ``budget_s`` (within the bounds)."""
-    warm = []
-    for fn in fns:
-        _synchronize(device)
-        start = time.perf_counter()
+def _time_calls(fn: Callable[[], object], calls: int, device: str) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
         fn()
-        _synchronize(device)
-        warm.append(time.perf_counter() - start)
-    rounds = int(min(max_rounds, max(min_rounds, budget_s / max(sum(warm), 1e-6))))
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(fns: list[Callable[[], object]], device: str, budget_s: float, min_rounds: int = 3,
+                        max_rounds: int = 15, sample_s: float = 0.0) -> tuple[list[float], int]:
+    """Median seconds of one call of each function, timed in alternating rounds (the order reversed
+    every other round) so that drift on a shared machine falls on all of them alike. Warm-up calls
+    first; as many rounds as fit in ``budget_s`` (within the bounds). With ``sample_s``, a function
+    whose call is shorter is timed over runs of calls that take about that long: a sample of one
+    sub-millisecond call is mostly timer and scheduler noise."""
+    repeats, sample_total = [], 0.0
+    for fn in fns:
+        seconds = _time_calls(fn, 1, device)  # the warm-up call
+        repeat = 1
+        if seconds < sample_s:
+            # Short: the first call paid for lazy initialisation; size the run on a second one, and
+            # warm up over a whole run.
+            repeat = math.ceil(sample_s / max(_time_calls(fn, 1, device), 1e-9))
+            seconds = _time_calls(fn, repeat, device) / repeat
+        repeats.append(repeat)
+        sample_total += seconds * repeat
+    rounds = int(min(max_rounds, max(min_rounds, budget_s / max(sample_total, 1e-6))))
     samples = [[] for _ in fns]
     for r in range(rounds):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
-            _synchronize(device)
-            start = time.perf_counter()
-            fns[i]()
-            _synchronize(device)
-            samples[i].append(time.perf_counter() - start)
+            samples[i].append(_time_calls(fns[i], repeats[i], device) / repeats[i])
     return [statistics.median(s) for s in samples], rounds
 
 
