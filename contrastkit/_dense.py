@@ -17,7 +17,7 @@ import torch
 
 from ._masks import contributing_rows, inverse_norm, normalized, same_group
 from ._options import InfoNCEOptions, OpInputs
-from ._validation import as_rows, compute_dtype, num_rows
+from ._validation import as_rows, in_compute_dtype, num_rows
 
 
 def block_count(options: InfoNCEOptions, num_queries: int, num_keys: int) -> int | None:
@@ -103,7 +103,8 @@ def _paired_logits(q, k, temperature, channel_dim):
 
 class _PairedBlocks(torch.autograd.Function):
     """Paired views in B blocks (key i the one positive of query i, the keys of its block its
-    candidates): loss_i = logsumexp_j s_ij - s_ii with s the (B, G, G) cosines over τ. The forward
+    candidates): loss_i = logsumexp_j s_ij - s_ii with s the (B, G, G) cosines over τ; each side a
+    (B, C, H, W) map of B images or (B, G, D) / (B, C, G) blocks. The forward
     records nothing and the backward is written out — softmax minus the identity, one batched
     product per side that needs a gradient, the normalisation's backward — because at the sizes
     this path serves (cross-level contrast: 8 images of 25 cells) the call's host time is the cost:
@@ -112,13 +113,18 @@ class _PairedBlocks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, temperature, channel_dim):
+        # Maps of (B, C, H, W) enter as they are and are flattened here, where the view costs autograd nothing.
+        ctx.map_shapes = q.shape if q.dim() == 4 else None, k.shape if k.dim() == 4 else None
+        inputs = q, k, temperature
+        q, k = _flat_map(q), _flat_map(k)
         q_unit, k_unit, q_scale, k_scale, s = _paired_logits(q, k, temperature, channel_dim)
         # loss_i = logsumexp_j s_ij - s_ii = -log_softmax(s)_ii: one fused op (``logsumexp`` takes ten
         # to guard infinite maxima), and its exponential is the softmax the backward needs.
         log_p = torch.log_softmax(s, dim=2)
         ctx.channel_dim = channel_dim
-        ctx.save_for_backward(q, k, temperature, q_unit, k_unit, q_scale, k_scale, log_p)
-        return log_p.diagonal(dim1=1, dim2=2).neg()
+        ctx.save_for_backward(*inputs, q_unit, k_unit, q_scale, k_scale, log_p)
+        # Flat (N,) rows: a reshape outside would be one more node for autograd to run.
+        return log_p.diagonal(dim1=1, dim2=2).neg().reshape(-1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -127,12 +133,14 @@ class _PairedBlocks(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
             with torch.enable_grad():
                 inputs = [t for t, needed in ((q, needs_q), (k, needs_k), (temperature, needs_t)) if needed]
-                plain = _paired_logits(q, k, temperature, dim)[-1]
-                loss = torch.log_softmax(plain, dim=2).diagonal(dim1=1, dim2=2).neg()
+                plain = _paired_logits(_flat_map(q), _flat_map(k), temperature, dim)[-1]
+                loss = torch.log_softmax(plain, dim=2).diagonal(dim1=1, dim2=2).neg().reshape(-1)
                 found = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
             return (next(found) if needs_q else None, next(found) if needs_k else None,
                     next(found) if needs_t else None, None)
-        grad = grad.to(log_p.dtype)  # under autocast the loss's consumer may send a half gradient
+        if grad.dtype != log_p.dtype:  # under autocast the loss's consumer may send a half gradient
+            grad = grad.to(log_p.dtype)
+        grad = grad.reshape(log_p.shape[:2])
         d_logits = log_p.exp().mul_(grad[..., None])  # softmax x grad
         d_logits.diagonal(dim1=1, dim2=2).sub_(grad)
         grad_q = grad_k = grad_t = None
@@ -143,16 +151,29 @@ class _PairedBlocks(torch.autograd.Function):
         if needs_k:
             d_unit = (torch.bmm(q_unit, d_logits) if dim == 1 else torch.bmm(d_logits.transpose(1, 2), q_unit))
             grad_k, _ = _scaled_rows_backward(d_unit, k_unit, k_scale, None, dim, True, False)
+        q_shape, k_shape = ctx.map_shapes
+        if grad_q is not None and q_shape is not None:
+            grad_q = grad_q.view(q_shape)
+        if grad_k is not None and k_shape is not None:
+            grad_k = grad_k.view(k_shape)
         return grad_q, grad_k, grad_t, None
 
 
+def _flat_map(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2) if x.dim() == 4 else x
+
+
 def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Tensor, blocks: int) -> torch.Tensor:
-    """(B, G) paired-view losses of B blocks, normalised rows (see :class:`_PairedBlocks`)."""
-    q, q_dim = _channel_blocks(query.to(compute_dtype(query.dtype)), blocks)
-    k, k_dim = _channel_blocks(key.to(compute_dtype(key.dtype)), blocks)
-    if q_dim != k_dim:  # a map against rows: both as rows
-        q, k = _cells_first(q, q_dim), _cells_first(k, k_dim)
-        q_dim = 2
+    """(N,) paired-view losses of B blocks of G = N / B rows, normalised rows (see :class:`_PairedBlocks`)."""
+    q, k = in_compute_dtype(query), in_compute_dtype(key)
+    if q.dim() == 4 and k.dim() == 4 and q.shape[0] == blocks and k.shape[0] == blocks:
+        q_dim = 1  # maps of B images: the function flattens them
+    else:
+        q, q_dim = _channel_blocks(q, blocks)
+        k, k_dim = _channel_blocks(k, blocks)
+        if q_dim != k_dim:  # a map against rows: both as rows
+            q, k = _cells_first(q, q_dim), _cells_first(k, k_dim)
+            q_dim = 2
     device = q.device.type
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         # Under autocast the products would run in half precision: the loss accumulates in the compute dtype.
@@ -160,14 +181,14 @@ def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Te
             return _paired_blocks(query, key, temperature, blocks)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or temperature.requires_grad):
         return _PairedBlocks.apply(q, k, temperature, q_dim)
-    s = _paired_logits(q, k, temperature, q_dim)[-1]
-    return torch.log_softmax(s, dim=2).diagonal(dim1=1, dim2=2).neg()
+    s = _paired_logits(_flat_map(q), _flat_map(k), temperature, q_dim)[-1]
+    return torch.log_softmax(s, dim=2).diagonal(dim1=1, dim2=2).neg().reshape(-1)
 
 
 def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
     """Rows (along ``dim``) in the compute dtype, L2-normalised (``_masks.normalized``) and divided by
     τ if given, with one per-row scale (τ joins it instead of costing a pass over the rows)."""
-    x = x.to(compute_dtype(x.dtype))
+    x = in_compute_dtype(x)
     if normalize:
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or (temperature is not None and temperature.requires_grad))
@@ -180,19 +201,32 @@ def _scaled(x: torch.Tensor, normalize: bool, temperature: torch.Tensor | None, 
     return x if temperature is None else x / temperature
 
 
+def _paired_without_masks(options: InfoNCEOptions, group_mask: bool) -> bool:
+    """Paired views in which every query has exactly its own key as positive and every key of its
+    block as a candidate (ids are 0..N-1, so none equals a negative ignore_index)."""
+    return options.paired and not group_mask and options.self_key_offset is None and options.ignore_index < 0
+
+
+def takes_paired_blocks(options: InfoNCEOptions, group_mask: bool) -> bool:
+    """Whether the rows are :class:`_PairedBlocks`'s: normalised paired views without masks (``group_mask``:
+    group ids other than equal blocks). Every query is a row and every key a candidate of each query of its
+    block, with logits at most 1/τ, so the rows are finite exactly when the embeddings are (and τ is
+    valid): the loss screens them."""
+    # With one positive, "each_positive" has the same denominator as "all".
+    return options.normalize and options.denominator != "negatives" and _paired_without_masks(options, group_mask)
+
+
 def dense_block_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-query loss (0 where the query does not contribute) and the contributing mask (None when
     every query contributes, which the structure alone shows for paired views)."""
+    if takes_paired_blocks(options, options.blocks is None and inputs.groups is not None):
+        # (info_nce has checked that the blocks divide N and M.)
+        return _paired_blocks(inputs.query, inputs.key, inputs.temperature, options.blocks or 1), None
     n, m = num_rows(inputs.query), num_rows(inputs.key)
     blocks = block_count(options, n, m)
     group_mask = blocks is None and inputs.groups is not None
     denominator, ignore_index, offset = options.denominator, options.ignore_index, options.self_key_offset
-    # Paired views: every query has exactly its own key as positive, and every key of its block as
-    # a candidate (ids are 0..N-1, so none equals a negative ignore_index).
-    paired = options.paired and not group_mask and offset is None and ignore_index < 0
-    if paired and options.normalize and denominator != "negatives":
-        # With one positive, "each_positive" has the same denominator as "all".
-        return _paired_blocks(inputs.query, inputs.key, inputs.temperature, blocks or 1).reshape(n), None
+    paired = _paired_without_masks(options, group_mask)
     q, q_dim = _channel_blocks(inputs.query, blocks or 1)
     k, k_dim = _channel_blocks(inputs.key, blocks or 1)
     q = _scaled(q, options.normalize, inputs.temperature, q_dim)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._options import SHARED
-from ._validation import compute_dtype
+from ._validation import in_compute_dtype
 
 
 def same_group(groups: torch.Tensor, key_groups: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ def normalized(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def prepare(x: torch.Tensor, temperature: torch.Tensor | None, normalize: bool) -> torch.Tensor:
     """Rows in the compute dtype, L2-normalised if asked, optionally pre-scaled by 1/temperature."""
-    x = x.to(compute_dtype(x.dtype))
+    x = in_compute_dtype(x)
     if normalize:
         x = normalized(x)
     if temperature is not None:

@@ -87,6 +87,32 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def in_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in its :func:`compute_dtype` (itself when it is one already, without a dispatched no-op)."""
+    return x if x.dtype == torch.float32 or x.dtype == torch.float64 else x.to(torch.float32)
+
+
+def settings_check(check):
+    """A check of a call's settings, remembered once it passes: settings are a handful of strings,
+    numbers and flags that repeat call after call, and at the papers' sizes re-checking them on
+    every call is a noticeable part of a loss's time. Arguments are compared with their types
+    (``True`` is not ``1``); a check that raises, takes an unhashable or a keyword argument, or runs
+    under ``torch.compile`` is not remembered. For checks that no tensor passes (a tensor would be
+    remembered by identity and kept alive)."""
+    remembered = functools.lru_cache(maxsize=256, typed=True)(check)
+
+    @functools.wraps(check)
+    def checked(*args, **kwargs):
+        if kwargs or torch.compiler.is_compiling():
+            return check(*args, **kwargs)
+        try:
+            return remembered(*args)
+        except TypeError:  # an unhashable argument, or the check's own TypeError, raised again here
+            return check(*args)
+
+    return checked
+
+
 def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
@@ -126,6 +152,11 @@ def check_temperature(temperature) -> float | torch.Tensor:
         if not temperature.is_floating_point():
             raise TypeError(f"temperature must be a floating tensor; got {temperature.dtype}")
         return temperature
+    return _check_number_temperature(temperature)
+
+
+@settings_check
+def _check_number_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a positive real number or a 0-dim floating tensor; "
                         f"got {type(temperature).__name__}")
@@ -180,16 +211,16 @@ def check_embeddings(name: str, x) -> tuple[int, int]:
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype (float32, float64, bfloat16, float16); got {x.dtype}")
-    if x.dim() == 4:
-        n, d = x.shape[0] * x.shape[2] * x.shape[3], x.shape[1]
-    elif x.dim() == 2:
-        n, d = x.shape
+    shape = x.shape
+    if len(shape) == 4:
+        n, d = shape[0] * shape[2] * shape[3], shape[1]
+    elif len(shape) == 2:
+        n, d = shape
     else:
-        raise ValueError(f"{name} must be (N, D) embeddings or a (B, C, H, W) feature map; got shape {tuple(x.shape)}")
-    if n == 0:
-        raise ValueError(f"{name} must hold at least one embedding; got shape {tuple(x.shape)}")
-    if d == 0:
-        raise ValueError(f"{name} must have an embedding size D >= 1; got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be (N, D) embeddings or a (B, C, H, W) feature map; got shape {tuple(shape)}")
+    if not n or not d:
+        raise ValueError(f"{name} must hold at least one embedding; got shape {tuple(shape)}" if not n else
+                         f"{name} must have an embedding size D >= 1; got shape {tuple(shape)}")
     return n, d
 
 
@@ -227,23 +258,30 @@ def check_index_vector(name: str, x, length: int, device: torch.device, what: st
     return x.reshape(length).long()
 
 
-def finite_check(*named: tuple[str, torch.Tensor]):
+def finite_check(*named: tuple[str, torch.Tensor], screen: torch.Tensor | None = None):
     """One value check that the tensors hold no NaN or Inf, as a (flag, message) pair for
     :func:`raise_first_failure`. The flag screens their sums (a NaN or Inf anywhere makes the sum
-    non-finite, and a sum costs a fraction of testing every element, ``x * 0 != 0`` two ops); only
-    when it is set are the elements tested, the culprit named, and a finite overflow let pass."""
-    sums = [x.detach().sum(dtype=compute_dtype(x.dtype)) for _, x in named]
-    total = sums[0]
-    for other in sums[1:]:
-        total = total + other
+    non-finite, and a sum costs a fraction of testing every element, ``x * 0 != 0`` two ops), or
+    ``screen``, a tensor already computed that is finite whenever they are and not when one is not;
+    only when it is set are the elements tested, the culprit named, and a finite overflow let pass."""
+    if screen is not None:
+        total = screen.detach() if screen.dim() == 0 else screen.detach().sum()
+    else:
+        sums = [x.detach().sum(dtype=compute_dtype(x.dtype)) for _, x in named]
+        total = sums[0]
+        for other in sums[1:]:
+            total = total + other
+    return total * 0 != 0, _nonfinite_message(named)
 
+
+def _nonfinite_message(named):
     def message() -> str | None:
         for name, x in named:
             if not bool(torch.isfinite(x).all()):
                 return f"{name} contains NaN or Inf"
         return None
 
-    return total * 0 != 0, message
+    return message
 
 
 def logit_overflow_check(loss: torch.Tensor, query: torch.Tensor, key: torch.Tensor, tau: torch.Tensor):
@@ -291,18 +329,36 @@ _embedding_names: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextV
     "contrastkit_embedding_names", default=("query", "key"))
 
 
-@contextlib.contextmanager
-def embedding_names(query: str, key: str):
+class embedding_names:  # noqa: N801 - used as a context manager, like contextlib's
     """Inside the block, value-check messages of ``info_nce`` call the embeddings by the names the
-    caller's user knows (a loss's ``local_map``), not ``query`` / ``key``."""
-    if torch.compiler.is_compiling():  # dynamo cannot trace a ContextVar; value checks are off then
-        yield
-        return
-    token = _embedding_names.set((query, key))
-    try:
-        yield
-    finally:
-        _embedding_names.reset(token)
+    caller's user knows (a loss's ``local_map``), not ``query`` / ``key``. (A class, not a
+    generator: it is entered on every loss call.)"""
+
+    __slots__ = ("names", "token")
+
+    def __init__(self, query: str, key: str):
+        self.names, self.token = (query, key), None
+
+    def __enter__(self):
+        if not torch.compiler.is_compiling():  # dynamo cannot trace a ContextVar; value checks are off then
+            self.token = _embedding_names.set(self.names)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.token is not None:
+            _embedding_names.reset(self.token)
+            self.token = None
+
+    def __call__(self, function):
+        """As a decorator: every call of ``function`` inside the block (each call its own block)."""
+        names = self.names
+
+        @functools.wraps(function)
+        def named(*args, **kwargs):
+            with embedding_names(*names):
+                return function(*args, **kwargs)
+
+        return named
 
 
 def current_embedding_names() -> tuple[str, str]:
@@ -320,6 +376,7 @@ def check_values(
     key_groups: torch.Tensor | None = None,
     temperature: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    screen: torch.Tensor | None = None,
 ) -> None:
     """Value checks: NaN/Inf embeddings, negative labels other than ignore_index, negative groups
     other than ``SHARED``, a non-positive or non-finite tensor temperature, negative or
@@ -327,8 +384,18 @@ def check_values(
 
     Every test of a device value waits for the device, so all are combined into one
     synchronisation (:func:`raise_first_failure`), the embeddings screened by their sums
-    (:func:`finite_check`); the message naming the culprit is worked out only when one fails.
+    (:func:`finite_check`), or by ``screen``, a result that is finite exactly when they are (the
+    loss of a call in which every embedding enters every row's value); the message naming the
+    culprit is worked out only when one fails.
     """
+    if screen is not None and screen.dim() == 0 and labels is None and key_labels is None and groups is None \
+            and key_groups is None and temperature is None and weights is None:
+        # The one test is of one number: reading it (the call's one sync) costs less than two ops on it.
+        if not math.isfinite(screen.item()):
+            query_name, key_name = current_embedding_names()
+            raise_first_failure([(True, _nonfinite_message([(query_name, query), (key_name, key)]))])
+        return
+
     def bad_labels(x):
         return (x < 0) & (x != ignore_index)
 
@@ -337,7 +404,7 @@ def check_values(
 
     query_name, key_name = current_embedding_names()
     embeddings = [(query_name, query)] + ([] if key is query else [(key_name, key)])
-    checks = [finite_check(*embeddings)]
+    checks = []
     for name, x, bad, twin in (("labels", labels, bad_labels, None), ("key_labels", key_labels, bad_labels, labels),
                                ("groups", groups, bad_groups, None), ("key_groups", key_groups, bad_groups, groups)):
         if x is not None and x is not twin:
@@ -350,4 +417,4 @@ def check_values(
         checks.append((temperature_out_of_range(temperature), lambda: check_temperature_value(temperature)))
     if weights is not None:
         checks.append((~(torch.isfinite(weights) & (weights >= 0)).all(), "weights must be finite and non-negative"))
-    raise_first_failure(checks)
+    raise_first_failure([finite_check(*embeddings, screen=screen)] + checks)

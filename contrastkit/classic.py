@@ -21,6 +21,7 @@ def _global_keys(rows: torch.Tensor, labels: torch.Tensor, gather_distributed: b
     return rows, labels, 0
 
 
+@v.settings_check
 def _check_nt_xent_settings(reduction, gather_distributed, backend) -> None:
     """The settings checks of :func:`nt_xent_loss`, which :class:`NTXentLoss` runs at construction."""
     v.check_choice("reduction", reduction, v.REDUCTIONS)
@@ -63,6 +64,7 @@ def nt_xent_loss(
     )
 
 
+@v.settings_check
 def _check_supcon_settings(denominator, reduction, gather_distributed, backend, labels_format) -> None:
     """The settings checks of :func:`supcon_loss`, which :class:`SupConLoss` runs at construction."""
     check_labels_format(labels_format)
@@ -177,6 +179,7 @@ def sample_locations(batch: int, locations: int, num_patches: int | None, device
     return scores.argsort(dim=1)[:, :num_patches].to(device)
 
 
+@v.settings_check
 def _check_patch_nce_settings(num_patches, gather_distributed, reduction, backend) -> None:
     """The settings checks of :func:`patch_nce_loss`, which :class:`PatchNCELoss` runs at construction."""
     if num_patches is not None and (isinstance(num_patches, bool) or not isinstance(num_patches, int)

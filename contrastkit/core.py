@@ -3,11 +3,13 @@ reduction. The backend that computes it is picked in ``_backends.py``."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _validation as v
 from ._backends import resolve_backend
-from ._dense import dense_logits
+from ._dense import dense_logits, takes_paired_blocks
 from ._options import InfoNCEOptions, OpInputs
 
 
@@ -98,25 +100,23 @@ def info_nce(
         v.check_pair(query, key, dim, key_dim)
     device = query.device
     temperature = v.check_temperature(temperature)
-    v.check_flag("normalize", normalize)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
-    v.check_choice("denominator", denominator, v.DENOMINATORS)
-    v.check_choice("reduction", reduction, v.REDUCTIONS)
-    v.check_choice("backend", backend, v.BACKENDS)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
+    _check_settings(normalize, ignore_index, denominator, reduction, backend, chunk_size)
 
-    labels = v.check_index_vector("labels", labels, n, device, "query")
-    key_labels = v.check_index_vector("key_labels", key_labels, m, device, "key")
+    # (Absent ids skip their checks here: at the papers' sizes every call on this path counts.)
+    if labels is not None:
+        labels = v.check_index_vector("labels", labels, n, device, "query")
+    if key_labels is not None:
+        key_labels = v.check_index_vector("key_labels", key_labels, m, device, "key")
     blocks = None
     if isinstance(groups, int) and not isinstance(groups, bool):
         blocks = _check_blocks(groups, key_groups, n, m)
         groups = None
-    else:
+    elif groups is not None:
         groups = v.check_index_vector("groups", groups, n, device, "query")
-    key_groups = v.check_index_vector("key_groups", key_groups, m, device, "key")
-    weights = v.check_weights(weights, n, device)
+    if key_groups is not None:
+        key_groups = v.check_index_vector("key_groups", key_groups, m, device, "key")
+    if weights is not None:
+        weights = v.check_weights(weights, n, device)
 
     if self_contrast:
         if labels is None:
@@ -148,14 +148,19 @@ def info_nce(
             raise ValueError(f"self_key_offset must lie in [0, M - N] = [0, {m - n}]; got {self_key_offset}")
     tau = v.temperature_tensor(temperature, v.compute_dtype(query.dtype), device)
 
-    if v.value_checks_enabled(device):
-        v.check_values(query, key, labels, key_labels, ignore_index, groups, key_groups,
-                       temperature if isinstance(temperature, torch.Tensor) else None, weights)
-
-    options = InfoNCEOptions(denominator=denominator, normalize=normalize, ignore_index=ignore_index,
-                             self_key_offset=self_key_offset, chunk_size=chunk_size, blocks=blocks,
-                             paired=paired)
+    options = _options(denominator, normalize, ignore_index, self_key_offset, chunk_size, blocks, paired)
     chosen = resolve_backend(backend, query, dim, "info_nce", dense_logits(n, m, options))
+
+    checking = screened = v.value_checks_enabled(device)
+    if checking:
+        value_checks = functools.partial(v.check_values, query, key, labels, key_labels, ignore_index, groups,
+                                         key_groups, temperature if isinstance(temperature, torch.Tensor) else None,
+                                         weights)
+        # Where the loss screens the embeddings (finite exactly when they are) it is checked once
+        # computed: a test of one number instead of a pass over every embedding.
+        screened = chosen.name == "dense" and takes_paired_blocks(options, groups is not None)
+        if not screened:
+            value_checks()
     if paired and chosen.name != "dense":  # the dense path reads paired views from the options
         labels = key_labels = torch.arange(n, device=device)
     if blocks is not None and chosen.name != "dense":
@@ -164,9 +169,31 @@ def info_nce(
         key_groups = torch.arange(m, device=device) // (m // blocks)
     inputs = OpInputs(query, key, labels, key_labels, groups, key_groups, tau)
     loss, valid = chosen.info_nce_rows(inputs, options)
-    if not normalize and v.value_checks_enabled(device):
+    if not normalize and checking:
         v.raise_first_failure([v.logit_overflow_check(loss, query, key, tau)])
-    return reduce_rows(loss, valid, weights, reduction)
+    result = reduce_rows(loss, valid, weights, reduction)
+    if screened:
+        value_checks(screen=result)
+    return result
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _options(denominator, normalize, ignore_index, self_key_offset, chunk_size, blocks, paired) -> InfoNCEOptions:
+    # The same settings recur call after call: one frozen object for each, not one built per call.
+    return InfoNCEOptions(denominator=denominator, normalize=normalize, ignore_index=ignore_index,
+                          self_key_offset=self_key_offset, chunk_size=chunk_size, blocks=blocks, paired=paired)
+
+
+@v.settings_check
+def _check_settings(normalize, ignore_index, denominator, reduction, backend, chunk_size) -> None:
+    v.check_flag("normalize", normalize)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+    v.check_choice("denominator", denominator, v.DENOMINATORS)
+    v.check_choice("reduction", reduction, v.REDUCTIONS)
+    v.check_choice("backend", backend, v.BACKENDS)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
 
 
 def _check_blocks(blocks: int, key_groups, n: int, m: int) -> int:

@@ -68,20 +68,19 @@ def _cells(global_map: torch.Tensor, local_map: torch.Tensor) -> tuple[torch.Ten
     if b == 0 or c == 0 or gh == 0 or gw == 0:
         raise ValueError(f"global_map must not be empty; got shape {tuple(global_map.shape)}")
     _check_same_device_dtype("local_map", local_map, "global_map", global_map)
-    cells = b * gh * gw
-    expected = f"(B, C, gh, gw) = {tuple(global_map.shape)} or (B·gh·gw, C) = ({cells}, {c})"
-    if local_map.dim() == 4 and local_map.shape == global_map.shape:
+    if local_map.shape == global_map.shape:
         return global_map, local_map
-    if (local_map.dim() == 4 and local_map.shape == (cells, c, 1, 1)) or (
-            local_map.dim() == 2 and local_map.shape == (cells, c)):
+    cells = b * gh * gw
+    if local_map.shape == (cells, c, 1, 1) or local_map.shape == (cells, c):
         # The per-patch projections pooled to 1x1, as pool_patches(proj, 1) returns them.
         return global_map, local_map.reshape(cells, c)
     raise ValueError(
-        f"local_map must match global_map's batch, channels and grid: expected {expected}; "
-        f"got shape {tuple(local_map.shape)}"
+        f"local_map must match global_map's batch, channels and grid: expected (B, C, gh, gw) = "
+        f"{tuple(global_map.shape)} or (B·gh·gw, C) = ({cells}, {c}); got shape {tuple(local_map.shape)}"
     )
 
 
+@v.settings_check
 def _check_contrast_settings(negatives, detach_local, symmetric, normalize, gather_distributed, reduction,
                              backend) -> None:
     """The settings checks of :func:`cross_level_contrast`, which :class:`CrossLevelContrast` runs at construction."""
@@ -237,6 +236,7 @@ def _check_activation(activation: str, channels: int) -> None:
                          "and the loss is 0); for 1-channel binary logits pass activation='sigmoid'")
 
 
+@v.settings_check
 def _check_consistency_settings(activation, detach_full, reduction) -> None:
     """The settings checks of :func:`cross_level_consistency`, which :class:`CrossLevelConsistency` runs at
     construction."""

@@ -75,6 +75,7 @@ def _check_ids(z: torch.Tensor, **ids: torch.Tensor) -> list[torch.Tensor]:
     return checked
 
 
+@v.settings_check
 def _check_global_settings(strategy, reduction, gather_distributed, backend) -> None:
     """The settings checks of :func:`global_contrast`, which :class:`GlobalContrast` runs at construction."""
     v.check_choice("strategy", strategy, STRATEGIES)
@@ -173,6 +174,7 @@ def _gd_minus(z, slices, partition_ids, keys, key_partitions, queue, options):
                     **options)
 
 
+@v.settings_check
 def _check_local_settings(region_grid, negatives_per_region, gather_distributed, reduction,
                           backend) -> tuple[int, int]:
     """The settings checks of :func:`local_contrast`, which :class:`LocalContrast` runs at construction;

@@ -7,8 +7,8 @@ import numbers
 import torch
 
 from ._validation import (
-    compute_dtype,
     finite_check,
+    in_compute_dtype,
     plain,
     raise_first_failure,
     value_checks_enabled,
@@ -173,7 +173,7 @@ def pseudo_labels(
     if value_checks_enabled(logits.device):
         raise_first_failure([finite_check(("logits", logits))])
 
-    logits = logits.to(compute_dtype(logits.dtype))
+    logits = in_compute_dtype(logits)
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits[:, 0])
         labels = (p >= 0.5).long()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import contrastkit as ck
+from contrastkit import _validation as v
 from contrastkit._validation import VALUE_CHECKS_ENV, value_checks_enabled
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -142,3 +143,97 @@ def test_plain_turns_tensor_subclasses_into_tensors_on_the_same_data_and_graph()
     assert torch.equal(leaf.grad, torch.tensor([1.0, 2.0, 3.0]))
     x, p = torch.ones(2), torch.nn.Parameter(torch.ones(2))
     assert plain(x) is x and plain(p) is p and plain(None) is None and plain(3) == 3
+
+
+@pytest.mark.parametrize("layout", ["maps", "rows"])
+@pytest.mark.parametrize("side", ["query", "key"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_paired_blocks_are_checked_through_their_loss(layout, side, bad, reduction):
+    """Paired views in blocks (cross-level contrast's call) are value-checked on their loss, not by a pass
+    over the embeddings: a non-finite entry anywhere still names its argument, and huge finite
+    embeddings (whose sums overflow) pass with a finite loss."""
+    g = torch.Generator().manual_seed(hash((layout, side, reduction)) % 2**31)
+    shape = (3, 5, 2, 4) if layout == "maps" else (24, 5)
+    q, k = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    where = tuple(int(torch.randint(0, s, (), generator=g)) for s in shape)
+    (q if side == "query" else k)[where] = bad
+    with ck.value_checks(True), v.embedding_names("global_map", "local_map"):
+        with pytest.raises(ValueError, match=f"^{'global_map' if side == 'query' else 'local_map'} contains NaN"):
+            ck.info_nce(q, k, groups=3, reduction=reduction)
+        huge = torch.randn(shape, generator=g).sign() * 3e38
+        loss = ck.info_nce(huge, huge.flip(0), groups=3, reduction=reduction)
+        assert torch.isfinite(loss).all()
+        torch.testing.assert_close(loss, ck.info_nce(huge.double(), huge.flip(0).double(), groups=3,
+                                                     reduction=reduction, backend="reference").float())
+
+
+def test_paired_blocks_check_temperature_and_weights_by_name():
+    q, k = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    with ck.value_checks(True):
+        for tau in (torch.tensor(0.0), torch.tensor(-0.5), torch.tensor(float("nan"))):
+            with pytest.raises(ValueError, match="temperature must be positive and finite"):
+                ck.info_nce(q, k, groups=4, temperature=tau)
+        with pytest.raises(ValueError, match="weights must be finite and non-negative"):
+            ck.info_nce(q, k, groups=4, weights=torch.tensor([1.0, float("nan")] * 8))
+        with pytest.raises(ValueError, match="weights must be finite and non-negative"):
+            ck.info_nce(q, k, groups=4, weights=-torch.ones(16))
+
+
+def test_a_settings_check_is_remembered_once_it_passes_and_only_then():
+    calls = []
+
+    @v.settings_check
+    def check(flag, choice):
+        calls.append((flag, choice))
+        v.check_flag("flag", flag)
+        v.check_choice("choice", choice, ("a", "b"))
+
+    check(True, "a")
+    check(True, "a")
+    assert calls == [(True, "a")]
+    check(False, "a")
+    assert len(calls) == 2
+    for _ in range(2):  # a failing check is not remembered: it raises every time
+        with pytest.raises(TypeError, match="flag must be a bool"):
+            check(1, "a")  # 1 == True, but a check remembered for True does not pass 1
+        with pytest.raises(ValueError, match="choice must be one of"):
+            check(True, "c")
+    assert len(calls) == 2 + 2 * (2 + 1)  # a TypeError is raised again by a direct call
+    check(True, "".join(["a"]))  # an equal string: remembered
+    assert len(calls) == 8
+    check(True, choice="b")  # keyword calls (module construction) are checked, not remembered
+    check(True, choice="b")
+    assert len(calls) == 10
+
+    @v.settings_check
+    def grid(size):
+        calls.append(size)
+        return tuple(size)
+
+    assert grid([2, 3]) == (2, 3) and grid([2, 3]) == (2, 3)  # unhashable: checked every time
+    assert calls[-2:] == [[2, 3], [2, 3]]
+
+
+def test_embedding_names_as_block_and_decorator_restore_the_names():
+    from contrastkit._validation import current_embedding_names
+
+    assert current_embedding_names() == ("query", "key")
+    with v.embedding_names("a", "b"):
+        with v.embedding_names("c", "d"):
+            assert current_embedding_names() == ("c", "d")
+        assert current_embedding_names() == ("a", "b")
+        with pytest.raises(RuntimeError), v.embedding_names("e", "f"):
+            raise RuntimeError
+        assert current_embedding_names() == ("a", "b")
+    assert current_embedding_names() == ("query", "key")
+
+    @v.embedding_names("outer_q", "outer_k")
+    def named(depth):
+        seen = current_embedding_names()
+        inner = named(depth - 1) if depth else None
+        assert current_embedding_names() == seen
+        return seen, inner
+
+    assert named(2) == (("outer_q", "outer_k"), (("outer_q", "outer_k"), (("outer_q", "outer_k"), None)))
+    assert current_embedding_names() == ("query", "key")
