@@ -77,7 +77,9 @@ def plain(x):
     autograd graph; anything else unchanged. A subclass's ``__torch_function__`` runs on every op it
     meets: MetaTensor's merges the metadata of a batch's images and fails on indices that reorder
     them (``sample_anchors``), and a loss's outputs would come back as subclasses."""
-    if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
+    if type(x) is torch.Tensor:  # the common case first: this runs on every loss call
+        return x
+    if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter):
         return x.as_subclass(torch.Tensor)
     return x
 
