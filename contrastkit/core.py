@@ -4,6 +4,8 @@ reduction. The backend that computes it is picked in ``_backends.py``."""
 from __future__ import annotations
 
 import functools
+import itertools
+from typing import NamedTuple
 
 import torch
 
@@ -90,6 +92,104 @@ def info_nce(
     :func:`contrastkit.value_checks_enabled` says (by default on the CPU, not on CUDA, never
     while ``torch.compile`` traces; :func:`contrastkit.set_value_checks` switches them).
     """
+    plan = _call_plan(query, key, labels, key_labels, groups, key_groups, weights, temperature, normalize,
+                      denominator, ignore_index, reduction, backend, self_key_offset, chunk_size)
+    n, m, options = plan.n, plan.m, plan.options
+    paired, blocks = options.paired, options.blocks
+    device = query.device
+    if labels is not None:
+        labels = labels.reshape(n).long()
+    if key_labels is not None:
+        key_labels = key_labels.reshape(m).long()
+    if blocks is not None:
+        groups = None
+    elif groups is not None:
+        groups = groups.reshape(n).long()
+    if key_groups is not None:
+        key_groups = key_groups.reshape(m).long()
+    if weights is not None:
+        weights = weights.reshape(n)
+    if plan.self_contrast:
+        key, key_labels, key_groups = query, labels, groups
+    elif paired and key_groups is None:
+        key_groups = groups
+    tau = v.temperature_tensor(temperature, v.compute_dtype(query.dtype), device)
+    chosen = resolve_backend(backend, query, plan.dim, "info_nce", dense_logits(n, m, options))
+
+    checking = screened = v.value_checks_enabled(device)
+    if checking:
+        value_checks = functools.partial(v.check_values, query, key, labels, key_labels, ignore_index, groups,
+                                         key_groups, temperature if isinstance(temperature, torch.Tensor) else None,
+                                         weights)
+        # Where the loss screens the embeddings (finite exactly when they are) it is checked once
+        # computed: a test of one number instead of a pass over every embedding.
+        screened = plan.paired_blocks and chosen.name == "dense"
+        if not screened:
+            value_checks()
+    if paired and chosen.name != "dense":  # the dense path reads paired views from the options
+        labels = key_labels = torch.arange(n, device=device)
+    if blocks is not None and chosen.name != "dense":
+        # Only the dense path reads the block structure; the others take it as group ids.
+        groups = torch.arange(n, device=device) // (n // blocks)
+        key_groups = torch.arange(m, device=device) // (m // blocks)
+    inputs = OpInputs(query, key, labels, key_labels, groups, key_groups, tau)
+    loss, valid = chosen.info_nce_rows(inputs, options)
+    if not normalize and checking:
+        v.raise_first_failure([v.logit_overflow_check(loss, query, key, tau)])
+    result = reduce_rows(loss, valid, weights, reduction)
+    if screened:
+        value_checks(screen=result)
+    return result
+
+
+class _Plan(NamedTuple):
+    """What the static checks of one call found: the sizes and the options."""
+
+    n: int
+    m: int
+    dim: int
+    self_contrast: bool
+    options: InfoNCEOptions
+    # The dense path takes the paired-block function, whose loss is finite exactly when the embeddings are.
+    paired_blocks: bool
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 256
+
+
+_SHAPE, _DTYPE, _DEVICE, _NONE = (itertools.repeat(name) for name in ("shape", "dtype", "device", None))
+
+
+def _call_plan(query, key, labels, key_labels, groups, key_groups, weights, temperature, *settings) -> _Plan:
+    """The call's static checks (types, shapes, dtypes, devices, settings and how they combine), run
+    once for each combination of what they read and then remembered: a training loop calls a loss
+    with the same shapes step after step, and at the papers' sizes re-checking them is a visible part
+    of the call's time. A failing check is not remembered; under torch.compile nothing is."""
+    tensors = (query, key, labels, key_labels, groups, key_groups, weights, temperature)
+    if torch.compiler.is_compiling():
+        return _check_call(*tensors, *settings)
+    # What the checks read, built by C-level maps: of the tensor arguments their types, shapes, dtypes
+    # and devices (any other object there fails its check, so is never remembered); of the numbers and
+    # strings their values and types (True is not 1).
+    values = (None if isinstance(groups, torch.Tensor) else groups,
+              None if isinstance(temperature, torch.Tensor) else temperature, *settings)
+    try:
+        signature = (*map(type, tensors), *map(getattr, tensors, _SHAPE, _NONE), *map(getattr, tensors, _DTYPE, _NONE),
+                     *map(getattr, tensors, _DEVICE, _NONE), *values, *map(type, values))
+        plan = _PLANS.get(signature)
+    except TypeError:  # an unhashable argument: checked, with its own error
+        return _check_call(*tensors, *settings)
+    if plan is None:
+        plan = _check_call(*tensors, *settings)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[signature] = plan
+    return plan
+
+
+def _check_call(query, key, labels, key_labels, groups, key_groups, weights, temperature, normalize, denominator,
+                ignore_index, reduction, backend, self_key_offset, chunk_size) -> _Plan:
     query_name, key_name = v.current_embedding_names()
     n, dim = v.check_embeddings(query_name, query)
     self_contrast, paired = key is None, False
@@ -102,21 +202,16 @@ def info_nce(
     temperature = v.check_temperature(temperature)
     _check_settings(normalize, ignore_index, denominator, reduction, backend, chunk_size)
 
-    # (Absent ids skip their checks here: at the papers' sizes every call on this path counts.)
-    if labels is not None:
-        labels = v.check_index_vector("labels", labels, n, device, "query")
-    if key_labels is not None:
-        key_labels = v.check_index_vector("key_labels", key_labels, m, device, "key")
+    labels = v.check_index_vector("labels", labels, n, device, "query")
+    key_labels = v.check_index_vector("key_labels", key_labels, m, device, "key")
     blocks = None
     if isinstance(groups, int) and not isinstance(groups, bool):
         blocks = _check_blocks(groups, key_groups, n, m)
         groups = None
-    elif groups is not None:
+    else:
         groups = v.check_index_vector("groups", groups, n, device, "query")
-    if key_groups is not None:
-        key_groups = v.check_index_vector("key_groups", key_groups, m, device, "key")
-    if weights is not None:
-        weights = v.check_weights(weights, n, device)
+    key_groups = v.check_index_vector("key_groups", key_groups, m, device, "key")
+    v.check_weights(weights, n, device)
 
     if self_contrast:
         if labels is None:
@@ -146,42 +241,10 @@ def info_nce(
             raise TypeError(f"self_key_offset must be an int or None; got {type(self_key_offset).__name__}")
         if not 0 <= self_key_offset <= m - n:
             raise ValueError(f"self_key_offset must lie in [0, M - N] = [0, {m - n}]; got {self_key_offset}")
-    tau = v.temperature_tensor(temperature, v.compute_dtype(query.dtype), device)
 
-    options = _options(denominator, normalize, ignore_index, self_key_offset, chunk_size, blocks, paired)
-    chosen = resolve_backend(backend, query, dim, "info_nce", dense_logits(n, m, options))
-
-    checking = screened = v.value_checks_enabled(device)
-    if checking:
-        value_checks = functools.partial(v.check_values, query, key, labels, key_labels, ignore_index, groups,
-                                         key_groups, temperature if isinstance(temperature, torch.Tensor) else None,
-                                         weights)
-        # Where the loss screens the embeddings (finite exactly when they are) it is checked once
-        # computed: a test of one number instead of a pass over every embedding.
-        screened = chosen.name == "dense" and takes_paired_blocks(options, groups is not None)
-        if not screened:
-            value_checks()
-    if paired and chosen.name != "dense":  # the dense path reads paired views from the options
-        labels = key_labels = torch.arange(n, device=device)
-    if blocks is not None and chosen.name != "dense":
-        # Only the dense path reads the block structure; the others take it as group ids.
-        groups = torch.arange(n, device=device) // (n // blocks)
-        key_groups = torch.arange(m, device=device) // (m // blocks)
-    inputs = OpInputs(query, key, labels, key_labels, groups, key_groups, tau)
-    loss, valid = chosen.info_nce_rows(inputs, options)
-    if not normalize and checking:
-        v.raise_first_failure([v.logit_overflow_check(loss, query, key, tau)])
-    result = reduce_rows(loss, valid, weights, reduction)
-    if screened:
-        value_checks(screen=result)
-    return result
-
-
-@functools.lru_cache(maxsize=256, typed=True)
-def _options(denominator, normalize, ignore_index, self_key_offset, chunk_size, blocks, paired) -> InfoNCEOptions:
-    # The same settings recur call after call: one frozen object for each, not one built per call.
-    return InfoNCEOptions(denominator=denominator, normalize=normalize, ignore_index=ignore_index,
-                          self_key_offset=self_key_offset, chunk_size=chunk_size, blocks=blocks, paired=paired)
+    options = InfoNCEOptions(denominator=denominator, normalize=normalize, ignore_index=ignore_index,
+                             self_key_offset=self_key_offset, chunk_size=chunk_size, blocks=blocks, paired=paired)
+    return _Plan(n, m, dim, self_contrast, options, takes_paired_blocks(options, groups is not None))
 
 
 @v.settings_check

@@ -505,3 +505,42 @@ def test_triton_backend_without_kernels_or_gpu_raises_clearly():
         pytest.skip("the Triton backend can run here")
     with pytest.raises(RuntimeError, match="triton"):
         info_nce(torch.randn(4, 3), labels=torch.tensor([0, 1, 0, 1]), backend="triton")
+
+
+def test_a_remembered_call_plan_still_refuses_what_differs_from_it(monkeypatch):
+    """The static checks are remembered per combination of what they read: a passing call is not
+    re-checked, but any argument that differs in type, shape, dtype or setting is checked afresh and
+    a failing call is never remembered (it raises every time, with the names of its own call)."""
+    from contrastkit import _validation as v
+    from contrastkit import core
+
+    monkeypatch.setattr(core, "_PLANS", {})
+    checked = []
+    check_call = core._check_call
+    monkeypatch.setattr(core, "_check_call", lambda *a: checked.append(a) or check_call(*a))
+    q, lab = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    expected = info_nce(q, labels=lab, temperature=0.2)
+    for _ in range(2):
+        torch.testing.assert_close(info_nce(q.clone(), labels=lab.clone(), temperature=0.2), expected)
+    assert len(checked) == 1
+    refused = [
+        (TypeError, "normalize", dict(labels=lab, temperature=0.2, normalize=1)),  # 1 == True, not a bool
+        (TypeError, "labels", dict(labels=lab.float(), temperature=0.2)),
+        (ValueError, "labels", dict(labels=lab[:4], temperature=0.2)),
+        (ValueError, "temperature", dict(labels=lab, temperature=-0.2)),
+        (ValueError, "reduction", dict(labels=lab, temperature=0.2, reduction="avg")),
+        (ValueError, "groups", dict(labels=lab, temperature=0.2, groups=4)),
+    ]
+    for _ in range(2):
+        for error, name, kwargs in refused:
+            with pytest.raises(error, match=name):
+                info_nce(q, **kwargs)
+    assert len(checked) == 1 + 2 * len(refused)
+    with pytest.raises(TypeError, match="query"):
+        info_nce(q.long(), labels=lab)
+    with v.embedding_names("anchors", "memory"), pytest.raises(ValueError, match="anchors"):
+        info_nce(q[:, None, :], labels=lab, temperature=0.2)  # a failing call names its own arguments
+    # A different but legal combination is checked once, then remembered too.
+    info_nce(q.float(), labels=lab, temperature=0.2)
+    info_nce(q.float(), labels=lab, temperature=0.2)
+    assert len(checked) == 1 + 2 * len(refused) + 3
