@@ -91,11 +91,12 @@ def _cells_first(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
     return x.transpose(1, 2) if channel_dim == 1 else x
 
 
-def _paired_logits(q, k, temperature, channel_dim):
-    """Normalised rows (q divided by τ too), their per-row scales and the (B, G, G) logits."""
-    q_scale = inverse_norm(q, dim=channel_dim)
+def _paired_logits(q, k, temperature, channel_dim, wide=True):
+    """Normalised rows (q divided by τ too), their per-row scales and the (B, G, G) logits (the
+    norms' sums of squares in float64 unless not ``wide``: see ``inverse_norm``)."""
+    q_scale = inverse_norm(q, dim=channel_dim, wide=wide)
     q_scale = q_scale / temperature if torch.is_grad_enabled() else q_scale.div_(temperature)
-    k_scale = inverse_norm(k, dim=channel_dim)
+    k_scale = inverse_norm(k, dim=channel_dim, wide=wide)
     q_unit, k_unit = q * q_scale, k * k_scale
     s = torch.bmm(_cells_first(q_unit, channel_dim), _cells_first(k_unit, channel_dim).transpose(1, 2))
     return q_unit, k_unit, q_scale, k_scale, s
@@ -112,12 +113,12 @@ class _PairedBlocks(torch.autograd.Function):
     differentiated instead."""
 
     @staticmethod
-    def forward(ctx, q, k, temperature, channel_dim):
+    def forward(ctx, q, k, temperature, channel_dim, wide):
         # Maps of (B, C, H, W) enter as they are and are flattened here, where the view costs autograd nothing.
         ctx.map_shapes = q.shape if q.dim() == 4 else None, k.shape if k.dim() == 4 else None
         inputs = q, k, temperature
         q, k = _flat_map(q), _flat_map(k)
-        q_unit, k_unit, q_scale, k_scale, s = _paired_logits(q, k, temperature, channel_dim)
+        q_unit, k_unit, q_scale, k_scale, s = _paired_logits(q, k, temperature, channel_dim, wide)
         # loss_i = logsumexp_j s_ij - s_ii = -log_softmax(s)_ii: one fused op (``logsumexp`` takes ten
         # to guard infinite maxima), and its exponential is the softmax the backward needs.
         log_p = torch.log_softmax(s, dim=2)
@@ -129,7 +130,7 @@ class _PairedBlocks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, temperature, q_unit, k_unit, q_scale, k_scale, log_p = ctx.saved_tensors
-        dim, (needs_q, needs_k, needs_t, _) = ctx.channel_dim, ctx.needs_input_grad
+        dim, (needs_q, needs_k, needs_t, _, _) = ctx.channel_dim, ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: a backward that is itself differentiable
             with torch.enable_grad():
                 inputs = [t for t, needed in ((q, needs_q), (k, needs_k), (temperature, needs_t)) if needed]
@@ -137,7 +138,7 @@ class _PairedBlocks(torch.autograd.Function):
                 loss = torch.log_softmax(plain, dim=2).diagonal(dim1=1, dim2=2).neg().reshape(-1)
                 found = iter(torch.autograd.grad(loss, inputs, grad, create_graph=True))
             return (next(found) if needs_q else None, next(found) if needs_k else None,
-                    next(found) if needs_t else None, None)
+                    next(found) if needs_t else None, None, None)
         if grad.dtype != log_p.dtype:  # under autocast the loss's consumer may send a half gradient
             grad = grad.to(log_p.dtype)
         grad = grad.reshape(log_p.shape[:2])
@@ -156,15 +157,17 @@ class _PairedBlocks(torch.autograd.Function):
             grad_q = grad_q.view(q_shape)
         if grad_k is not None and k_shape is not None:
             grad_k = grad_k.view(k_shape)
-        return grad_q, grad_k, grad_t, None
+        return grad_q, grad_k, grad_t, None, None
 
 
 def _flat_map(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2) if x.dim() == 4 else x
 
 
-def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Tensor, blocks: int) -> torch.Tensor:
-    """(N,) paired-view losses of B blocks of G = N / B rows, normalised rows (see :class:`_PairedBlocks`)."""
+def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Tensor, blocks: int,
+                   wide: bool = True) -> torch.Tensor:
+    """(N,) paired-view losses of B blocks of G = N / B rows, normalised rows (see :class:`_PairedBlocks`;
+    ``wide``: ``InfoNCEOptions.wide_norms``)."""
     q, k = in_compute_dtype(query), in_compute_dtype(key)
     if q.dim() == 4 and k.dim() == 4 and q.shape[0] == blocks and k.shape[0] == blocks:
         q_dim = 1  # maps of B images: the function flattens them
@@ -178,10 +181,10 @@ def _paired_blocks(query: torch.Tensor, key: torch.Tensor, temperature: torch.Te
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         # Under autocast the products would run in half precision: the loss accumulates in the compute dtype.
         with torch.autocast(device, enabled=False):
-            return _paired_blocks(query, key, temperature, blocks)
+            return _paired_blocks(query, key, temperature, blocks, wide)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or temperature.requires_grad):
-        return _PairedBlocks.apply(q, k, temperature, q_dim)
-    s = _paired_logits(_flat_map(q), _flat_map(k), temperature, q_dim)[-1]
+        return _PairedBlocks.apply(q, k, temperature, q_dim, wide)
+    s = _paired_logits(_flat_map(q), _flat_map(k), temperature, q_dim, wide)[-1]
     return torch.log_softmax(s, dim=2).diagonal(dim1=1, dim2=2).neg().reshape(-1)
 
 
@@ -221,7 +224,8 @@ def dense_block_rows(inputs: OpInputs, options: InfoNCEOptions) -> tuple[torch.T
     every query contributes, which the structure alone shows for paired views)."""
     if takes_paired_blocks(options, options.blocks is None and inputs.groups is not None):
         # (info_nce has checked that the blocks divide N and M.)
-        return _paired_blocks(inputs.query, inputs.key, inputs.temperature, options.blocks or 1), None
+        return _paired_blocks(inputs.query, inputs.key, inputs.temperature, options.blocks or 1,
+                              options.wide_norms), None
     n, m = num_rows(inputs.query), num_rows(inputs.key)
     blocks = block_count(options, n, m)
     group_mask = blocks is None and inputs.groups is not None

@@ -30,12 +30,23 @@ def overflow_scale(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x.detach().abs().sum(dim=dim, keepdim=True, dtype=dtype).clamp_(1.0, torch.finfo(dtype).max)
 
 
-def inverse_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+def inverse_norm(x: torch.Tensor, dim: int = -1, wide: bool = True) -> torch.Tensor:
     """1 / sqrt(|x|² + floor²) along ``dim`` (keepdim), in x's dtype, the squares summed in float64:
     float32 squares overflow from norms of ~1e19 (the row would normalise to 0 and lose its
     gradient) and underflow below ~1e-23; float64 holds both ends of every finite float32 row, in
     fewer ops than rescaling the row first. MPS has no float64: there the row is divided by
-    max(1, Σ|x|) before squaring, which keeps its sum of squares at most 1."""
+    max(1, Σ|x|) before squaring, which keeps its sum of squares at most 1.
+
+    ``wide=False`` sums in x's own dtype instead (the widened copy of every row is most of this
+    function's time) and gives NaN, not 0, for a row whose squares overflow it, so that a result
+    computed from it is not finite: only for a call whose result is tested for that and recomputed
+    wide (``InfoNCEOptions.wide_norms``). Squares that underflow lie far below the floor."""
+    if not wide:
+        squares = x.square().sum(dim=dim, keepdim=True)
+        # + squares·0 is 0 where the sum is finite and NaN where it overflowed.
+        if torch.is_grad_enabled() and x.requires_grad:
+            return squares.add(NORM_FLOOR_SQUARED).rsqrt().add(squares, alpha=0)
+        return squares.add(NORM_FLOOR_SQUARED).rsqrt_().add_(squares, alpha=0)
     if x.device.type == "mps" and x.dtype != torch.float64:
         scale = overflow_scale(x, dim).to(x.dtype)
         return (x / scale).square().sum(dim=dim, keepdim=True).add(NORM_FLOOR_SQUARED).rsqrt() / scale

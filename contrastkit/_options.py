@@ -40,6 +40,10 @@ class InfoNCEOptions:
     # Structure known without reading values (no device sync), for the dense path:
     blocks: int | None = None  # the groups are this many equal, contiguous blocks of queries and of keys
     paired: bool = False  # labels=None with a key: key i is the one positive of query i
+    # Sums of squares for the L2 norms in float64 (rows of any finite norm). False, on the dense path's
+    # paired blocks only: in the compute dtype, a row that overflows it making the loss NaN; info_nce
+    # asks for that only when it tests the loss and recomputes such a call wide.
+    wide_norms: bool = True
 
     def encode(self) -> str:
         """One string for a custom op's schema (which cannot take a Python object)."""

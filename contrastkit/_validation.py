@@ -379,10 +379,11 @@ def check_values(
     temperature: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     screen: torch.Tensor | None = None,
-) -> None:
+) -> bool:
     """Value checks: NaN/Inf embeddings, negative labels other than ignore_index, negative groups
     other than ``SHARED``, a non-positive or non-finite tensor temperature, negative or
-    non-finite weights.
+    non-finite weights. Returns False when ``screen`` is not finite although every check holds
+    (the caller recomputes it), else True.
 
     Every test of a device value waits for the device, so all are combined into one
     synchronisation (:func:`raise_first_failure`), the embeddings screened by their sums
@@ -393,10 +394,11 @@ def check_values(
     if screen is not None and screen.dim() == 0 and labels is None and key_labels is None and groups is None \
             and key_groups is None and temperature is None and weights is None:
         # The one test is of one number: reading it (the call's one sync) costs less than two ops on it.
-        if not math.isfinite(screen.item()):
-            query_name, key_name = current_embedding_names()
-            raise_first_failure([(True, _nonfinite_message([(query_name, query), (key_name, key)]))])
-        return
+        if math.isfinite(screen.item()):
+            return True
+        query_name, key_name = current_embedding_names()
+        raise_first_failure([(True, _nonfinite_message([(query_name, query), (key_name, key)]))])
+        return False
 
     def bad_labels(x):
         return (x < 0) & (x != ignore_index)
@@ -419,4 +421,14 @@ def check_values(
         checks.append((temperature_out_of_range(temperature), lambda: check_temperature_value(temperature)))
     if weights is not None:
         checks.append((~(torch.isfinite(weights) & (weights >= 0)).all(), "weights must be finite and non-negative"))
-    raise_first_failure([finite_check(*embeddings, screen=screen)] + checks)
+    finite, finite_message = finite_check(*embeddings, screen=screen)
+    held = True
+
+    def named_or_not_held():
+        nonlocal held
+        text = finite_message()
+        held = screen is None or text is not None  # a message raises; none: the screen alone failed
+        return text
+
+    raise_first_failure([(finite, named_or_not_held)] + checks)
+    return held

@@ -3,6 +3,7 @@ reduction. The backend that computes it is picked in ``_backends.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from typing import NamedTuple
@@ -122,9 +123,13 @@ def info_nce(
                                          key_groups, temperature if isinstance(temperature, torch.Tensor) else None,
                                          weights)
         # Where the loss screens the embeddings (finite exactly when they are) it is checked once
-        # computed: a test of one number instead of a pass over every embedding.
-        screened = plan.paired_blocks and chosen.name == "dense"
-        if not screened:
+        # computed: a test of one number instead of a pass over every embedding. Tested anyway, it
+        # also lets the norms be summed in the compute dtype (no widened copy of the rows): a row
+        # that overflows it makes the loss NaN, and the call is run once more with float64 sums.
+        screened = plan.screened_options is not None and chosen.name == "dense"
+        if screened:
+            options = plan.screened_options
+        else:
             value_checks()
     if paired and chosen.name != "dense":  # the dense path reads paired views from the options
         labels = key_labels = torch.arange(n, device=device)
@@ -137,8 +142,9 @@ def info_nce(
     if not normalize and checking:
         v.raise_first_failure([v.logit_overflow_check(loss, query, key, tau)])
     result = reduce_rows(loss, valid, weights, reduction)
-    if screened:
-        value_checks(screen=result)
+    if screened and not value_checks(screen=result):  # finite embeddings, rows too long for the compute dtype
+        loss, valid = chosen.info_nce_rows(inputs, plan.options)
+        result = reduce_rows(loss, valid, weights, reduction)
     return result
 
 
@@ -150,8 +156,9 @@ class _Plan(NamedTuple):
     dim: int
     self_contrast: bool
     options: InfoNCEOptions
-    # The dense path takes the paired-block function, whose loss is finite exactly when the embeddings are.
-    paired_blocks: bool
+    # Where the dense path takes the paired-block function, whose loss is finite exactly when the
+    # embeddings are: the options of a call whose loss is tested (norms summed in the compute dtype).
+    screened_options: InfoNCEOptions | None
 
 
 _PLANS: dict[tuple, _Plan] = {}
@@ -244,7 +251,9 @@ def _check_call(query, key, labels, key_labels, groups, key_groups, weights, tem
 
     options = InfoNCEOptions(denominator=denominator, normalize=normalize, ignore_index=ignore_index,
                              self_key_offset=self_key_offset, chunk_size=chunk_size, blocks=blocks, paired=paired)
-    return _Plan(n, m, dim, self_contrast, options, takes_paired_blocks(options, groups is not None))
+    screened = dataclasses.replace(options, wide_norms=False) if takes_paired_blocks(options, groups is not None) \
+        else None
+    return _Plan(n, m, dim, self_contrast, options, screened)
 
 
 @v.settings_check

@@ -227,3 +227,70 @@ def test_paired_blocks_under_autocast_accumulate_in_float32():
     torch.testing.assert_close(got, want)
     got_grad = torch.autograd.grad(got, query, torch.ones_like(got, dtype=torch.bfloat16))[0]
     torch.testing.assert_close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_norms_summed_narrow_match_wide_and_turn_overflow_into_nan(dim):
+    """inverse_norm(wide=False) sums the squares in the rows' own dtype: the same scales as the float64
+    sums for rows of norms 1e-20 to 1e18, NaN (never 0) exactly for rows whose squares overflow float32,
+    and a gradient (float64, the differentiable branch) that gradcheck accepts."""
+    from contrastkit._masks import inverse_norm
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 7, 5, generator=g)
+    row_shape = (3, 1, 5) if dim == 1 else (3, 7, 1)
+    exponents = torch.empty(row_shape).uniform_(-20, 18, generator=g)
+    too_long = torch.rand(row_shape, generator=g) < 0.3
+    exponents = torch.where(too_long, torch.empty(row_shape).uniform_(21, 37, generator=g), exponents)
+    x = x * 10.0 ** exponents
+    assert torch.isfinite(x).all()
+    wide, narrow = inverse_norm(x, dim), inverse_norm(x, dim, wide=False)
+    overflow = (x.double().square().sum(dim=dim, keepdim=True) > torch.finfo(torch.float32).max)
+    assert overflow.any() and (~overflow).any()
+    assert torch.equal(narrow.isnan(), overflow)
+    torch.testing.assert_close(narrow[~overflow], wide[~overflow], rtol=2e-6, atol=0)
+    x64 = torch.randn(2, 4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: inverse_norm(t, dim, wide=False), (x64,))
+    torch.testing.assert_close(inverse_norm(x64, dim, wide=False), inverse_norm(x64, dim))
+
+
+@pytest.mark.parametrize("layout", ["maps", "rows"])
+def test_a_screened_call_sums_norms_narrow_and_recomputes_rows_too_long_for_them(monkeypatch, layout):
+    """With value checks on, paired blocks sum their norms in float32 and test the loss; a finite row
+    whose squares overflow float32 makes that loss NaN and the call is computed again with float64
+    sums: value and gradient equal the float64 reference. With checks off the sums are float64 at once."""
+    from contrastkit import _dense, value_checks
+
+    widths = []
+    original = _dense.inverse_norm
+    monkeypatch.setattr(_dense, "inverse_norm",
+                        lambda x, dim=-1, wide=True: widths.append(wide) or original(x, dim, wide))
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(4, 6, 3, 3, generator=g), torch.randn(4, 6, 3, 3, generator=g)
+    if layout == "rows":
+        q, k = (x.permute(0, 2, 3, 1).reshape(-1, 6) for x in (q, k))
+
+    def loss_and_grad(query, key, **kwargs):
+        leaf = query.detach().clone().requires_grad_()
+        loss = info_nce(leaf, key, groups=4, temperature=0.1, **kwargs)
+        loss.backward()
+        return loss.detach(), leaf.grad
+
+    def agrees(query, key):
+        got = loss_and_grad(query, key)
+        want = loss_and_grad(query.double(), key.double(), backend="reference")
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-6)
+
+    with value_checks(True):
+        agrees(q, k)
+        assert widths == [False, False]
+        q_long = q.clone()
+        (q_long[2, :, 1, 0] if layout == "maps" else q_long[13]).mul_(1e30)
+        widths.clear()
+        agrees(q_long, k)
+        assert widths == [False, False, True, True]
+    widths.clear()
+    with value_checks(False):
+        agrees(q_long, k)
+    assert widths == [True, True]

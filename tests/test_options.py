@@ -23,6 +23,7 @@ FIELD_VALUES = {
     "chunk_size": st.none() | st.integers(1, 1 << 20),
     "blocks": st.none() | st.integers(1, 1 << 20),
     "paired": st.booleans(),
+    "wide_norms": st.booleans(),
 }
 
 
@@ -88,8 +89,10 @@ VARIATIONS = {
 @pytest.mark.parametrize("field", list(VARIATIONS))
 def test_every_option_reaches_every_backend(field):
     # chunk_size is the torch backend's alone (tested below); blocks and paired are structure
-    # that info_nce derives from its arguments (tests/test_dense.py).
-    assert set(VARIATIONS) | {"chunk_size", "blocks", "paired"} == {f.name for f in dataclasses.fields(InfoNCEOptions)}
+    # that info_nce derives from its arguments, and wide_norms the dense paired blocks' alone, set by
+    # info_nce for a call whose loss it tests (tests/test_dense.py).
+    assert set(VARIATIONS) | {"chunk_size", "blocks", "paired", "wide_norms"} == {
+        f.name for f in dataclasses.fields(InfoNCEOptions)}
     case = _case()
     case["key"][3:16] = case["query"]  # keys 3.. are the queries, as self_key_offset=3 says
     case["key_labels"][3:16] = case["labels"]
