@@ -11,9 +11,11 @@
 #                           kernels and the baseline's ($OLD_COMMIT) beside them
 #     kernels-side-by-side  the benchmark sweep at N = 16,384 (dense eager, torch.compile, PML, chunked torch,
 #                           triton), SupCon bf16 D = 128, forward + backward with peak memory
-#   dispatch     after the kernels, before the long sweeps (at most 5 minutes): crossover.py --device cuda (dense
+#   dispatch     after the kernels, before the long sweeps (at most 6.5 minutes): crossover.py --device cuda (dense
 #                path against the kernels by logits per call, bf16 and fp32: what DENSE_MAX_LOGITS["cuda"] is set
-#                from), then the seed-size table (each loss module at its paper's size against its eager form)
+#                from), the seed-size table (each loss module at its paper's size against its eager form), then
+#                step_share.py (each example's training step at its preset's size with and without its
+#                contrastive loss: the loss's share of the step, target at most 10%)
 #   tests        pytest tests/kernels, kernels compiled for the GPU (the -m gpu set included)
 #   tune         benchmarks/tune_blocks.py: tile shapes of the four kernels
 #   smoke        a one-size slice of the benchmark sweep (checks the GPU harness quickly)
@@ -126,14 +128,17 @@ for step in $STEPS; do
     baseline)
         baseline_tree && echo "baseline kernels of $OLD_COMMIT in $OLD_TREE"
         ;;
-    dispatch)  # results land in $OUT: crossover-*.{md,json}, seed-sizes-*.{md,json}
+    dispatch)  # results land in $OUT: crossover-*.{md,json}, seed-sizes-*.{md,json}, step-share-*.{md,json}
         if [ "$DRY_RUN" = 1 ]; then
             TAIL=20 run_step crossover 120 $PY -m benchmarks.crossover --device cuda --dry-run --out "$OUT"
             TAIL=20 run_step seed-sizes 120 $PY -m benchmarks.test_seed_sizes -k cross_level-8 --budget-s 0.1 \
                 --out "$OUT"
+            TAIL=10 run_step step-share 120 $PY -m benchmarks.step_share --device cpu --scale quick --budget-s 0.1 \
+                --out "$OUT"
         else
             TAIL=40 run_step crossover 200 $PY -m benchmarks.crossover --device cuda --budget-s 160 --out "$OUT"
             TAIL=30 run_step seed-sizes 100 $PY -m benchmarks.test_seed_sizes --device cuda --out "$OUT"
+            TAIL=10 run_step step-share 90 $PY -m benchmarks.step_share --device cuda --budget-s 25 --out "$OUT"
         fi
         ;;
     tests)
