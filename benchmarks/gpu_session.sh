@@ -130,7 +130,8 @@ for step in $STEPS; do
         ;;
     dispatch)  # results land in $OUT: crossover-*.{md,json}, seed-sizes-*.{md,json}, step-share-*.{md,json}
         if [ "$DRY_RUN" = 1 ]; then
-            TAIL=20 run_step crossover 120 $PY -m benchmarks.crossover --device cuda --dry-run --out "$OUT"
+            TAIL=20 run_step crossover 120 $PY -m benchmarks.crossover --device cuda --dry-run --budget-s 50 \
+                --out "$OUT"
             TAIL=20 run_step seed-sizes 120 $PY -m benchmarks.test_seed_sizes -k cross_level-8 --budget-s 0.1 \
                 --out "$OUT"
             TAIL=10 run_step step-share 120 $PY -m benchmarks.step_share --device cpu --scale quick --budget-s 0.1 \

@@ -32,9 +32,10 @@ def _require_kernels():
 
 
 # Options the kernels do not read: the torch backend's chunk size, and the dense path's block
-# structure (the core op has turned int groups into group ids by the time the kernels run) and
-# paired views (their labels are ids by then).
-NOT_FOR_KERNELS = ("chunk_size", "blocks", "paired")
+# structure (the core op has turned int groups into group ids by the time the kernels run), paired
+# views (their labels are ids by then) and the width of its paired blocks' norms (the kernels scale
+# each row against overflow instead, below).
+NOT_FOR_KERNELS = ("chunk_size", "blocks", "paired", "wide_norms")
 
 
 def _overflow_safe_rows(x: torch.Tensor) -> torch.Tensor:

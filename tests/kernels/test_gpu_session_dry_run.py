@@ -55,3 +55,18 @@ def test_old_kernels_are_timed_from_a_baseline_tree(tmp_path):
     rows = json.loads((tmp_path / "kernel_times.json").read_text())["rows"]
     assert {r["tree"] for r in rows} == {"new", "old"} and all(r.get("ms", 0) > 0 for r in rows)
     assert "| supcon_all | 96 | fwd+bwd |" in (tmp_path / "kernel_times.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+def test_dispatch_part_dry_run(tmp_path):
+    """`gpu_session.sh dispatch`: the crossover sweep through the interpreter, the seed-size table and the
+    examples' step shares, each step within its limit and each writing its results."""
+    proc = run("bash", "benchmarks/gpu_session.sh", "dispatch",
+               env=dict(OUT=str(tmp_path), DRY_RUN="1", PYTHON=sys.executable))
+    log = (tmp_path / "session.log").read_text()
+    for step in ("crossover", "seed-sizes", "step-share"):
+        assert f"=== {step}: exit 0" in log, proc.stdout[-3000:]
+    for stem in ("crossover-", "seed-sizes-", "step-share-"):
+        assert list(tmp_path.glob(f"{stem}*.json")), stem
+    (shares,) = tmp_path.glob("step-share-*.json")
+    assert [r["case"] for r in json.loads(shares.read_text())["rows"]] == ["clcc-kvasir", "ssl4mis-acdc"]
