@@ -291,10 +291,9 @@ def gpu_dispatch():
             return kernels.supports(x.dtype, size)
         return x.dtype in kernels.KERNEL_DTYPES
 
-    cuda_limit = _backends.DENSE_MAX_LOGITS["cuda"]
     saved_limit, saved_triton = _backends.dense_max_logits, _backends.BACKEND_TABLE["triton"]
     saved_env = os.environ.get("TRITON_INTERPRET")
-    _backends.dense_max_logits = lambda device: cuda_limit
+    _backends.dense_max_logits = lambda device, blocked=False: saved_limit(torch.device("cuda"), blocked)
     _backends.BACKEND_TABLE["triton"] = saved_triton._replace(supports=supports)
     os.environ["TRITON_INTERPRET"] = "1"  # the launchers' device check lets CPU tensors through
     try:

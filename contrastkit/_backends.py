@@ -7,6 +7,7 @@ backend       what it is                                                        
 reference     dense, autograd; the specification (``_reference.py``)              never
 dense         dense and lean: (B, Gq, Gk) logits by batched products when the     up to
               groups are B equal blocks, one (N, M) block otherwise               ``DENSE_MAX_LOGITS``
+                                                                                  (blocks: ``DENSE_MAX_BLOCK_LOGITS``)
 torch         chunked: query blocks against all keys, closed-form backward        larger, off CUDA
 triton        the fused kernels (``kernels/``, through ``_triton.py``)            larger, on CUDA
 ============  =================================================================  ==============
@@ -41,6 +42,12 @@ from ._validation import BACKENDS, check_choice
 # 27 launches (19 device ops and 8 Triton kernels, ~0.15 ms of host time) beside its tile loops, the
 # dense path about 80 ps a logit (~30 ops over fp32 logits at ~3 TB/s), so they cross near 2^21.
 DENSE_MAX_LOGITS = {"cpu": 1 << 21, "cuda": 1 << 21}
+# The same for calls whose groups are B equal blocks (per-image negatives, prototype mode): B small
+# products stay ahead of the chunked path far longer. CPU, the same sweep: the prototype shape is at
+# parity near 2^23 (0.82x at 2^22, 1.01x at 2^23, 0.83x at 2^24, with less memory than the chunked
+# path there), paired blocks beyond 2^26.9; the smaller, 2^23, is the limit. CUDA: the estimate above
+# until a GPU session measures it.
+DENSE_MAX_BLOCK_LOGITS = {"cpu": 1 << 23, "cuda": 1 << 21}
 _DEFAULT_DENSE_MAX_LOGITS = 1 << 22
 
 
@@ -70,15 +77,17 @@ BACKEND_TABLE = {
 }
 
 
-def dense_max_logits(device: torch.device) -> int:
-    return DENSE_MAX_LOGITS.get(device.type, _DEFAULT_DENSE_MAX_LOGITS)
+def dense_max_logits(device: torch.device, blocked: bool = False) -> int:
+    return (DENSE_MAX_BLOCK_LOGITS if blocked else DENSE_MAX_LOGITS).get(device.type, _DEFAULT_DENSE_MAX_LOGITS)
 
 
-def resolve_backend(backend: str, x: torch.Tensor, size: int, operation: str, logits: int | None = None) -> Backend:
+def resolve_backend(backend: str, x: torch.Tensor, size: int, operation: str, logits: int | None = None,
+                    blocked: bool = False) -> Backend:
     """The backend that runs ``operation`` on ``x``: the named one, or for ``"auto"``
 
     * the dense path when the call forms at most ``DENSE_MAX_LOGITS[device]`` logits
-      (``logits``: how many the dense path would form; ``None`` for operations without one);
+      (``logits``: how many the dense path would form; ``None`` for operations without one), or
+      ``DENSE_MAX_BLOCK_LOGITS[device]`` when it forms them in equal blocks (``blocked``);
     * else the Triton kernels when they take ``x`` (CUDA, a kernel dtype, a supported size);
     * else the chunked torch path.
 
@@ -88,7 +97,7 @@ def resolve_backend(backend: str, x: torch.Tensor, size: int, operation: str, lo
     check_choice("backend", backend, BACKENDS)
     if backend != "auto":
         return BACKEND_TABLE[backend]
-    if logits is not None and logits <= dense_max_logits(x.device):
+    if logits is not None and logits <= dense_max_logits(x.device, blocked):
         return BACKEND_TABLE["dense"]
     triton = BACKEND_TABLE["triton"]
     return triton if triton.supports(operation, x, size) else BACKEND_TABLE["torch"]

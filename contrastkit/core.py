@@ -12,7 +12,7 @@ import torch
 
 from . import _validation as v
 from ._backends import resolve_backend
-from ._dense import dense_logits, takes_paired_blocks
+from ._dense import block_count, dense_logits, takes_paired_blocks
 from ._options import InfoNCEOptions, OpInputs
 
 
@@ -115,7 +115,7 @@ def info_nce(
     elif paired and key_groups is None:
         key_groups = groups
     tau = v.temperature_tensor(temperature, v.compute_dtype(query.dtype), device)
-    chosen = resolve_backend(backend, query, plan.dim, "info_nce", dense_logits(n, m, options))
+    chosen = resolve_backend(backend, query, plan.dim, "info_nce", plan.dense_logits, blocked=plan.blocked)
 
     checking = screened = v.value_checks_enabled(device)
     if checking:
@@ -156,6 +156,8 @@ class _Plan(NamedTuple):
     dim: int
     self_contrast: bool
     options: InfoNCEOptions
+    dense_logits: int  # how many logits the dense path forms
+    blocked: bool  # ... in equal blocks
     # Where the dense path takes the paired-block function, whose loss is finite exactly when the
     # embeddings are: the options of a call whose loss is tested (norms summed in the compute dtype).
     screened_options: InfoNCEOptions | None
@@ -253,7 +255,8 @@ def _check_call(query, key, labels, key_labels, groups, key_groups, weights, tem
                              self_key_offset=self_key_offset, chunk_size=chunk_size, blocks=blocks, paired=paired)
     screened = dataclasses.replace(options, wide_norms=False) if takes_paired_blocks(options, groups is not None) \
         else None
-    return _Plan(n, m, dim, self_contrast, options, screened)
+    return _Plan(n, m, dim, self_contrast, options, dense_logits(n, m, options),
+                 block_count(options, n, m) is not None, screened)
 
 
 @v.settings_check

@@ -7,7 +7,7 @@ import torch
 
 import contrastkit._backends as backends
 from contrastkit import info_nce
-from contrastkit._backends import DENSE_MAX_LOGITS, resolve_backend
+from contrastkit._backends import DENSE_MAX_BLOCK_LOGITS, DENSE_MAX_LOGITS, resolve_backend
 
 
 class Cuda:
@@ -26,6 +26,10 @@ def test_auto_takes_dense_up_to_the_crossover_on_each_side(monkeypatch):
     limit = DENSE_MAX_LOGITS["cpu"]
     assert resolve_backend("auto", cpu, 128, "info_nce", limit).name == "dense"
     assert resolve_backend("auto", cpu, 128, "info_nce", limit + 1).name == "torch"
+    blocks = DENSE_MAX_BLOCK_LOGITS["cpu"]
+    assert blocks > limit  # measured: B small products stay ahead longer
+    assert resolve_backend("auto", cpu, 128, "info_nce", blocks, blocked=True).name == "dense"
+    assert resolve_backend("auto", cpu, 128, "info_nce", blocks + 1, blocked=True).name == "torch"
     assert resolve_backend("auto", cpu, 128, "pool_patches").name == "torch"
     monkeypatch.setattr(kernels, "available", lambda: True)
     limit = DENSE_MAX_LOGITS["cuda"]
@@ -64,8 +68,8 @@ def _chosen(monkeypatch):
     chosen = []
     original = backends.resolve_backend
 
-    def spy(*args):
-        backend = original(*args)
+    def spy(*args, **kwargs):
+        backend = original(*args, **kwargs)
         chosen.append((backend.name, args[-1]))
         return backend
 
@@ -83,13 +87,16 @@ def test_info_nce_counts_the_logits_of_the_block_structure(monkeypatch):
 
 
 def test_auto_leaves_the_dense_path_above_the_crossover(monkeypatch):
-    monkeypatch.setitem(DENSE_MAX_LOGITS, "cpu", 8 * 8 * 8)
+    # Block calls have a crossover of their own; the unblocked one does not move them.
+    monkeypatch.setitem(DENSE_MAX_BLOCK_LOGITS, "cpu", 8 * 8 * 8)
+    monkeypatch.setitem(DENSE_MAX_LOGITS, "cpu", 8 * 8 * 8 - 1)
     chosen = _chosen(monkeypatch)
     x = torch.randn(64, 8, dtype=torch.float64)
     blocked = info_nce(x, x.flip(0), groups=8)
     ids = info_nce(x, x.flip(0), groups=torch.arange(64) // 8)
     # Above the crossover the int groups reach the chunked path as ids, with the same value.
-    monkeypatch.setitem(DENSE_MAX_LOGITS, "cpu", 8 * 8 * 8 - 1)
+    monkeypatch.setitem(DENSE_MAX_BLOCK_LOGITS, "cpu", 8 * 8 * 8 - 1)
+    monkeypatch.setitem(DENSE_MAX_LOGITS, "cpu", 8 * 8 * 8)
     chunked = info_nce(x, x.flip(0), groups=8)
     assert [name for name, _ in chosen] == ["dense", "torch", "torch"]
     torch.testing.assert_close(blocked, ids)
