@@ -6,7 +6,8 @@
 
 One training step of each example pipeline at its preset's size — zero_grad, the model's forward
 pass(es), every loss, backward, the optimizer step — timed with its contrastive loss and without it
-(alternating rounds, medians): the difference is what the loss costs the step. ``clcc-kvasir``:
+(alternating rounds, medians): the difference is what the loss costs the step, the backward of the
+projection head included (only the contrastive loss reads the head). ``clcc-kvasir``:
 ``examples/train_cross_level.py``'s joint step (full image and patches through the U-Net,
 supervised BCE + Dice, ``CrossLevelContrast``, ``CrossLevelConsistency``); ``ssl4mis-acdc``:
 ``examples/train_pseudo_label.py``'s stage-2 step (U-Net with its projection head, Dice + CE on the
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         stem.with_suffix(".md").write_text(
             f"# The contrastive loss's share of a training step — {facts['device']}, {facts['date']}\n\n"
             f"- commit {facts['commit']}; scale {args.scale}; medians of alternating rounds; target on a GPU: "
-            f"at most {TARGET_SHARE:.0%}\n\n" + table(rows))
+            f"at most {TARGET_SHARE:.0%}\n- the share is the loss and the backward of the projection head it "
+            f"alone reads\n" + (f"- {facts['note']}\n" if facts.get("note") else "") + "\n" + table(rows))
         print(f"written: {stem}.md and .json")
     return 0
 
