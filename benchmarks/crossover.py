@@ -54,6 +54,15 @@ KEYS_PER_BLOCK = 8  # prototype shape: 4 classes' means of the image and of its 
 
 # --- peak memory in a fresh subprocess (also used by test_seed_sizes.py) -------------------------
 
+def run_probe(module: str, flag: str, spec: dict, timeout: float, **env) -> tuple[subprocess.CompletedProcess, list]:
+    """``python -m <module> <flag> '<spec>'`` in a fresh process (this tree importable, ``env`` added):
+    the finished process and the JSON objects it printed, one a line."""
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    proc = subprocess.run([sys.executable, "-m", module, flag, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": path})
+    return proc, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
 def subprocess_peak(module: str, spec: dict, timeout: float = 900) -> dict[str, int | None]:
     """Extra resident peak in bytes of one forward + backward above its inputs, for each side the probe
     runs (None: out of memory), measured by ``python -m <module> --probe '<spec>'`` in a fresh process.
@@ -63,14 +72,10 @@ def subprocess_peak(module: str, spec: dict, timeout: float = 900) -> dict[str, 
     leaves (so one side's allocations never count against the next). A process killed by the kernel's
     out-of-memory killer counts as out of memory for every side it had not reported.
     """
-    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, "-m", module, "--probe", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env=env)
+    proc, reports = run_probe(module, "--probe", spec, timeout, MALLOC_MMAP_THRESHOLD_="65536")
     peaks = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            peaks.update(json.loads(line))
+    for report in reports:
+        peaks.update(report)
     if proc.returncode in (-9, 137):
         return {side: peaks.get(side) for side in spec["sides"]}
     if proc.returncode != 0 or set(peaks) != set(spec["sides"]):

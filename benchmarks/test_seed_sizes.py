@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,8 +37,8 @@ import pytest
 import torch
 
 from benchmarks import seeds
-from benchmarks.crossover import interleaved_medians, probe, subprocess_peak
-from benchmarks.harness import ROOT, cuda_peak, release_cuda
+from benchmarks.crossover import interleaved_medians, probe, run_probe, subprocess_peak
+from benchmarks.harness import cuda_peak, release_cuda
 from contrastkit import CrossLevelContrast, PseudoLabelContrast, SupConLoss, info_nce
 
 try:
@@ -184,23 +182,22 @@ def training_step(case: SeedCase, side: str, inputs: dict) -> Callable[[], torch
 
 def subprocess_times(key: str, budget_s: float) -> tuple[float, float]:
     """(contrastkit, eager) median seconds of one case's alternating rounds in a fresh process."""
-    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.test_seed_sizes", "--time-probe",
-                           json.dumps({"case": key, "budget_s": budget_s})], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": path})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    proc, reports = run_probe("benchmarks.test_seed_sizes", "--time-probe", {"case": key, "budget_s": budget_s}, 600)
+    if proc.returncode != 0 or not reports:
         raise RuntimeError(f"timing probe of {key} failed:\n{proc.stderr[-3000:]}")
-    times = json.loads(lines[-1])
-    return times["contrastkit"], times["eager"]
+    return reports[-1]["contrastkit"], reports[-1]["eager"]
+
+
+def _median_times(steps: list[Callable[[], object]], device: str, budget_s: float) -> tuple[tuple[float, float], int]:
+    return interleaved_medians(steps, device, budget_s, max_rounds=MAX_ROUNDS, sample_s=SAMPLE_S)
 
 
 def _time_probe(key: str, budget_s: float) -> None:
     torch.set_num_threads(1)
     case = SEED_CASES[key]
     inputs = case.build("cpu")
-    steps = [training_step(case, side, inputs) for side in ("contrastkit", "eager")]
-    (ck_s, eager_s), _ = interleaved_medians(steps, "cpu", budget_s, max_rounds=MAX_ROUNDS, sample_s=SAMPLE_S)
+    (ck_s, eager_s), _ = _median_times([training_step(case, side, inputs) for side in ("contrastkit", "eager")],
+                                       "cpu", budget_s)
     print(json.dumps({"contrastkit": ck_s, "eager": eager_s}), flush=True)
 
 
@@ -222,8 +219,7 @@ def measure(case: SeedCase, device: str, budget_s: float = BUDGET_S, peaks: bool
         return run
 
     steps = [keeping(side) for side in ("contrastkit", "eager")]
-    (ck_s, eager_s), row["rounds"] = interleaved_medians(steps, device, budget_s, max_rounds=MAX_ROUNDS,
-                                                          sample_s=SAMPLE_S)
+    (ck_s, eager_s), row["rounds"] = _median_times(steps, device, budget_s)
     row.update(contrastkit_ms=ck_s * 1e3, eager_ms=eager_s * 1e3, ratio=ck_s / eager_s)
     if device == "cpu" and processes > 1 and ck_s * 1e3 < SHORT_MS:
         runs = [(ck_s, eager_s)] + [subprocess_times(case.key, budget_s) for _ in range(processes - 1)]

@@ -259,8 +259,8 @@ def _check_call(query, key, labels, key_labels, groups, key_groups, weights, tem
                  block_count(options, n, m) is not None, screened)
 
 
-@v.settings_check
 def _check_settings(normalize, ignore_index, denominator, reduction, backend, chunk_size) -> None:
+    # (Runs once per remembered call plan: no memo of its own.)
     v.check_flag("normalize", normalize)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
